@@ -1,0 +1,10 @@
+"""depthmix: Mixture-of-Depths (MoD), Mixture-of-Depths Ensembles (MoDE) and Mixture of Layer Experts (MoLEx)
+for Hugging Face models."""
+from .config import ConfigError
+from .io import AdapterError
+from .model import DepthMixModel, apply
+from .registry import UnsupportedModelError
+from .tuners import MoLExConfig
+
+__version__ = "0.1.0"
+__all__ = ["apply", "DepthMixModel", "MoLExConfig", "ConfigError", "AdapterError", "UnsupportedModelError"]

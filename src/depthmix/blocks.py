@@ -1,0 +1,49 @@
+"""Swapping a block's class for a subclass that keeps its name, and slicing block arguments by batch rows."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def swap_class(module: nn.Module, mixin: type) -> None:
+    """Give `module` the class `(mixin, original)`, named like the original.
+
+    Keeping the name keeps `_no_split_modules`, FSDP auto-wrap policies and gradient checkpointing working.
+    """
+    cls = type(module)
+    if getattr(cls, "_depthmix_mixin_of", None) is not None:
+        raise RuntimeError(f"{cls.__name__} already carries a depthmix method; remove it first")
+    key = (mixin, cls)
+    if key not in _CLASSES:
+        _CLASSES[key] = type(cls.__name__, (mixin, cls), {
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__, "_depthmix_mixin_of": cls})
+    module.__class__ = _CLASSES[key]
+
+
+def restore_class(module: nn.Module) -> None:
+    orig = getattr(type(module), "_depthmix_mixin_of", None)
+    if orig is not None:
+        module.__class__ = orig
+
+
+def take_rows(value, rows: torch.Tensor | None, batch: int):
+    """Select batch rows from a block argument: batch-first tensors (ndim >= 2) and tuples of them.
+
+    Tensors with a leading dimension of 1 broadcast over the batch and are kept; 1-D tensors are never
+    batch-first in HF block calls (cache positions), so they are kept too.
+    """
+    if rows is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.ndim >= 2 and value.shape[0] == batch and batch > 1:
+            return value.index_select(0, rows)
+        return value
+    if isinstance(value, tuple):
+        return tuple(take_rows(v, rows, batch) for v in value)
+    return value
+
+
+def take_rows_all(kwargs: dict, rows: torch.Tensor | None, batch: int) -> dict:
+    return {k: take_rows(v, rows, batch) for k, v in kwargs.items()}

@@ -1,0 +1,54 @@
+"""Base class of the method configs: JSON round trip and validation with clear messages."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class MethodConfig:
+    method: ClassVar[str] = ""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "MethodConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+    def _check(self, ok: bool, field: str, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"{type(self).__name__}.{field} = {getattr(self, field)!r}: expected {expected}")
+
+
+def check_layers(cfg: MethodConfig, field: str, named: tuple[str, ...]) -> None:
+    value = getattr(cfg, field)
+    ok = value in named or (isinstance(value, (list, tuple)) and value and
+                            all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value))
+    cfg._check(ok, field, f"one of {named} or a non-empty list of layer indices")
+
+
+def pick_layers(value, num_layers: int, field: str) -> list[int]:
+    if value == "all":
+        return list(range(num_layers))
+    if value == "every_other":
+        return list(range(1, num_layers, 2))
+    bad = [i for i in value if i >= num_layers]
+    if bad:
+        raise ConfigError(f"{field}: layer indices {bad} out of range for a model with {num_layers} layers")
+    return sorted(set(int(i) for i in value))

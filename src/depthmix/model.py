@@ -1,0 +1,207 @@
+"""The public entry point: apply a method (and optionally a PEFT LoRA/DoRA adapter) to a HF model."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import io
+from .config import MethodConfig
+from .io import AdapterError
+from .registry import fingerprint, resolve
+from .tuners import METHODS
+
+CONFIG_NAME = "depthmix_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "depthmix-adapter/1"
+
+
+class DepthMixModel(nn.Module):
+    """A HF model with a depth-mixing method and/or a LoRA adapter. Forward, outputs and generate() are the
+    base model's; auxiliary losses are added to `outputs.loss`."""
+
+    def __init__(self, model: nn.Module, config: MethodConfig | None = None, lora=None,
+                 train_head: bool | None = None):
+        super().__init__()
+        if isinstance(model, DepthMixModel):
+            raise TypeError("this model already carries depthmix; apply to the plain base model")
+        if config is not None and not isinstance(config, MethodConfig):
+            raise TypeError(f"config must be a depthmix method config (MoLExConfig, ...), got {type(config).__name__}")
+        arch = resolve(model)
+        self.fingerprint = fingerprint(model)
+        self.method_config = config
+        self.lora_config = lora
+        if lora is not None:
+            from peft import inject_adapter_in_model
+            inject_adapter_in_model(lora, model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(lora is not None and "lora_" in name)
+        self.train_head = type(model).__name__.endswith("ForSequenceClassification") if train_head is None else train_head
+        if self.train_head and arch.head is not None:
+            arch.head.requires_grad_(True)
+        self.base_model = model
+        self.arch = arch
+        self.method = None
+        if config is not None:
+            method_cls = METHODS[config.method][1]
+            self.method = method_cls(config, arch, self.fingerprint["hidden_size"])
+            self.method.to(next(model.parameters()).device)
+        self.adapter_names = [n for n, p in self.named_parameters() if p.requires_grad]
+        self._hooks = [model.register_forward_pre_hook(self._begin, with_kwargs=True),
+                       model.register_forward_hook(self._finish, with_kwargs=True)]
+        self._base_signature = inspect.signature(model.forward)
+        # Trainer keeps the dataset columns that forward() names: show the base model's signature.
+        self.forward = _with_signature(self._forward, self._base_signature)
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def _forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def _begin(self, module, args, kwargs):
+        if self.method is not None:
+            named = self._base_signature.bind_partial(*args, **kwargs).arguments
+            named.update(named.pop("kwargs", {}))
+            self.method.begin(named)
+
+    def _finish(self, module, args, kwargs, output):
+        return self.method.finish(output) if self.method is not None else output
+
+    def generate(self, *args, **kwargs):
+        if self.method is not None and not self.method.supports_cache:
+            kwargs["use_cache"] = False
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # -- parameters ---------------------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        params = dict(self.named_parameters())
+        return {n: params[n] for n in self.adapter_names}
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters split into the method's routers/gates ("router") and the rest ("adapter")."""
+        method = {id(p) for p in self.method.parameters()} if self.method is not None else set()
+        groups = {"adapter": [], "router": []}
+        for p in self.parameters():
+            if p.requires_grad:
+                groups["router" if id(p) in method else "adapter"].append(p)
+        return groups
+
+    # -- save / load --------------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        digest = io.save_tensors(path / WEIGHTS_NAME, self.adapter_state_dict(), {"format": FORMAT})
+        io.write_json(path / CONFIG_NAME, {
+            "format": FORMAT,
+            "method": self.method_config.method if self.method_config else None,
+            "config": self.method_config.to_dict() if self.method_config else None,
+            "lora": _lora_to_dict(self.lora_config),
+            "train_head": self.train_head,
+            "base": self.fingerprint,
+            "weights_sha256": digest,
+        })
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = False) -> "DepthMixModel":
+        meta = read_adapter_config(path)
+        check_base(meta, model, path)
+        weights = Path(path) / WEIGHTS_NAME
+        if meta.get("weights_sha256") and io.sha256(weights) != meta["weights_sha256"]:
+            raise AdapterError(f"{weights}: contents do not match {CONFIG_NAME} (sha256 differs); "
+                               "the adapter folder holds files from two different saves")
+        tensors = io.load_tensors(weights)
+        wrapped = cls(model, method_config_from(meta, path), _lora_from_dict(meta["lora"]), meta["train_head"])
+        expected = wrapped.adapter_state_dict()
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise AdapterError(f"{weights}: tensors do not match the adapter config "
+                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        for name, tensor in tensors.items():
+            if tensor.shape != expected[name].shape:
+                raise AdapterError(f"{weights}: {name} has shape {tuple(tensor.shape)}, "
+                                   f"the model expects {tuple(expected[name].shape)}")
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                expected[name].copy_(tensor)
+        if not is_trainable:
+            wrapped.eval()
+            for p in wrapped.parameters():
+                p.requires_grad_(False)
+        return wrapped
+
+
+def apply(model: nn.Module, config: MethodConfig | None = None, lora=None, train_head: bool | None = None):
+    """Like `peft.get_peft_model`: `config` is a depthmix method config (or None for LoRA alone),
+    `lora` a `peft.LoraConfig` (or None for the method alone)."""
+    return DepthMixModel(model, config, lora, train_head)
+
+
+def read_adapter_config(path) -> dict:
+    file = Path(path) / CONFIG_NAME
+    meta = io.read_json(file)
+    if meta.get("format") != FORMAT:
+        raise AdapterError(f"{file}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
+    for key in ("method", "config", "lora", "train_head", "base"):
+        if key not in meta:
+            raise AdapterError(f"{file}: missing field {key!r}")
+    return meta
+
+
+def method_config_from(meta: dict, path) -> MethodConfig | None:
+    if meta["method"] is None:
+        return None
+    if meta["method"] not in METHODS:
+        raise AdapterError(f"{Path(path) / CONFIG_NAME}: field 'method' is {meta['method']!r}; "
+                           f"known methods: {sorted(METHODS)}")
+    return METHODS[meta["method"]][0].from_dict(meta["config"], source=str(Path(path) / CONFIG_NAME))
+
+
+def check_base(meta: dict, model: nn.Module, path) -> None:
+    """Refuse an adapter made for another base model, before touching any weight."""
+    have = fingerprint(model)
+    want = meta["base"]
+    diffs = [f"{k}: adapter {want.get(k)!r} vs model {have.get(k)!r}"
+             for k in ("family", "num_layers", "hidden_size", "vocab_size") if want.get(k) != have.get(k)]
+    if diffs:
+        raise AdapterError(f"{path}: this adapter was saved for another base model ({want.get('model_class')}); "
+                           + "; ".join(diffs))
+
+
+def _with_signature(fn, signature):
+    def forward(*args, **kwargs):
+        return fn(*args, **kwargs)
+    forward.__signature__ = signature
+    forward.__doc__ = fn.__doc__
+    return forward
+
+
+def _lora_to_dict(lora) -> dict | None:
+    if lora is None:
+        return None
+    return {f.name: getattr(lora, f.name) for f in dataclasses.fields(lora) if f.name not in ("runtime_config",)}
+
+
+def _lora_from_dict(data: dict | None):
+    if data is None:
+        return None
+    from peft import LoraConfig
+    names = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    return LoraConfig(**{k: v for k, v in data.items() if k in names})

@@ -1,0 +1,71 @@
+"""What every method shares: a per-forward context, auxiliary losses, and attaching to blocks."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..blocks import restore_class, swap_class
+from ..registry import Arch
+
+
+class Method(nn.Module):
+    """Model-level wiring of one method. Its parameters (routers, gates, norms) live here, in float32."""
+
+    supports_cache = True  # False: generate() must recompute the whole sequence at each step
+
+    def __init__(self, config, arch: Arch):
+        super().__init__()
+        self.config = config
+        self.arch = arch  # a plain dataclass: its modules stay registered in the base model only
+        self.inputs: dict = {}
+        self.aux: list[torch.Tensor] = []
+        self._swapped: list[nn.Module] = []
+
+    # -- wiring ---------------------------------------------------------------------------------------
+    def wrap(self, module: nn.Module, mixin: type, index: int) -> None:
+        swap_class(module, mixin)
+        module._depthmix = (self, index)  # a tuple, so the method is not registered as a child of the block
+        self._swapped.append(module)
+
+    def detach(self) -> None:
+        for module in self._swapped:
+            restore_class(module)
+            del module._depthmix
+        self._swapped.clear()
+
+    # -- per forward ----------------------------------------------------------------------------------
+    def begin(self, inputs: dict) -> None:
+        """Called before each forward of the base model with its named inputs."""
+        self.inputs = inputs
+        self.aux = []
+
+    def add_aux(self, loss: torch.Tensor) -> None:
+        self.aux.append(loss)
+
+    def finish(self, output):
+        """Called after each forward of the base model; may change its output (aux losses go into loss)."""
+        if self.aux and getattr(output, "loss", None) is not None:
+            output.loss = output.loss + sum(a.to(output.loss.dtype) for a in self.aux)
+        self.inputs = {}
+        return output
+
+    def valid_mask(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, S] bool: True for real tokens of the current call (padding False)."""
+        mask = self.inputs.get("attention_mask")
+        b, s = hidden.shape[:2]
+        if mask is None or mask.dim() != 2:
+            return torch.ones(b, s, dtype=torch.bool, device=hidden.device)
+        return mask[:, -s:].to(device=hidden.device, dtype=torch.bool)
+
+    def extra_state(self) -> dict:
+        """Method-specific summaries a trainer may log (realized capacity, routing counts...)."""
+        return {}
+
+
+def float32_linear(d_in: int, d_out: int, bias: bool = True, zero: bool = False) -> nn.Linear:
+    layer = nn.Linear(d_in, d_out, bias=bias, dtype=torch.float32)
+    if zero:
+        nn.init.zeros_(layer.weight)
+        if bias:
+            nn.init.zeros_(layer.bias)
+    return layer

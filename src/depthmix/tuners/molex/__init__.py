@@ -1,0 +1,4 @@
+from .config import MoLExConfig
+from .model import MoLEx
+
+__all__ = ["MoLExConfig", "MoLEx"]

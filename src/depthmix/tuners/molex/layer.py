@@ -1,0 +1,44 @@
+"""MoLEx at the level of one block: the routing decision and the swapped-in block class."""
+from __future__ import annotations
+
+import torch
+
+
+class MoLExBlock:
+    """Mixed into a block's class. `depthmix_plain=True` runs the block as it was (used for expert calls)."""
+
+    def forward(self, *args, depthmix_plain: bool = False, **kwargs):
+        if depthmix_plain:
+            return super().forward(*args, **kwargs)
+        method, index = self._depthmix
+        return method.mix(self, index, super().forward, args, kwargs)
+
+
+def route(logits: torch.Tensor, units: torch.Tensor, routing: str):
+    """Top-1 expert choice with a straight-through factor.
+
+    logits: [B, S, T] float32 gate logits; units: [B, S] bool, the tokens that decide (valid, and for causal
+    LMs in sequence routing, the prompt). Returns (choice, factor, probs) with choice [B] or [B, S]; factor is
+    p_j / stopgrad(p_j): exactly 1 in the forward pass, the gate's gradient path in the backward pass.
+    """
+    if routing == "sequence":
+        w = units.to(logits.dtype).unsqueeze(-1)
+        logits = (logits * w).sum(1) / w.sum(1).clamp(min=1.0)  # [B, T]
+    probs = logits.softmax(-1)
+    choice = probs.argmax(-1)
+    p = probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+    return choice, p / p.detach(), probs
+
+
+def balance_loss(probs: torch.Tensor, choice: torch.Tensor, units: torch.Tensor | None) -> torch.Tensor:
+    """Switch-Transformer load balancing: T * sum_j f_j * P_j over the routing units."""
+    num = probs.shape[-1]
+    probs = probs.reshape(-1, num)
+    choice = choice.reshape(-1)
+    if units is not None:
+        keep = units.reshape(-1)
+        probs, choice = probs[keep], choice[keep]
+    if choice.numel() == 0:
+        return probs.sum() * 0.0
+    frac = torch.bincount(choice, minlength=num).to(probs.dtype) / choice.numel()
+    return num * (frac * probs.mean(0)).sum()

@@ -1,0 +1,124 @@
+"""MoLEx wired into a model: gates and alpha, expert calls grouped by expert, KV-cache slots for experts."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from ...blocks import take_rows_all
+from ...config import pick_layers
+from ..base import Method, float32_linear
+from .layer import MoLExBlock, balance_loss, route
+
+
+class MoLEx(Method):
+    def __init__(self, config, arch, hidden_size: int):
+        super().__init__(config, arch)
+        num = arch.num_layers
+        self.layers = pick_layers(config.layers, num, "MoLExConfig.layers")
+        self.gates = nn.ModuleList(float32_linear(hidden_size, num)
+                                   for _ in range(1 if config.shared_gate else len(self.layers)))
+        if config.learn_alpha:
+            init = math.log(config.alpha / (1 - config.alpha))
+            self.alpha_logit = nn.Parameter(torch.full((len(self.layers),), init, dtype=torch.float32))
+        # Token routing in a causal LM: a later token may pick an expert whose keys/values for the earlier
+        # tokens were never computed, so decoding recomputes the sequence instead of caching.
+        self.supports_cache = not (arch.causal and config.routing == "token")
+        self.recording = False
+        self.counts = torch.zeros(len(self.layers), num, dtype=torch.long)
+        for i, t in enumerate(self.layers):
+            self.wrap(arch.blocks[t], MoLExBlock, i)
+
+    def alpha(self, i: int) -> torch.Tensor:
+        if self.config.learn_alpha:
+            return torch.sigmoid(self.alpha_logit[i])
+        return torch.tensor(float(self.config.alpha))
+
+    def gate(self, i: int) -> nn.Linear:
+        return self.gates[0 if self.config.shared_gate else i]
+
+    def units(self, z: torch.Tensor) -> torch.Tensor:
+        """The tokens whose gate logits decide: valid ones; in a causal LM's sequence routing, the prompt only."""
+        valid = self.valid_mask(z)
+        labels = self.inputs.get("labels")
+        if self.config.routing == "token" or not self.arch.causal or labels is None or labels.shape != valid.shape:
+            return valid
+        prompt = valid & (labels.to(valid.device) == -100)
+        # No prompt marked (plain LM training): decide on the first token, so no position sees the future.
+        first = valid & (valid.cumsum(1) == 1)
+        return torch.where(prompt.any(1, keepdim=True), prompt, first)
+
+    # -- the mixed forward of block self.layers[i] ------------------------------------------------------------
+    def mix(self, block, i: int, forward, args, kwargs):
+        named = self.arch.bind(block, args, kwargs)
+        z = named.pop(next(iter(named)))
+        t = self.layers[i]
+        cache = named.get("past_key_values")
+        if cache is not None and not self.supports_cache and cache.get_seq_length(t) > 0:
+            raise RuntimeError("MoLEx token routing in a causal LM cannot decode from a KV cache; "
+                               "use use_cache=False (DepthMixModel.generate does this for you)")
+        state = None if cache is None else cache.__dict__.setdefault("_depthmix_molex", {}).setdefault(i, {})
+        out = forward(z, **named)
+
+        if state is not None and "choice" in state:  # decoding: the prompt's decision holds
+            choice, factor = state["choice"], None
+        else:
+            units = self.units(z)
+            choice, factor, probs = route(self.gate(i)(z.float()), units, self.config.routing)
+            if state is not None:
+                state["choice"] = choice
+            if self.training and self.config.balance_weight > 0:
+                self.add_aux(self.config.balance_weight * balance_loss(
+                    probs, choice, units if self.config.routing == "token" else None))
+            if self.recording:
+                picked = choice[units] if self.config.routing == "token" else choice[units.any(1)]
+                self.counts[i] += torch.bincount(picked.cpu(), minlength=self.counts.shape[1])
+
+        if self.config.routing == "sequence":
+            expert = self._by_sequence(t, z, out, named, choice, state)
+        else:
+            expert = self._by_token(t, z, out, named, choice)
+        if factor is not None:
+            expert = expert * factor.to(out.dtype).reshape(*factor.shape, *([1] * (out.dim() - factor.dim())))
+        a = self.alpha(i).to(device=out.device, dtype=out.dtype)
+        return a * out + (1 - a) * expert
+
+    def _by_sequence(self, t, z, out, named, choice, state):
+        groups = choice.unique().tolist()
+        if len(groups) == 1:
+            return out if groups[0] == t else self._expert(groups[0], z, named, None, state)
+        rows, outs = [], []
+        for j in groups:
+            r = (choice == j).nonzero(as_tuple=True)[0]
+            rows.append(r)
+            outs.append(out.index_select(0, r) if j == t else self._expert(j, z, named, r, state))
+        order = torch.cat(rows).argsort()
+        return torch.cat(outs).index_select(0, order)
+
+    def _by_token(self, t, z, out, named, choice):
+        valid = self.valid_mask(z)
+        expert = torch.zeros_like(out)
+        for j in choice[valid].unique().tolist():
+            sel = choice == j
+            r = sel.any(1).nonzero(as_tuple=True)[0]
+            if j == t:
+                full = out
+            else:
+                part = self._expert(j, z, named, r if len(r) < len(choice) else None, None)
+                full = part if len(r) == len(choice) else torch.zeros_like(out).index_copy(0, r, part)
+            expert = torch.where(sel.unsqueeze(-1), full, expert)
+        return expert
+
+    def _expert(self, j, z, named, rows, state):
+        """Block j on z (rows of it), called through the module so FSDP/ZeRO-3 hooks gather its weights."""
+        kw = take_rows_all(named, rows, z.shape[0])
+        if kw.get("past_key_values") is not None:
+            # Expert j at layer t attends over z_t, not z_j: it needs its own cache, holding only these rows.
+            kw["past_key_values"] = state.setdefault("caches", {}).setdefault(j, DynamicCache()) if state is not None else None
+        zr = z if rows is None else z.index_select(0, rows)
+        return self.arch.blocks[j](zr, depthmix_plain=True, **kw)
+
+    def extra_state(self) -> dict:
+        return {f"alpha/{t}": float(self.alpha(i)) for i, t in enumerate(self.layers)}

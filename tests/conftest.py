@@ -1,0 +1,63 @@
+import os
+
+import pytest
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, RobertaConfig, RobertaForSequenceClassification)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+VOCAB = 64
+
+
+def tiny(family: str, layers: int = 4, seed: int = 0):
+    """A tiny randomly initialised model of a family, in eval mode, built from a config (no download)."""
+    torch.manual_seed(seed)
+    if family == "llama":
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = LlamaForCausalLM(cfg)
+    elif family == "gpt2":
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=128,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = GPT2LMHeadModel(cfg)
+    elif family == "bert":
+        cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=128, num_labels=3)
+        model = BertForSequenceClassification(cfg)
+    elif family == "roberta":
+        cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=130, num_labels=2, pad_token_id=1)
+        model = RobertaForSequenceClassification(cfg)
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+CAUSAL = ("llama", "gpt2")
+FAMILIES = ("llama", "gpt2", "bert", "roberta")
+LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"],
+                "roberta": ["query", "value"]}
+
+
+def batch(family: str, b: int = 3, s: int = 9, seed: int = 1):
+    """Random token ids with ragged lengths: left padding for causal LMs, right padding for encoders."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    for i in range(1, b):
+        n = min(i * 2, s - 2)
+        if family in CAUSAL:
+            mask[i, :n] = 0
+        else:
+            mask[i, s - n:] = 0
+    pad = 1 if family == "roberta" else 0
+    ids = ids.masked_fill(mask == 0, pad)
+    return ids, mask
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
