@@ -106,9 +106,14 @@ class DepthMixModel(nn.Module):
         return groups
 
     # -- save / load --------------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict | None = None, info: dict | None = None) -> None:
+        """Writes the adapter (new and trainable tensors only) and its config; each file atomically.
+
+        state_dict: a full state dict gathered by FSDP/DeepSpeed, to take the adapter tensors from.
+        info: free-form facts recorded beside the config (base model name, task...)."""
         path = Path(path)
-        digest = io.save_tensors(path / WEIGHTS_NAME, self.adapter_state_dict(), {"format": FORMAT})
+        tensors = self.adapter_state_dict() if state_dict is None else {n: state_dict[n] for n in self.adapter_names}
+        digest = io.save_tensors(path / WEIGHTS_NAME, tensors, {"format": FORMAT})
         io.write_json(path / CONFIG_NAME, {
             "format": FORMAT,
             "method": self.method_config.method if self.method_config else None,
@@ -117,30 +122,36 @@ class DepthMixModel(nn.Module):
             "train_head": self.train_head,
             "base": self.fingerprint,
             "weights_sha256": digest,
+            "info": info or {},
         })
 
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = False) -> "DepthMixModel":
+    def load_adapter_weights(self, path: str | os.PathLike) -> None:
+        """Loads adapter tensors saved by save_pretrained into this (identically configured) model."""
         meta = read_adapter_config(path)
-        check_base(meta, model, path)
-        weights = Path(path) / WEIGHTS_NAME
-        if meta.get("weights_sha256") and io.sha256(weights) != meta["weights_sha256"]:
-            raise AdapterError(f"{weights}: contents do not match {CONFIG_NAME} (sha256 differs); "
-                               "the adapter folder holds files from two different saves")
-        tensors = io.load_tensors(weights)
-        wrapped = cls(model, method_config_from(meta, path), _lora_from_dict(meta["lora"]), meta["train_head"])
-        expected = wrapped.adapter_state_dict()
+        check_base(meta, self.base_model, path)
+        self._copy_in(read_weights(path, meta), path)
+
+    def _copy_in(self, tensors: dict[str, torch.Tensor], path) -> None:
+        expected = self.adapter_state_dict()
         missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if missing or unexpected:
-            raise AdapterError(f"{weights}: tensors do not match the adapter config "
+            raise AdapterError(f"{Path(path) / WEIGHTS_NAME}: tensors do not match the adapter config "
                                f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
         for name, tensor in tensors.items():
             if tensor.shape != expected[name].shape:
-                raise AdapterError(f"{weights}: {name} has shape {tuple(tensor.shape)}, "
+                raise AdapterError(f"{Path(path) / WEIGHTS_NAME}: {name} has shape {tuple(tensor.shape)}, "
                                    f"the model expects {tuple(expected[name].shape)}")
         with torch.no_grad():
             for name, tensor in tensors.items():
                 expected[name].copy_(tensor)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = False) -> "DepthMixModel":
+        meta = read_adapter_config(path)
+        check_base(meta, model, path)  # everything is checked before anything touches the model
+        tensors = read_weights(path, meta)
+        wrapped = cls(model, method_config_from(meta, path), _lora_from_dict(meta["lora"]), meta["train_head"])
+        wrapped._copy_in(tensors, path)
         if not is_trainable:
             wrapped.eval()
             for p in wrapped.parameters():
@@ -163,6 +174,16 @@ def read_adapter_config(path) -> dict:
         if key not in meta:
             raise AdapterError(f"{file}: missing field {key!r}")
     return meta
+
+
+def read_weights(path, meta: dict) -> dict[str, torch.Tensor]:
+    weights = Path(path) / WEIGHTS_NAME
+    if not weights.exists():
+        raise AdapterError(f"{weights}: file not found")
+    if meta.get("weights_sha256") and io.sha256(weights) != meta["weights_sha256"]:
+        raise AdapterError(f"{weights}: contents do not match {CONFIG_NAME} (sha256 differs); "
+                           "the adapter folder holds files from two different saves")
+    return io.load_tensors(weights)
 
 
 def method_config_from(meta: dict, path) -> MethodConfig | None:

@@ -121,4 +121,4 @@ class MoLEx(Method):
         return self.arch.blocks[j](zr, depthmix_plain=True, **kw)
 
     def extra_state(self) -> dict:
-        return {f"alpha/{t}": float(self.alpha(i)) for i, t in enumerate(self.layers)}
+        return {f"alpha/{t}": self.alpha(i).item() for i, t in enumerate(self.layers)}

@@ -1,0 +1,4 @@
+"""Benchmarks: each reports ratios of a method over its baseline, measured side by side in one run."""
+from . import molex
+
+BENCHES = {"molex": (molex.add_args, molex.run)}

@@ -1,0 +1,97 @@
+"""MoLEx + LoRA against LoRA alone: same model, same batch, one run."""
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+
+from ..model import apply
+from ..models import load_model
+from ..registry import resolve
+from ..tuners import MoLExConfig
+from .common import count_flops, interleaved_times, peak_memory
+
+
+def add_args(p) -> None:
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--routing", default="sequence", choices=["sequence", "token"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def training_step(model, batch):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        opt.step()
+    return step
+
+
+def forward_backward(model, batch):
+    def run():
+        model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+    return run
+
+
+def synthetic_batch(model, batch_size, seq_len, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, model.config.vocab_size, (batch_size, seq_len), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if resolve(model).causal:
+        batch["labels"] = ids.clone()
+    else:
+        batch["labels"] = torch.randint(0, model.config.num_labels, (batch_size,), generator=g)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def build_pair(name, device, method_config):
+    """Two copies of the base model: LoRA alone, and the method on top of LoRA."""
+    head = "causal_lm"
+    models = {}
+    for key, cfg in (("lora", None), ("method", method_config)):
+        base = load_model(name, head=head) if _is_causal(name) else load_model(name, "sequence_classification", 2)
+        lora = LoraConfig(r=8, lora_alpha=16, target_modules=list(resolve(base).family.lora_targets),
+                          fan_in_fan_out=resolve(base).family.name == "gpt2")
+        models[key] = apply(base, cfg, lora).to(device).train()
+    return models
+
+
+def _is_causal(name) -> bool:
+    from transformers import AutoConfig
+    from ..models import resolve_model
+    from ..registry import FAMILIES
+    mt = AutoConfig.from_pretrained(resolve_model(name)).model_type
+    return not any(mt in f.model_types and not f.causal for f in FAMILIES)
+
+
+def compare(models: dict, batch: dict, repeats: int, device) -> dict:
+    steps = {k: training_step(m, batch) for k, m in models.items()}
+    times = interleaved_times(steps, repeats, device=device)
+    flops = {k: count_flops(forward_backward(m, batch)) for k, m in models.items()}
+    mem = {k: peak_memory(steps[k], device) for k in models}
+    return {
+        "step_time_ratio": round(times["method"] / times["lora"], 4),
+        "flop_ratio": round(flops["method"] / flops["lora"], 4),
+        "peak_mem_ratio": round(mem["method"] / mem["lora"], 4),
+        "step_seconds": {k: round(v, 4) for k, v in times.items()},
+        "train_flops": flops,
+        "step_peak_bytes": mem,
+    }
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    models = build_pair(args.model, args.device, MoLExConfig(routing=args.routing))
+    batch = synthetic_batch(models["lora"], args.batch_size, args.seq_len, args.device)
+    result = {"method": "molex", "model": args.model, "device": args.device, "batch_size": args.batch_size,
+              "seq_len": args.seq_len, "routing": args.routing, **compare(models, batch, args.repeats, args.device)}
+    result["target"] = "step_time_ratio <= 1.05 * flop_ratio"
+    result["target_met"] = result["step_time_ratio"] <= 1.05 * result["flop_ratio"]
+    print(f"MoLEx+LoRA / LoRA on {args.model} (batch {args.batch_size} x {args.seq_len}, {args.device}): "
+          f"step time {result['step_time_ratio']:.3f}x, FLOPs {result['flop_ratio']:.3f}x, "
+          f"peak step memory {result['peak_mem_ratio']:.3f}x")
+    return result

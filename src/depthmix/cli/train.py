@@ -1,0 +1,80 @@
+"""depthmix train / eval."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..config import ConfigError
+from ..tuners import METHODS
+from .flags import add_dataclass_flags, pick
+
+OPTION_NAMES: list[str] = []
+METHOD_FLAGS: dict[str, list[str]] = {}
+
+
+def register(sub) -> None:
+    from ..train.options import TrainOptions
+    p = sub.add_parser("train", help="fine-tune a model with LoRA and/or a depth-mixing method on a task",
+                       description="Options come from --config (YAML or JSON), then from flags. Method options "
+                                   "(e.g. --alpha for molex) may also sit under `method_config` in the file.")
+    p.add_argument("--config", help="YAML or JSON file of training options")
+    OPTION_NAMES[:] = add_dataclass_flags(p, TrainOptions, skip=("method_config",))
+    for name, (cfg_cls, _) in METHODS.items():
+        METHOD_FLAGS[name] = add_dataclass_flags(p, cfg_cls, group=f"{name} options")
+    p.set_defaults(func=run_train)
+
+    e = sub.add_parser("eval", help="score a trained adapter on a task")
+    e.add_argument("--adapter", required=True, help="folder written by `depthmix train`")
+    e.add_argument("--task", help="task (default: the one it was trained on)")
+    e.add_argument("--model", help="base model (default: the one it was trained on)")
+    e.add_argument("--data-dir")
+    e.add_argument("--max-eval-samples", type=int)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-length", type=int, default=256)
+    e.add_argument("--output", help="metrics JSON (default: ADAPTER/eval-TASK.json)")
+    e.set_defaults(func=run_eval)
+
+
+def train_options(args):
+    from ..train.options import TrainOptions, load_options_file
+    values = load_options_file(args.config) if args.config else {}
+    values.update(pick(args, OPTION_NAMES))
+    method = values.get("method", "lora")
+    method_config = dict(values.get("method_config") or {})
+    given = {n for names in METHOD_FLAGS.values() for n in names if hasattr(args, n)}
+    own = {f.name for f in dataclasses.fields(METHODS[method][0])} if method in METHODS else set()
+    stray = sorted(given - own)
+    if stray:
+        raise ConfigError(f"--{stray[0].replace('_', '-')} is not an option of method {method!r}")
+    method_config.update({n: getattr(args, n) for n in given})
+    values["method_config"] = method_config
+    return TrainOptions(**values)
+
+
+def run_train(args) -> int:
+    from ..train import train
+    summary = train(train_options(args))
+    if summary:
+        print(json.dumps({"task": summary["task"], "method": summary["method"], **summary["metrics"]}, indent=2))
+    return 0
+
+
+def run_eval(args) -> int:
+    from ..data.tasks import get_task
+    from ..io import write_json
+    from ..train import load_trained
+    from ..train.trainer import CONFIG_NAME
+    from .. import io
+    info = io.read_json(Path(args.adapter) / CONFIG_NAME).get("info", {})
+    task_name = args.task or info.get("task")
+    if task_name is None:
+        raise ConfigError(f"{args.adapter}: the adapter does not name its task; pass --task")
+    task = get_task(task_name)
+    model, tokenizer, info = load_trained(args.adapter, args.model, task.head, task.num_labels)
+    rows = task.load("eval", args.data_dir, args.max_eval_samples, 0)
+    metrics = task.evaluate(model, tokenizer, rows, batch_size=args.batch_size, max_length=args.max_length)
+    out = Path(args.output or Path(args.adapter) / f"eval-{task_name.replace('/', '_')}.json")
+    write_json(out, {"task": task_name, "adapter": str(args.adapter), "examples": len(rows), "metrics": metrics})
+    print(json.dumps({"task": task_name, **metrics}, indent=2))
+    return 0

@@ -1,0 +1,164 @@
+"""GLUE: the eight tasks with their official metrics, from the Hub or a local GLUE folder of TSV files."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .tasks import DataError, Task, data_root, find_file, register, subsample
+
+
+@dataclass(frozen=True)
+class Layout:
+    folder: str  # folder name in the GLUE dump
+    eval_file: str  # dev.tsv, or dev_matched.tsv for MNLI
+    a: str | int  # column of the first text (name in the header, or index when there is no header)
+    b: str | int | None
+    label: str | int
+    header: bool = True
+
+
+class GlueTask(Task):
+    head = "sequence_classification"
+
+    def __init__(self, name, hub_config, hub_fields, layout: Layout, labels, metrics):
+        self.name = f"glue/{name}"
+        self.hub_config = hub_config
+        self.hub_fields = hub_fields  # (text_a, text_b) column names on the Hub
+        self.layout = layout
+        self.labels = labels  # label strings in file order of class ids, or None for regression
+        self.num_labels = len(labels) if labels else 1
+        self.metrics = metrics
+        self.metric = metrics[0]
+
+    # -- loading ------------------------------------------------------------------------------------------
+    def load(self, split, data_dir=None, max_samples=None, seed=0):
+        if split not in ("train", "eval"):
+            raise ValueError(f"{self.name}: unknown split {split!r} (use 'train' or 'eval')")
+        root = data_root(data_dir)
+        if root is not None:
+            lay = self.layout
+            name = "train.tsv" if split == "train" else lay.eval_file
+            path = find_file(root, f"glue/{lay.folder}/{name}", f"{lay.folder}/{name}", name)
+            if path is None:
+                raise DataError(f"{self.name}: no {lay.folder}/{name} under {root} (GLUE TSV layout expected)")
+            ds = self._read_tsv(path)
+        else:
+            hub_split = "train" if split == "train" else ("validation_matched" if self.hub_config == "mnli"
+                                                          else "validation")
+            raw = datasets.load_dataset("nyu-mll/glue", self.hub_config, split=hub_split)
+            a, b = self.hub_fields
+            ds = raw.map(lambda r: {"text_a": r[a], "text_b": r[b] if b else None, "label": r["label"]},
+                         remove_columns=raw.column_names)
+        return subsample(ds, max_samples, seed)
+
+    def _read_tsv(self, path) -> datasets.Dataset:
+        lay = self.layout
+        try:
+            raw = datasets.load_dataset("csv", data_files=str(path), delimiter="\t", quoting=csv.QUOTE_NONE,
+                                        header=0 if lay.header else None, keep_default_na=False,
+                                        dtype=str, split="train")
+        except Exception as e:  # pandas reports the bad line
+            raise DataError(f"{path}: cannot be read as a GLUE TSV file: {e}") from None
+        cols = raw.column_names
+        wanted = {"text_a": lay.a, "text_b": lay.b, "label": lay.label}
+        names = {}
+        for field, col in wanted.items():
+            if col is None:
+                continue
+            name = cols[col] if isinstance(col, int) and col < len(cols) else col
+            if name not in cols:
+                raise DataError(f"{path}: line 1: missing column {col!r} (needed for {field}); found {cols}")
+            names[field] = name
+        first_line = 2 if lay.header else 1
+        labels = []
+        for i, value in enumerate(raw[names["label"]]):
+            labels.append(self._label(value, path, i + first_line, names["label"]))
+        for field in ("text_a", "text_b"):
+            if field in names:
+                for i, value in enumerate(raw[names[field]]):
+                    if value is None:
+                        raise DataError(f"{path}: line {i + first_line}: field {names[field]!r} is missing")
+        return datasets.Dataset.from_dict({
+            "text_a": raw[names["text_a"]],
+            "text_b": raw[names["text_b"]] if "text_b" in names else [None] * len(raw),
+            "label": labels,
+        })
+
+    def _label(self, value, path, line, field):
+        if self.labels is None:
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise DataError(f"{path}: line {line}: field {field!r} has value {value!r}; expected a number") from None
+        if value in self.labels:
+            return self.labels.index(value)
+        raise DataError(f"{path}: line {line}: field {field!r} has value {value!r}; expected one of {self.labels}")
+
+    # -- model inputs -------------------------------------------------------------------------------------
+    def encode(self, rows, tokenizer, max_length):
+        def enc(batch):
+            b = batch["text_b"] if any(x is not None for x in batch["text_b"]) else None
+            out = tokenizer(batch["text_a"], b, truncation=True, max_length=max_length)
+            out["labels"] = batch["label"]
+            return out
+        return rows.map(enc, batched=True, remove_columns=rows.column_names, desc=f"tokenizing {self.name}")
+
+    @torch.no_grad()
+    def predict(self, model, tokenizer, rows, batch_size=32, max_length=256, progress=True):
+        enc = self.encode(rows, tokenizer, max_length).remove_columns(["labels"])
+        collate = self.collator(tokenizer)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        preds = []
+        for start in tqdm(range(0, len(enc), batch_size), desc=f"eval {self.name}", disable=not progress):
+            batch = collate([enc[i] for i in range(start, min(start + batch_size, len(enc)))])
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+            preds.append(logits.squeeze(-1) if self.num_labels == 1 else logits.argmax(-1))
+        model.train(was_training)
+        return torch.cat(preds).cpu().numpy()
+
+    def evaluate(self, model, tokenizer, rows, batch_size=32, max_length=256, progress=True, **kw):
+        preds = self.predict(model, tokenizer, rows, batch_size, max_length, progress)
+        return glue_metrics(self.metrics, preds, np.asarray(rows["label"]))
+
+
+def glue_metrics(names, preds, labels) -> dict[str, float]:
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import f1_score, matthews_corrcoef
+    fns = {
+        "accuracy": lambda: float((preds == labels).mean()),
+        "f1": lambda: float(f1_score(labels, preds)),
+        "matthews_correlation": lambda: float(matthews_corrcoef(labels, preds)),
+        "pearson": lambda: float(pearsonr(preds, labels)[0]),
+        "spearman": lambda: float(spearmanr(preds, labels)[0]),
+    }
+    return {n: fns[n]() for n in names}
+
+
+NLI = ["entailment", "not_entailment"]
+for args in [
+    ("sst2", "sst2", ("sentence", None), Layout("SST-2", "dev.tsv", "sentence", None, "label"), ["0", "1"],
+     ["accuracy"]),
+    ("rte", "rte", ("sentence1", "sentence2"), Layout("RTE", "dev.tsv", "sentence1", "sentence2", "label"), NLI,
+     ["accuracy"]),
+    ("mrpc", "mrpc", ("sentence1", "sentence2"),
+     Layout("MRPC", "dev.tsv", "#1 String", "#2 String", "Quality"), ["0", "1"], ["accuracy", "f1"]),
+    ("cola", "cola", ("sentence", None), Layout("CoLA", "dev.tsv", 3, None, 1, header=False), ["0", "1"],
+     ["matthews_correlation"]),
+    ("stsb", "stsb", ("sentence1", "sentence2"), Layout("STS-B", "dev.tsv", "sentence1", "sentence2", "score"),
+     None, ["pearson", "spearman"]),
+    ("qnli", "qnli", ("question", "sentence"), Layout("QNLI", "dev.tsv", "question", "sentence", "label"), NLI,
+     ["accuracy"]),
+    ("qqp", "qqp", ("question1", "question2"),
+     Layout("QQP", "dev.tsv", "question1", "question2", "is_duplicate"), ["0", "1"], ["accuracy", "f1"]),
+    ("mnli", "mnli", ("premise", "hypothesis"),
+     Layout("MNLI", "dev_matched.tsv", "sentence1", "sentence2", "gold_label"),
+     ["entailment", "neutral", "contradiction"], ["accuracy"]),
+]:
+    register(GlueTask(*args))

@@ -1,0 +1,83 @@
+"""The task registry: every task knows how to load its data, encode it for a model, and score a model on it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import datasets
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed; the message names the file, line and field."""
+
+
+class Task:
+    """Subclasses set the class attributes and implement load/encode/evaluate.
+
+    head: the model head the task needs: "sequence_classification" or "causal_lm".
+    num_labels: classes for classification tasks (1 = regression); None for causal LM tasks.
+    metric: the headline metric in evaluate()'s result, used for summaries and model selection.
+    """
+
+    name: str = ""
+    head: str = "causal_lm"
+    num_labels: int | None = None
+    metric: str = ""
+
+    def load(self, split: str, data_dir: str | None = None, max_samples: int | None = None,
+             seed: int = 0) -> datasets.Dataset:
+        """Raw rows of split "train" or "eval" (dev/test as the task defines), optionally a seeded subsample."""
+        raise NotImplementedError
+
+    def encode(self, rows: datasets.Dataset, tokenizer, max_length: int) -> datasets.Dataset:
+        """Model inputs for training: input_ids, attention_mask, labels (prompt tokens -100 for causal LMs)."""
+        raise NotImplementedError
+
+    def collator(self, tokenizer):
+        """Pads a list of encoded rows into a batch."""
+        from transformers import DataCollatorWithPadding
+        return DataCollatorWithPadding(tokenizer)
+
+    def evaluate(self, model, tokenizer, rows: datasets.Dataset, batch_size: int = 32,
+                 max_length: int = 256, **kw) -> dict[str, float]:
+        raise NotImplementedError
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    from . import glue, pydoc_topics  # noqa: F401  (fill the registry)
+    try:
+        from . import instruct  # noqa: F401
+    except ImportError:
+        pass
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def data_root(data_dir: str | None) -> Path | None:
+    """--data-dir, else $DEPTHMIX_DATA, else None (load from the Hub)."""
+    root = data_dir or os.environ.get("DEPTHMIX_DATA")
+    return Path(root) if root else None
+
+
+def find_file(root: Path, *candidates: str) -> Path | None:
+    """The first candidate relative path that exists under root (callers pass layouts with and without a
+    leading folder, so both `--data-dir shared/data` and `--data-dir shared/data/glue` work)."""
+    for c in candidates:
+        if (root / c).exists():
+            return root / c
+    return None
+
+
+def subsample(ds: datasets.Dataset, max_samples: int | None, seed: int) -> datasets.Dataset:
+    if max_samples is None or max_samples >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(max_samples))

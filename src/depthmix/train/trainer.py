@@ -1,0 +1,143 @@
+"""Training on the HF Trainer: so `accelerate launch` and `torchrun` (DDP, FSDP, DeepSpeed) work unchanged."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .. import io
+from ..config import ConfigError
+from ..data.tasks import get_task
+from ..model import CONFIG_NAME, DepthMixModel, apply
+from ..models import load_model, load_tokenizer
+from ..registry import resolve
+from ..tuners import METHODS
+from .options import TrainOptions
+
+# Gates, routers and alpha learn faster than LoRA weights (METHODS.md: 0.1 in the public MoLEx GLUE runs).
+ROUTER_LR = {"molex": 1e-2, "mod": 1e-3, "mode": 1e-3}
+
+
+class DepthMixTrainer(Trainer):
+    """Trainer that gives routers their own learning rate and checkpoints only the adapter."""
+
+    def __init__(self, *args, router_lr: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.router_lr = router_lr
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = self.model.param_groups()
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            param_groups = [{"params": groups["adapter"], "weight_decay": self.args.weight_decay}]
+            if groups["router"]:
+                param_groups.append({"params": groups["router"], "weight_decay": 0.0,
+                                     "lr": self.router_lr or self.args.learning_rate})
+            self.optimizer = cls(param_groups, **kwargs)
+        return self.optimizer
+
+    def _save(self, output_dir=None, state_dict=None):
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        self.model.save_pretrained(output_dir, state_dict=state_dict)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        (model or self.model).load_adapter_weights(resume_from_checkpoint)
+
+
+def build_model(opts: TrainOptions, head: str, num_labels: int | None):
+    """Base model + tokenizer, with the method of `opts` applied (on top of LoRA unless opts.lora is False)."""
+    model = load_model(opts.model, head=head, num_labels=num_labels)
+    tokenizer = load_tokenizer(opts.model)
+    arch = resolve(model)
+    lora = None
+    if opts.lora:
+        from peft import LoraConfig
+        lora = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
+                          target_modules=list(opts.lora_targets or arch.family.lora_targets),
+                          use_dora=opts.use_dora, fan_in_fan_out=arch.family.name == "gpt2")
+    method_config = None
+    if opts.method != "lora":
+        method_config = METHODS[opts.method][0].from_dict(opts.method_config, source="method_config")
+    elif opts.method_config:
+        raise ConfigError(f"method_config {opts.method_config} given, but method is 'lora'")
+    return apply(model, method_config, lora), tokenizer
+
+
+def train(opts: TrainOptions) -> dict:
+    opts.validate()
+    out = Path(opts.output_dir)
+    resume = get_last_checkpoint(str(out)) if opts.resume and out.is_dir() else None
+    if opts.resume and resume is None:
+        raise ConfigError(f"--resume: no checkpoint-* folder in {out}")
+    if not opts.resume and (out / CONFIG_NAME).exists() and os.environ.get("LOCAL_RANK", "0") == "0":
+        raise ConfigError(f"{out} already holds a trained adapter; choose another --output-dir or delete it")
+    set_seed(opts.seed)
+    task = get_task(opts.task)
+    train_rows = task.load("train", opts.data_dir, opts.max_train_samples, opts.seed)
+    eval_rows = task.load("eval", opts.data_dir, opts.max_eval_samples, 0)
+    model, tokenizer = build_model(opts, task.head, task.num_labels)
+    train_ds = task.encode(train_rows, tokenizer, opts.max_length)
+
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=opts.batch_size, gradient_accumulation_steps=opts.grad_accum,
+        num_train_epochs=opts.epochs, max_steps=opts.max_steps, learning_rate=opts.lr, weight_decay=opts.weight_decay,
+        warmup_steps=opts.warmup, lr_scheduler_type="linear", logging_steps=opts.logging_steps,
+        save_steps=opts.save_steps, save_total_limit=opts.save_total_limit, seed=opts.seed, data_seed=opts.seed,
+        report_to="none", disable_tqdm=not opts.progress, label_names=["labels"], bf16=opts.bf16,
+        gradient_checkpointing=opts.gradient_checkpointing, dataloader_num_workers=0,
+        ddp_find_unused_parameters=False)
+    trainer = DepthMixTrainer(model=model, args=args, train_dataset=train_ds, data_collator=task.collator(tokenizer),
+                              processing_class=tokenizer, router_lr=opts.router_lr or ROUTER_LR.get(opts.method))
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    train_time = time.time() - start
+    if not trainer.is_world_process_zero():
+        return {}
+
+    info = {"base_model": opts.model, "task": opts.task, "method": opts.method}
+    model.save_pretrained(out, info=info)
+    tokenizer.save_pretrained(out)
+    metrics = task.evaluate(model, tokenizer, eval_rows, batch_size=opts.eval_batch_size,
+                            max_length=opts.max_length, progress=opts.progress)
+    trainable, total = model.trainable_parameters()
+    summary = {
+        "task": opts.task, "method": opts.method, "model": opts.model, "seed": opts.seed, "lora": opts.lora,
+        "metrics": metrics, "train_loss": result.training_loss, "train_steps": result.global_step,
+        "train_seconds": round(train_time, 1), "trainable_params": trainable, "total_params": total,
+        "method_state": model.method.extra_state() if model.method is not None else {},
+        "options": vars(opts),
+    }
+    io.write_json(out / "metrics.json", summary)
+    io.write_json(out / "log_history.json", {"log_history": trainer.state.log_history})
+    from ..plots import loss_curve
+    loss_curve(trainer.state.log_history, out / "loss.png", title=f"{opts.method} on {opts.task}")
+    return summary
+
+
+def load_trained(adapter: str, model: str | None = None, head: str | None = None, num_labels: int | None = None):
+    """An adapter folder written by `train` -> (DepthMixModel, tokenizer, info)."""
+    meta = io.read_json(Path(adapter) / CONFIG_NAME)
+    info = meta.get("info", {})
+    name = model or info.get("base_model")
+    if name is None:
+        raise ConfigError(f"{adapter}: the adapter does not name its base model; pass --model")
+    if head is None:
+        task = get_task(info["task"]) if info.get("task") else None
+        head, num_labels = (task.head, task.num_labels) if task else ("causal_lm", None)
+    base = load_model(name, head=head, num_labels=num_labels)
+    tokenizer = load_tokenizer(name)
+    return DepthMixModel.from_pretrained(base, adapter), tokenizer, info
+
+
+def save_summary(path, summary: dict) -> None:
+    io.write_json(path, summary)
+    print(json.dumps(summary["metrics"] if "metrics" in summary else summary, indent=2))
+
