@@ -61,7 +61,7 @@ class GlueTask(Task):
         try:
             raw = datasets.load_dataset("csv", data_files=str(path), delimiter="\t", quoting=csv.QUOTE_NONE,
                                         header=0 if lay.header else None, keep_default_na=False,
-                                        dtype=str, split="train")
+                                        split="train")
         except Exception as e:  # pandas reports the bad line
             raise DataError(f"{path}: cannot be read as a GLUE TSV file: {e}") from None
         cols = raw.column_names
@@ -84,8 +84,8 @@ class GlueTask(Task):
                     if value is None:
                         raise DataError(f"{path}: line {i + first_line}: field {names[field]!r} is missing")
         return datasets.Dataset.from_dict({
-            "text_a": raw[names["text_a"]],
-            "text_b": raw[names["text_b"]] if "text_b" in names else [None] * len(raw),
+            "text_a": [str(v) for v in raw[names["text_a"]]],
+            "text_b": [str(v) for v in raw[names["text_b"]]] if "text_b" in names else [None] * len(raw),
             "label": labels,
         })
 
@@ -95,8 +95,8 @@ class GlueTask(Task):
                 return float(value)
             except (TypeError, ValueError):
                 raise DataError(f"{path}: line {line}: field {field!r} has value {value!r}; expected a number") from None
-        if value in self.labels:
-            return self.labels.index(value)
+        if str(value) in self.labels:
+            return self.labels.index(str(value))
         raise DataError(f"{path}: line {line}: field {field!r} has value {value!r}; expected one of {self.labels}")
 
     # -- model inputs -------------------------------------------------------------------------------------
