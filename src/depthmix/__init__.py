@@ -4,7 +4,7 @@ from .config import ConfigError
 from .io import AdapterError
 from .model import DepthMixModel, apply
 from .registry import UnsupportedModelError
-from .tuners import MoLExConfig
+from .tuners import MoDConfig, MoDEConfig, MoLExConfig
 
 __version__ = "0.1.0"
-__all__ = ["apply", "DepthMixModel", "MoLExConfig", "ConfigError", "AdapterError", "UnsupportedModelError"]
+__all__ = ["apply", "DepthMixModel", "MoLExConfig", "MoDEConfig", "MoDConfig", "ConfigError", "AdapterError", "UnsupportedModelError"]

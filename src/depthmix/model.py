@@ -38,6 +38,7 @@ class DepthMixModel(nn.Module):
         if lora is not None:
             from peft import inject_adapter_in_model
             inject_adapter_in_model(lora, model)
+            arch = resolve(model)  # LoRA may have wrapped the head or norm: find the modules as they are now
         for name, p in model.named_parameters():
             p.requires_grad_(lora is not None and "lora_" in name)
         self.train_head = type(model).__name__.endswith("ForSequenceClassification") if train_head is None else train_head
@@ -71,9 +72,12 @@ class DepthMixModel(nn.Module):
         return self.method.finish(output) if self.method is not None else output
 
     def generate(self, *args, **kwargs):
-        if self.method is not None and not self.method.supports_cache:
+        if self.method is None:
+            return self.base_model.generate(*args, **kwargs)
+        if not self.method.supports_cache:
             kwargs["use_cache"] = False
-        return self.base_model.generate(*args, **kwargs)
+        with self.method.generating(kwargs):
+            return self.base_model.generate(*args, **kwargs)
 
     def __getattr__(self, name):
         try:

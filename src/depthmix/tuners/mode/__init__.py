@@ -1,0 +1,4 @@
+from .config import MoDEConfig
+from .model import MoDE
+
+__all__ = ["MoDEConfig", "MoDE"]

@@ -1,0 +1,98 @@
+"""MoDE at the level of modules: the swapped-in block and norm classes, and the chunked distillation term."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class MoDECapture:
+    """Mixed into block t + 1 for each ensembled block t before the final one: its input is block t's output.
+
+    Taking the input of the next block, which comes from outside any gradient-checkpointed call, keeps the
+    autograd link to block t under gradient checkpointing too (an output taken inside a checkpointed block is
+    computed without a graph)."""
+
+    def forward(self, *args, **kwargs):
+        method, index = self._depthmix
+        method.capture(index, args[0] if args else next(iter(method.arch.bind(self, args, kwargs).values())))
+        return super().forward(*args, **kwargs)
+
+
+class MoDENorm:
+    """Mixed into the final norm: returns sum_l w_l norm_l(h_l), so the LM head (one matmul), HF's loss and
+    generate() all see the ensemble."""
+
+    def forward(self, hidden):
+        method, _ = self._depthmix
+        return method.ensemble(hidden, super().forward(hidden))
+
+
+def distill_sum(teacher: torch.Tensor, students: list[torch.Tensor], head: nn.Module, tau: float,
+                chunk: int) -> torch.Tensor:
+    """sum over rows and students of tau^2 * KL(softmax(head(teacher)/tau) || softmax(head(student)/tau)).
+
+    teacher: [N, H] (no gradient flows to it); students: [N, H] each. Never holds more than `chunk` rows of
+    vocabulary-sized logits. A frozen plain linear head takes a fused path that computes the students'
+    gradients chunk by chunk in the forward pass (no logits kept for backward, no recomputation); any other
+    head (trainable, LoRA-wrapped) recomputes each chunk in the backward pass (activation checkpointing).
+    """
+    teacher = teacher.detach()
+    if isinstance(head, nn.Linear) and not any(p.requires_grad for p in head.parameters()):
+        return _FusedDistill.apply(teacher, head.weight, head.bias, float(tau), int(chunk), *students)
+    total = teacher.new_zeros((), dtype=torch.float32)
+    for start in range(0, teacher.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        part = [s[rows] for s in students]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_kl, head, tau, teacher[rows], *part, use_reentrant=False)
+        else:
+            total = total + _chunk_kl(head, tau, teacher[rows], *part)
+    return total
+
+
+def _chunk_kl(head, tau, teacher, *students):
+    log_pt = (head(teacher).float() / tau).log_softmax(-1)
+    pt = log_pt.exp()
+    total = 0.0
+    for s in students:
+        log_ps = (head(s.to(teacher.dtype)).float() / tau).log_softmax(-1)
+        total = total + (pt * (log_pt - log_ps)).sum()
+    return total * tau ** 2
+
+
+def _log_softmax_(z: torch.Tensor) -> torch.Tensor:
+    return z.sub_(z.logsumexp(-1, keepdim=True))
+
+
+class _FusedDistill(torch.autograd.Function):
+    """Forward: the summed distillation term and, chunk by chunk, d(term)/d(student) = tau (p_s - p_t) W."""
+
+    @staticmethod
+    def forward(ctx, teacher, weight, bias, tau, chunk, *students):
+        need = ctx.needs_input_grad[5:]
+        grads = [torch.empty_like(s) if n else None for s, n in zip(students, need)]
+        total = torch.zeros((), dtype=torch.float32, device=teacher.device)
+        for start in range(0, teacher.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            log_pt = _log_softmax_(F.linear(teacher[rows].to(weight.dtype), weight, bias).float().div_(tau))
+            pt = log_pt.exp()
+            neg_entropy = torch.dot(pt.flatten(), log_pt.flatten())
+            del log_pt
+            for s, g in zip(students, grads):
+                log_ps = _log_softmax_(F.linear(s[rows].to(weight.dtype), weight, bias).float().div_(tau))
+                total += neg_entropy - torch.dot(pt.flatten(), log_ps.flatten())
+                if g is not None:
+                    diff = log_ps.exp_().sub_(pt)  # p_s - p_t
+                    g[rows] = (diff.to(weight.dtype) @ weight).to(g.dtype).mul_(tau)
+                del log_ps
+        ctx.save_for_backward(*[g for g in grads if g is not None])
+        ctx.need = need
+        return total * tau ** 2
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) * grad_out.to(torch.float32) if n else None for n in ctx.need]
+        return (None, None, None, None, None, *grads)
