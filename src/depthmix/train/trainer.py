@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -93,7 +94,7 @@ def train(opts: TrainOptions) -> dict:
         save_steps=opts.save_steps, save_total_limit=opts.save_total_limit, seed=opts.seed, data_seed=opts.seed,
         report_to="none", disable_tqdm=not opts.progress, label_names=["labels"], bf16=opts.bf16,
         gradient_checkpointing=opts.gradient_checkpointing, dataloader_num_workers=0,
-        ddp_find_unused_parameters=False)
+        ddp_find_unused_parameters=False, use_cpu=not torch.accelerator.is_available())
     trainer = DepthMixTrainer(model=model, args=args, train_dataset=train_ds, data_collator=task.collator(tokenizer),
                               processing_class=tokenizer, router_lr=opts.router_lr or ROUTER_LR.get(opts.method))
     start = time.time()
