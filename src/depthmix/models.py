@@ -55,6 +55,11 @@ def _gguf_as_folder(name: str, emb: Embedded) -> Path:
         return target
     src = embedded_folder(name)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=emb.gguf_file)
+    # The weights are already de-quantised floats; transformers 5 still marks the model as GGUF-quantised and
+    # refuses save_pretrained (and would write a quantization_config the copy cannot be loaded with).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     tok = AutoTokenizer.from_pretrained(src, gguf_file=emb.gguf_file)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
