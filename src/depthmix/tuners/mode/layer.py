@@ -53,8 +53,9 @@ def distill_sum(teacher: torch.Tensor, students: list[torch.Tensor], head: nn.Mo
 
 
 def _chunk_kl(head, tau, teacher, *students):
-    log_pt = (head(teacher).float() / tau).log_softmax(-1)
-    pt = log_pt.exp()
+    with torch.no_grad():  # stop-gradient on the teacher, the head's own trainable weights included
+        log_pt = (head(teacher).float() / tau).log_softmax(-1)
+        pt = log_pt.exp()
     total = 0.0
     for s in students:
         log_ps = (head(s.to(teacher.dtype)).float() / tau).log_softmax(-1)
