@@ -1,4 +1,4 @@
 """Benchmarks: each reports ratios of a method over its baseline, measured side by side in one run."""
-from . import molex
+from . import mode, molex
 
-BENCHES = {"molex": (molex.add_args, molex.run)}
+BENCHES = {"molex": (molex.add_args, molex.run), "mode": (mode.add_args, mode.run)}
