@@ -1,0 +1,295 @@
+"""What the instruction-tuning tasks share: the Alpaca prompt, reading and checking local files, prompt-masked
+encoding, padding, batched greedy generation and log-likelihood scoring."""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+
+from ..tasks import DataError, Task, data_root, find_file, subsample
+
+log = logging.getLogger(__name__)
+
+# LLM-Adapters' template (Alpaca's), without the stray indentation of their source.
+PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+          "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+STOP = "\n### "  # the model starts a new prompt: the response is over
+LOGITS_BUDGET = 2 ** 27  # float32 logits kept per forward (512 MiB): caps the rows per batch of long vocabularies
+
+
+def prompt(instruction: str, input: str | None = None) -> str:
+    if input:
+        return PROMPT_INPUT.format(instruction=instruction, input=input)
+    return PROMPT.format(instruction=instruction)
+
+
+# -- files ------------------------------------------------------------------------------------------------
+def locate(task: str, data_dir, *candidates: str) -> Path | None:
+    """The local file of a task, None when no data folder is given (load from the Hub)."""
+    root = data_root(data_dir)
+    if root is None:
+        return None
+    path = find_file(root, *candidates)
+    if path is None:
+        raise DataError(f"{task}: none of {list(candidates)} under {root}")
+    return path
+
+
+def where(path, i: int) -> str:
+    """How a message names record i of a file: its line in JSON lines and CSV, its index in a JSON list."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return f"{path}: line {i + 1}"
+    if path.suffix == ".csv":
+        return f"{path}: line {i + 2}"  # after the header
+    return f"{path}: record {i}"
+
+
+def read_records(path, fields: list[str]) -> datasets.Dataset:
+    """A JSON list / JSON lines / CSV file through `datasets`, every field present and not null."""
+    path = Path(path)
+    kind = "csv" if path.suffix == ".csv" else "json"
+    kwargs = {"keep_default_na": False} if kind == "csv" else {}
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
+    except Exception as e:
+        raise DataError(_diagnose(path, fields) or f"{path}: cannot be read as {kind.upper()}: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    for field in fields:
+        if field not in ds.column_names:
+            raise DataError(f"{where(path, 0)}: missing field {field!r} (found {ds.column_names})")
+        for i, value in enumerate(ds[field]):
+            if value is None:
+                raise DataError(f"{where(path, i)}: field {field!r} is missing")
+    return ds
+
+
+def _diagnose(path: Path, fields) -> str | None:
+    """Why `datasets` could not read a JSON file, record by record (it reports only a byte offset)."""
+    if path.suffix == ".csv":
+        return None
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if path.suffix == ".jsonl":
+            records = []
+            for n, line in enumerate(text.splitlines()):
+                if line.strip():
+                    try:
+                        records.append((n, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        return f"{path}: line {n + 1}: not valid JSON ({e.msg})"
+        else:
+            records = list(enumerate(json.loads(text)))
+    except json.JSONDecodeError as e:
+        return f"{path}: line {e.lineno}: not valid JSON ({e.msg})"
+    except TypeError:
+        return f"{path}: expected a JSON list of records"
+    for i, rec in records:
+        if not isinstance(rec, dict):
+            return f"{where(path, i)}: expected an object, got {type(rec).__name__}"
+        for field in fields:
+            if field not in rec or rec[field] is None:
+                return f"{where(path, i)}: field {field!r} is missing"
+            if not isinstance(rec[field], (str, int, float)):
+                return f"{where(path, i)}: field {field!r} is {rec[field]!r}; expected a string"
+    return None
+
+
+def to_rows(task: str, records, convert, source) -> datasets.Dataset:
+    """Applies convert(record) -> row dict, None (skip it) or an error message to every record; the first
+    error is raised naming `source` and the record."""
+    out, skipped = [], 0
+    for i, rec in enumerate(records):
+        row = convert(rec)
+        if isinstance(row, str):
+            raise DataError(f"{where(source, i) if isinstance(source, Path) else f'{source}: record {i}'}: {row}")
+        if row is None:
+            skipped += 1
+        else:
+            out.append(row)
+    if skipped:
+        log.warning("%s: %d records of %s skipped (empty response)", task, skipped, source)
+    if not out:
+        raise DataError(f"{task}: {source} holds no records")
+    return datasets.Dataset.from_list(out)
+
+
+def hub(task: str, repo: str, config: str | None, split: str, **kwargs) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(repo, config, split=split, **kwargs)
+    except Exception as e:
+        raise DataError(f"{task}: cannot load {repo}{'/' + config if config else ''} ({split}) from the Hub "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "pass --data-dir or set DEPTHMIX_DATA to read local files") from None
+
+
+# -- model inputs -----------------------------------------------------------------------------------------
+def pair_ids(tokenizer, prompts: list[str], responses: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt and response token ids, tokenised apart so the boundary is the same in training and scoring."""
+    p = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    r = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    return p, r
+
+
+class InstructTask(Task):
+    """Rows carry `prompt` (the full Alpaca prompt) and `target` (the response trained on)."""
+
+    head = "causal_lm"
+    max_new_tokens = 256
+
+    def load(self, split, data_dir=None, max_samples=None, seed=0):
+        if split not in ("train", "eval"):
+            raise ValueError(f"{self.name}: unknown split {split!r} (use 'train' or 'eval')")
+        return subsample(self.read(split, data_dir), max_samples, seed)
+
+    def read(self, split: str, data_dir) -> datasets.Dataset:
+        raise NotImplementedError
+
+    def encode(self, rows, tokenizer, max_length):
+        eos = tokenizer.eos_token_id
+
+        def enc(batch):
+            ps, rs = pair_ids(tokenizer, batch["prompt"], batch["target"])
+            out = {"input_ids": [], "attention_mask": [], "labels": []}
+            for p, r in zip(ps, rs):
+                r = r + [eos]
+                ids = (p + r)[:max_length]
+                out["input_ids"].append(ids)
+                out["attention_mask"].append([1] * len(ids))
+                out["labels"].append(([-100] * len(p) + r)[:max_length])
+            return out
+
+        enc_rows = rows.map(enc, batched=True, remove_columns=rows.column_names, desc=f"tokenizing {self.name}")
+        keep = [i for i, labels in enumerate(enc_rows["labels"]) if any(x != -100 for x in labels)]
+        if len(keep) < len(enc_rows):
+            log.warning("%s: %d of %d examples dropped: the prompt alone fills max_length=%d",
+                        self.name, len(enc_rows) - len(keep), len(enc_rows), max_length)
+            enc_rows = enc_rows.select(keep)
+        return enc_rows
+
+    def collator(self, tokenizer):
+        return CausalCollator(tokenizer.pad_token_id)
+
+
+class CausalCollator:
+    """Right-pads input_ids with the pad id, attention_mask with 0 and labels with -100."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features):
+        n = max(len(f["input_ids"]) for f in features)
+        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            k = n - len(f["input_ids"])
+            out["input_ids"].append(list(f["input_ids"]) + [self.pad_id] * k)
+            out["attention_mask"].append(list(f.get("attention_mask") or [1] * len(f["input_ids"])) + [0] * k)
+            out["labels"].append(list(f.get("labels", f["input_ids"])) + [-100] * k)
+        return {key: torch.tensor(v, dtype=torch.long) for key, v in out.items()}
+
+
+# -- running a model --------------------------------------------------------------------------------------
+def left_pad(seqs: list[list[int]], pad_id: int, device):
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, n - len(s):] = torch.tensor(s)
+            mask[i, n - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+class eval_mode:
+    """model.eval() inside, the previous training flag restored after."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], batch_size: int = 8, max_length: int = 256,
+             max_new_tokens: int = 256, progress: bool = True, desc: str = "generating") -> list[str]:
+    """Greedy continuations of left-padded prompt batches (prompts longer than max_length keep their end);
+    each output is cut at the first STOP."""
+    ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    ids = [s[-max_length:] for s in ids]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths together: less padding
+    texts: list[str] = [""] * len(ids)
+    device = device_of(model)
+    pad = tokenizer.pad_token_id
+    with eval_mode(model):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+            chunk = order[start:start + batch_size]
+            input_ids, mask = left_pad([ids[i] for i in chunk], pad, device)
+            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                 stop_strings=[STOP], tokenizer=tokenizer)
+            for i, seq in zip(chunk, tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)):
+                texts[i] = seq.split(STOP)[0].strip()
+    return texts
+
+
+@torch.no_grad()
+def loglik(model, tokenizer, prompts: list[str], continuations: list[str], batch_size: int = 8,
+           max_length: int = 256, progress: bool = True, desc: str = "scoring") -> list[tuple[float, int]]:
+    """(sum of log p(continuation token | prompt, previous tokens), number of continuation tokens) per pair.
+
+    Pairs are left-padded with position ids counted from the first real token, so padding does not change a
+    score; only the last positions' logits are asked for (logits_to_keep) when the model supports it."""
+    ps, cs = pair_ids(tokenizer, prompts, continuations)
+    seqs = []
+    for p, c in zip(ps, cs):
+        if not c:
+            raise ValueError(f"empty continuation for prompt {tokenizer.decode(p)[-60:]!r}")
+        seqs.append((p + c)[-max(max_length, len(c) + 1):])
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    device = device_of(model)
+    keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+    vocab = model.get_output_embeddings().weight.shape[0]
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+    with eval_mode(model):
+        bar = tqdm(total=len(order), desc=desc, disable=not progress)
+        start = 0
+        while start < len(order):
+            k = max(len(cs[i]) for i in order[start:start + batch_size]) + 1
+            rows = max(1, min(batch_size, LOGITS_BUDGET // (k * vocab)))
+            chunk = order[start:start + rows]
+            k = max(len(cs[i]) for i in chunk) + 1
+            ids, mask = left_pad([seqs[i] for i in chunk], tokenizer.pad_token_id, device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            extra = {"logits_to_keep": k} if keep_arg else {}
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra).logits[:, -k:]
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            for row, i in enumerate(chunk):
+                c = len(cs[i])
+                target = ids[row, -c:]
+                tok = logp[row, -c - 1:-1].gather(-1, target[:, None]).squeeze(-1)
+                results[i] = (float(tok.sum()), c)
+            start += len(chunk)
+            bar.update(len(chunk))
+        bar.close()
+    return results
+
+
+def accuracy(correct: list[bool]) -> float:
+    return float(sum(correct) / len(correct)) if correct else 0.0
