@@ -33,6 +33,9 @@ def register(sub) -> None:
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--max-length", type=int, default=256)
     e.add_argument("--output", help="metrics JSON (default: ADAPTER/eval-TASK.json)")
+    e.add_argument("--mode", choices=("loglik", "loglik-text", "generate"),
+                   help="multiple-choice tasks: score options by log-likelihood (default) or generate an answer")
+    e.add_argument("--max-new-tokens", type=int, help="generation tasks: tokens to generate (default: the task's)")
     e.set_defaults(func=run_eval)
 
 
@@ -73,7 +76,8 @@ def run_eval(args) -> int:
     task = get_task(task_name)
     model, tokenizer, info = load_trained(args.adapter, args.model, task.head, task.num_labels)
     rows = task.load("eval", args.data_dir, args.max_eval_samples, 0)
-    metrics = task.evaluate(model, tokenizer, rows, batch_size=args.batch_size, max_length=args.max_length)
+    kw = {k: getattr(args, k) for k in ("mode", "max_new_tokens") if getattr(args, k, None) is not None}
+    metrics = task.evaluate(model, tokenizer, rows, batch_size=args.batch_size, max_length=args.max_length, **kw)
     out = Path(args.output or Path(args.adapter) / f"eval-{task_name.replace('/', '_')}.json")
     write_json(out, {"task": task_name, "adapter": str(args.adapter), "examples": len(rows), "metrics": metrics})
     print(json.dumps({"task": task_name, **metrics}, indent=2))
