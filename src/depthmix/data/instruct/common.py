@@ -134,8 +134,8 @@ def hub(task: str, repo: str, config: str | None, split: str, **kwargs) -> datas
 # -- model inputs -----------------------------------------------------------------------------------------
 def pair_ids(tokenizer, prompts: list[str], responses: list[str]) -> tuple[list[list[int]], list[list[int]]]:
     """Prompt and response token ids, tokenised apart so the boundary is the same in training and scoring."""
-    p = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    r = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    p = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    r = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     return p, r
 
 
@@ -231,7 +231,7 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int = 8, max_leng
              max_new_tokens: int = 256, progress: bool = True, desc: str = "generating") -> list[str]:
     """Greedy continuations of left-padded prompt batches (prompts longer than max_length keep their end);
     each output is cut at the first STOP."""
-    ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     ids = [s[-max_length:] for s in ids]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths together: less padding
     texts: list[str] = [""] * len(ids)
