@@ -79,6 +79,6 @@ def run_eval(args) -> int:
     kw = {k: getattr(args, k) for k in ("mode", "max_new_tokens") if getattr(args, k, None) is not None}
     metrics = task.evaluate(model, tokenizer, rows, batch_size=args.batch_size, max_length=args.max_length, **kw)
     out = Path(args.output or Path(args.adapter) / f"eval-{task_name.replace('/', '_')}.json")
-    write_json(out, {"task": task_name, "adapter": str(args.adapter), "examples": len(rows), "metrics": metrics})
+    write_json(out, {"task": task_name, "adapter": str(args.adapter), "examples": len(rows), **kw, "metrics": metrics})
     print(json.dumps({"task": task_name, **metrics}, indent=2))
     return 0
