@@ -1,6 +1,8 @@
 """What every method shares: a per-forward context, auxiliary losses, and attaching to blocks."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -56,6 +58,10 @@ class Method(nn.Module):
         if mask is None or mask.dim() != 2:
             return torch.ones(b, s, dtype=torch.bool, device=hidden.device)
         return mask[:, -s:].to(device=hidden.device, dtype=torch.bool)
+
+    def generating(self, kwargs: dict):
+        """Context entered around generate() (kwargs: generate's); e.g. MoD switches to causal routing."""
+        return contextlib.nullcontext()
 
     def extra_state(self) -> dict:
         """Method-specific summaries a trainer may log (realized capacity, routing counts...)."""

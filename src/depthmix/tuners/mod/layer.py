@@ -1,0 +1,85 @@
+"""MoD at the level of one block: which tokens a routed block processes, and the subset's attention mask."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class MoDBlock:
+    """Mixed into a routed block's class: the block runs on the routed subset of tokens only."""
+
+    def forward(self, *args, **kwargs):
+        method, index = self._depthmix
+        return method.route(self, index, super().forward, args, kwargs)
+
+
+def capacity_k(valid: torch.Tensor, capacity: float) -> torch.Tensor:
+    """[B] tokens each sequence sends through a routed block: ceil(capacity * its real length), at least 1 (0 for
+    an all-padding row). The small tolerance keeps ceil(0.1 * 30) at 3 despite floating point."""
+    n = valid.sum(1)
+    k = torch.ceil(n.double() * capacity - 1e-9).long().clamp(min=1)
+    return torch.minimum(k, n)
+
+
+def topk_membership(scores: torch.Tensor, valid: torch.Tensor, capacity: float) -> torch.Tensor:
+    """[B, S] bool: the top-k tokens of each sequence by router score, padding never (it scores -inf)."""
+    k = capacity_k(valid, capacity)
+    top = int(k.max()) if k.numel() else 0
+    if top == 0:
+        return torch.zeros_like(valid)
+    idx = scores.masked_fill(~valid, float("-inf")).topk(top, dim=1).indices
+    take = torch.arange(top, device=valid.device) < k.unsqueeze(1)
+    return torch.zeros_like(valid).scatter(1, idx, take)
+
+
+def slots(sel: torch.Tensor):
+    """Selected positions packed to the front of each row, in increasing (causal) order.
+
+    Returns idx [B, K] (a prefix of a stable permutation, so positions are distinct), count [B] (slots < count
+    are selected) and K = the largest count. Rows with fewer selected tokens fill their last slots with
+    unselected positions: those slots come after every selected one, so a causal mask in slot order never
+    lets a selected token see them, and their outputs are thrown away."""
+    count = sel.sum(1)
+    top = int(count.max()) if count.numel() else 0
+    order = torch.sort((~sel).to(torch.uint8), dim=1, stable=True).indices[:, :top]
+    return order, count, top
+
+
+def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t [B or 1, S, ...] -> [B, K, ...] at positions idx [B, K]."""
+    b = idx.shape[0]
+    if t.shape[0] != b:
+        t = t.expand(b, *t.shape[1:])
+    index = idx.reshape(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:])
+    return t.gather(1, index)
+
+
+def subset_mask(start: torch.Tensor | None, q: int, kv: int, impl: str, dtype, device):
+    """The attention mask of a routed block's subset: query slot j of row b sits at cache position start[b] + j and
+    sees the cache positions up to its own (start None: no cache, start 0). Returns None where the attention
+    kernel's own causal rule gives exactly that (SDPA's is_causal for a fresh square block; one query seeing
+    every key)."""
+    same = start is None or bool((start == start[0]).all())
+    first = start is None or (same and int(start[0]) == 0)
+    if impl != "eager" and ((first and q == kv) or (q == 1 and same)):
+        return None
+    base = torch.zeros(1, dtype=torch.long, device=device) if start is None else start
+    allowed = (torch.arange(kv, device=device).view(1, 1, kv)
+               <= (base.view(-1, 1, 1) + torch.arange(q, device=device).view(1, q, 1)))
+    allowed = allowed.unsqueeze(1)  # [B, 1, q, kv]
+    if impl == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+def attn_impl(block) -> str:
+    for name in ("self_attn", "attn", "attention"):
+        sub = getattr(block, name, None)
+        if sub is not None and getattr(sub, "config", None) is not None:
+            return sub.config._attn_implementation or "eager"
+    return "eager"
+
+
+def predictor_hidden(d: int) -> int:
+    return max(1, math.ceil(d / 8))

@@ -1,0 +1,166 @@
+"""MoD wired into a model: routers, causal predictors, one gather -> block -> scatter per routed block."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...config import ConfigError, pick_layers
+from ..base import Method, float32_linear
+from .cache import store_for
+from .layer import MoDBlock, attn_impl, gather_tokens, predictor_hidden, slots, subset_mask, topk_membership
+
+ROUTING = ("topk", "causal")
+
+
+class MoD(Method):
+    """routing: "topk" (training behaviour: per-sequence top-k by router score, looks at the whole sequence) or
+    "causal" (each token decides alone from its own hidden state: what generation does). generate() always
+    routes causally."""
+
+    def __init__(self, config, arch, hidden_size: int):
+        super().__init__(config, arch)
+        if not arch.causal:
+            raise ConfigError(f"MoDConfig: MoD routes tokens of causal LMs; {arch.family.name} is an encoder")
+        self.layers = pick_layers(config.layers, arch.num_layers, "MoDConfig.layers")
+        zero = config.update == "retrofit"  # Router-Tuning: zero-initialised routers on a pretrained model
+        self.routers = nn.ModuleList(float32_linear(hidden_size, 1, zero=zero) for _ in self.layers)
+        if config.causal == "predictor":
+            h = predictor_hidden(hidden_size)
+            self.predictors = nn.ModuleList(
+                nn.Sequential(float32_linear(hidden_size, h), nn.SiLU(), float32_linear(h, 1)) for _ in self.layers)
+        self._routing = "topk"
+        self.reset_stats()
+        for i, t in enumerate(self.layers):
+            self.wrap(arch.blocks[t], MoDBlock, i)
+
+    # -- modes and statistics ---------------------------------------------------------------------------------
+    @property
+    def routing(self) -> str:
+        return self._routing
+
+    @routing.setter
+    def routing(self, value: str) -> None:
+        if value not in ROUTING:
+            raise ConfigError(f"MoD routing = {value!r}: expected one of {ROUTING}")
+        self._routing = value
+
+    @contextlib.contextmanager
+    def routing_mode(self, value: str):
+        old, self.routing = self.routing, value
+        try:
+            yield self
+        finally:
+            self._routing = old
+
+    def generating(self, kwargs: dict):
+        if kwargs.get("num_beams", 1) > 1:
+            raise ConfigError("MoD generate(): beam search is not supported (its KV stores are not reordered)")
+        return self.routing_mode("causal")
+
+    def reset_stats(self) -> None:
+        # per routed block: processed tokens, valid tokens, correct causal decisions, decisions scored
+        self.stats = torch.zeros(len(self.layers), 4, dtype=torch.float64)
+
+    def extra_state(self) -> dict:
+        s = self.stats
+        out = {}
+        for i, t in enumerate(self.layers):
+            if s[i, 1] > 0:
+                out[f"realized_capacity/{t}"] = round(float(s[i, 0] / s[i, 1]), 4)
+            if s[i, 3] > 0:
+                out[f"predictor_accuracy/{t}"] = round(float(s[i, 2] / s[i, 3]), 4)
+        if s[:, 1].sum() > 0:
+            out["realized_capacity"] = round(float(s[:, 0].sum() / s[:, 1].sum()), 4)
+        if s[:, 3].sum() > 0:
+            out["predictor_accuracy"] = round(float(s[:, 2].sum() / s[:, 3].sum()), 4)
+        return out
+
+    # -- the routed forward of block self.layers[i] ------------------------------------------------------------
+    def scores(self, i: int, x: torch.Tensor):
+        """Router logits r [B, S] and the causal decision logits [B, S] (predictor, or the router itself)."""
+        xf = x.float()
+        r = self.routers[i](xf).squeeze(-1)
+        if self.config.causal == "predictor":
+            return r, self.predictors[i](xf.detach()).squeeze(-1)
+        return r, r
+
+    def route(self, block, i: int, forward, args, kwargs):
+        named = self.arch.bind(block, args, kwargs)
+        x = named.pop(next(iter(named)))
+        valid = self.valid_mask(x)
+        r, decide = self.scores(i, x)
+        causal = self.routing == "causal"
+        cache = named.get("past_key_values")
+        # top-k membership: the selection in topk mode, the target of the causal decision otherwise
+        topk = topk_membership(r.detach(), valid, self.config.capacity) if (not causal or cache is None) else None
+        sel = (decide.detach() > 0) & valid if causal else topk
+        self._record(i, sel, valid, decide, topk)
+        if self.training and torch.is_grad_enabled() and self.config.aux_weight > 0 and topk is not None:
+            w = valid.to(decide.dtype)
+            bce = F.binary_cross_entropy_with_logits(decide, topk.to(decide.dtype), reduction="none")
+            self.add_aux(self.config.aux_weight * (bce * w).sum() / w.sum().clamp(min=1))
+
+        if self.config.update == "retrofit":
+            s = torch.sigmoid(r)
+            weight = (s - s.detach()).unsqueeze(-1)  # g - 1: zero forward, gradient of sigmoid(r)
+        else:
+            weight = r.unsqueeze(-1)
+
+        if cache is None and bool((sel == valid).all()):
+            return self._dense(forward, x, named, sel, weight)
+        idx, count, top = slots(sel)
+        if top == 0:
+            if cache is not None:
+                store_for(cache, i).start(x.shape[0], x.device)
+            return x
+        xs = gather_tokens(x, idx)
+        kw = self._subset_kwargs(block, i, named, idx, count, top, xs)
+        ys = forward(xs, **kw)
+        ws = gather_tokens(weight, idx).to(ys.dtype)
+        f = ys - xs
+        new = ys + ws * f if self.config.update == "retrofit" else xs + ws * f
+        keep = torch.arange(top, device=x.device).unsqueeze(0) < count.unsqueeze(1)
+        new = torch.where(keep.unsqueeze(-1), new, xs)
+        return x.scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), new)
+
+    def _dense(self, forward, x, named, sel, weight):
+        """Every real token is selected (capacity 1.0): the block runs as it was, bit for bit."""
+        y = forward(x, **named)
+        w = weight.to(y.dtype)
+        new = y + w * (y - x) if self.config.update == "retrofit" else x + w * (y - x)
+        return torch.where(sel.unsqueeze(-1), new, x)
+
+    def _subset_kwargs(self, block, i, named, idx, count, top, xs):
+        kw = dict(named)
+        pe = kw.get("position_embeddings")
+        if pe is not None:
+            kw["position_embeddings"] = tuple(gather_tokens(t, idx) for t in pe)
+        pos = kw.get("position_ids")
+        if isinstance(pos, torch.Tensor) and pos.dim() == 2:
+            kw["position_ids"] = gather_tokens(pos, idx)
+        kw.pop("cache_position", None)
+        impl = attn_impl(block)
+        cache = kw.get("past_key_values")
+        if cache is not None:
+            if self.layers[i] == 0:
+                raise ConfigError("MoDConfig.layers: block 0 cannot be routed when decoding with a KV cache "
+                                  "(the model reads its cache length from block 0)")
+            store = store_for(cache, i)
+            start = store.start(idx.shape[0], idx.device)
+            kv = int((start + top).max())
+            kw["past_key_values"] = store.view(count, top)
+            kw["attention_mask"] = subset_mask(start, top, kv, impl, xs.dtype, xs.device)
+        else:
+            kw["attention_mask"] = subset_mask(None, top, top, impl, xs.dtype, xs.device)
+        return kw
+
+    def _record(self, i, sel, valid, decide, topk):
+        with torch.no_grad():
+            row = [sel.sum(), valid.sum(), 0, 0]
+            if topk is not None:
+                row[2] = (((decide > 0) == topk) & valid).sum()
+                row[3] = row[1]
+            self.stats[i] += torch.tensor([float(v) for v in row], dtype=torch.float64)
