@@ -61,3 +61,12 @@ def batch(family: str, b: int = 3, s: int = 9, seed: int = 1):
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def shared_data():
+    """../shared/data (or $DEPTHMIX_DATA); tests that need it skip with this reason when it is absent."""
+    from pathlib import Path
+    root = Path(os.environ.get("DEPTHMIX_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    if not (root / "glue").is_dir():
+        pytest.skip(f"the shared data folder is absent ({root}); set DEPTHMIX_DATA")
+    return root

@@ -30,7 +30,8 @@ def loss_curve(log_history: list[dict], path, title: str = "training loss", curv
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
-    ax.legend()
+    if ax.get_lines():
+        ax.legend()
     return _save(fig, path)
 
 

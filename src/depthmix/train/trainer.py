@@ -93,7 +93,8 @@ def train(opts: TrainOptions) -> dict:
         warmup_steps=opts.warmup, lr_scheduler_type="linear", logging_steps=opts.logging_steps,
         save_steps=opts.save_steps, save_total_limit=opts.save_total_limit, seed=opts.seed, data_seed=opts.seed,
         report_to="none", disable_tqdm=not opts.progress, label_names=["labels"], bf16=opts.bf16,
-        gradient_checkpointing=opts.gradient_checkpointing, dataloader_num_workers=0,
+        activation_checkpointing=opts.gradient_checkpointing, dataloader_num_workers=0,
+        dataloader_pin_memory=torch.accelerator.is_available(),
         ddp_find_unused_parameters=False, use_cpu=not torch.accelerator.is_available())
     trainer = DepthMixTrainer(model=model, args=args, train_dataset=train_ds, data_collator=task.collator(tokenizer),
                               processing_class=tokenizer, router_lr=opts.router_lr or ROUTER_LR.get(opts.method))

@@ -1,0 +1,68 @@
+"""End to end through the command line, on the embedded MiniLM-L6 and the pydoc/topics task (no download)."""
+import json
+
+import pytest
+
+from depthmix.cli.main import main
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "molex"
+    cfg = out.parent / "train.yaml"
+    cfg.write_text("method: molex\nmodel: minilm-l6\ntask: pydoc/topics\nmax_train_samples: 48\n"
+                   "max_eval_samples: 40\nmax_length: 48\nbatch_size: 8\nmethod_config:\n  routing: token\n")
+    assert run("train", "--config", cfg, "--output-dir", out, "--max-steps", 4, "--save-steps", 2,
+               "--alpha", 0.7, "--no-progress") == 0
+    return out
+
+
+def test_train_writes_adapter_metrics_and_pictures(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["method"] == "molex" and metrics["train_steps"] == 4
+    assert 0 <= metrics["metrics"]["accuracy"] <= 1
+    adapter = json.loads((trained / "depthmix_config.json").read_text())
+    assert adapter["config"]["routing"] == "token" and adapter["config"]["alpha"] == 0.7  # file, then flags
+    assert (trained / "adapter_model.safetensors").exists() and (trained / "loss.png").exists()
+    assert not list(trained.glob("*.bin")) and not list(trained.glob("*.pt"))  # adapter: safetensors + json
+    assert (trained / "checkpoint-4" / "adapter_model.safetensors").exists()
+
+
+def test_eval_and_routing_plot(trained, capsys):
+    assert run("eval", "--adapter", trained, "--max-eval-samples", 40) == 0
+    again = json.loads((trained / "eval-pydoc_topics.json").read_text())["metrics"]
+    assert again == json.loads((trained / "metrics.json").read_text())["metrics"]  # same model, same rows
+    assert run("plot", "routing", trained, "--max-samples", 16) == 0
+    counts = json.loads((trained / "routing-pydoc_topics.json").read_text())["counts"]
+    assert len(counts) == 6 and all(sum(row) > 0 for row in counts)
+    assert (trained / "routing-pydoc_topics.png").stat().st_size > 1000
+
+
+def test_resume_continues_from_the_last_checkpoint(trained):
+    assert run("train", "--config", trained.parent / "train.yaml", "--output-dir", trained, "--max-steps", 6,
+               "--resume", "--no-progress") == 0
+    assert json.loads((trained / "metrics.json").read_text())["train_steps"] == 6
+
+
+def test_refuses_to_overwrite_and_names_bad_options(trained, tmp_path, capsys):
+    assert run("train", "--output-dir", trained, "--max-steps", 1) == 2
+    assert "already holds a trained adapter" in capsys.readouterr().err
+    assert run("train", "--method", "lora", "--alpha", 0.3, "--output-dir", tmp_path / "x") == 2
+    assert "--alpha is not an option of method 'lora'" in capsys.readouterr().err
+    assert run("train", "--method", "molex", "--routing", "batch", "--output-dir", tmp_path / "y") == 2
+    assert "MoLExConfig.routing = 'batch'" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 0.1\n")
+    assert run("train", "--config", bad) == 2
+    assert "unknown option(s) ['learning_rate']" in capsys.readouterr().err
+
+
+def test_demo_prints_both_methods_and_draws(tmp_path, capsys):
+    assert run("demo", "--output-dir", tmp_path, "--max-train-samples", 32, "--epochs", 1) == 0
+    out = capsys.readouterr().out
+    assert "LoRA " in out and "MoLEx + LoRA" in out
+    assert (tmp_path / "loss.png").exists() and (tmp_path / "routing.png").exists()
