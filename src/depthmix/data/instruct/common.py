@@ -69,6 +69,8 @@ def read_records(path, fields: list[str]) -> datasets.Dataset:
         for i, value in enumerate(ds[field]):
             if value is None:
                 raise DataError(f"{where(path, i)}: field {field!r} is missing")
+            if not isinstance(value, (str, int, float)):  # datasets keeps mixed-type fields as Json values
+                raise DataError(f"{where(path, i)}: field {field!r} is {value!r}; expected a string")
     return ds
 
 
