@@ -80,22 +80,19 @@ class MoLEx(Method):
             expert = self._by_sequence(t, z, out, named, choice, state)
         else:
             expert = self._by_token(t, z, out, named, choice)
-        if factor is not None:
-            expert = expert * factor.to(out.dtype).reshape(*factor.shape, *([1] * (out.dim() - factor.dim())))
-        a = self.alpha(i).to(device=out.device, dtype=out.dtype)
-        return a * out + (1 - a) * expert
+        a = self.alpha(i).to(device=out.device, dtype=torch.float32)
+        weight = 1 - a if factor is None else (1 - a) * factor.reshape(*factor.shape, *[1] * (out.dim() - factor.dim()))
+        return torch.addcmul(out * a.to(out.dtype), expert, weight.to(out.dtype))
 
     def _by_sequence(self, t, z, out, named, choice, state):
         groups = choice.unique().tolist()
         if len(groups) == 1:
             return out if groups[0] == t else self._expert(groups[0], z, named, None, state)
-        rows, outs = [], []
+        expert = torch.empty_like(out)
         for j in groups:
             r = (choice == j).nonzero(as_tuple=True)[0]
-            rows.append(r)
-            outs.append(out.index_select(0, r) if j == t else self._expert(j, z, named, r, state))
-        order = torch.cat(rows).argsort()
-        return torch.cat(outs).index_select(0, order)
+            expert.index_copy_(0, r, out.index_select(0, r) if j == t else self._expert(j, z, named, r, state))
+        return expert
 
     def _by_token(self, t, z, out, named, choice):
         valid = self.valid_mask(z)
