@@ -94,6 +94,8 @@ class MoD(Method):
         r, decide = self.scores(i, x)
         causal = self.routing == "causal"
         cache = named.get("past_key_values")
+        if cache is not None and self.training and torch.is_grad_enabled():
+            named["past_key_values"] = cache = None  # training never decodes: keep no subset K/V
         # top-k membership: the selection in topk mode, the target of the causal decision otherwise
         topk = topk_membership(r.detach(), valid, self.config.capacity) if (not causal or cache is None) else None
         sel = (decide.detach() > 0) & valid if causal else topk

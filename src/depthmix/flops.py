@@ -1,0 +1,84 @@
+"""FLOPs: counted on a real forward (torch FlopCounterMode) and estimated per block (METHODS.md §1)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+aten = torch.ops.aten
+
+
+def _register_cpu_sdpa() -> None:
+    """PyTorch counts SDPA only for its CUDA kernels: on a CPU the fused kernel would count as zero FLOPs."""
+    from torch.utils.flop_counter import flop_registry
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if fwd is not None and fwd.default not in flop_registry and fwd not in flop_registry:
+        register_flop_formula(fwd)(lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v))
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if bwd is not None and bwd.default not in flop_registry and bwd not in flop_registry:
+        register_flop_formula(bwd)(
+            lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v))
+
+
+_register_cpu_sdpa()
+
+
+def count(fn) -> int:
+    """FLOPs of what fn() really runs (matmuls and attention; elementwise work is not counted)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def forward_flops(model, batch: int, seq_len: int, routing: str | None = None, seed: int = 0) -> int:
+    """FLOPs of one inference forward pass on random tokens (no cache); MoD in the given routing mode."""
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=g).to(device)
+    method = getattr(model, "method", None)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if routing and method is not None and hasattr(method, "routing_mode"):
+                with method.routing_mode(routing):
+                    return count(lambda: model(input_ids=ids, use_cache=False))
+            return count(lambda: model(input_ids=ids, use_cache=False))
+    finally:
+        model.train(was)
+
+
+def block_shape(config) -> dict:
+    """Hidden size, MLP width, heads and KV heads of a Llama-like or GPT-2 config."""
+    d = getattr(config, "hidden_size", None) or config.n_embd
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    if getattr(config, "model_type", "") == "gpt2":
+        inner = config.n_inner or 4 * d
+        mlp_mats = 2
+    else:
+        inner = config.intermediate_size
+        mlp_mats = 3  # gate, up, down
+    return {"d": d, "inner": inner, "heads": heads, "kv_heads": kv, "head_dim": head_dim, "mlp_mats": mlp_mats}
+
+
+def analytic(config, seq_len: int, layers: list[int], capacity: float, num_layers: int, vocab: int,
+             predictor: bool = True) -> dict:
+    """Per-token-sequence forward FLOPs (2 per multiply-add): dense blocks, routed blocks (linear parts x c,
+    attention scores x c^2), routers/predictors, LM head. Returns both totals and the block-only ratio."""
+    s = block_shape(config)
+    d, hd = s["d"], s["head_dim"]
+    linear = 2 * seq_len * (d * hd * s["heads"] * 2 + d * hd * s["kv_heads"] * 2 + s["mlp_mats"] * d * s["inner"])
+    attention = 2 * 2 * seq_len * seq_len * hd * s["heads"]  # QK^T and AV, full (non-causal) square as SDPA counts
+    k = max(1, math.ceil(capacity * seq_len - 1e-9))
+    c = k / seq_len
+    routed = len(layers)
+    extra = routed * 2 * seq_len * (d + (d * (d // 8) + d // 8 if predictor else 0))
+    dense_blocks = num_layers * (linear + attention)
+    mod_blocks = (num_layers - routed) * (linear + attention) + routed * (c * linear + c * c * attention)
+    head = 2 * seq_len * d * vocab
+    return {"dense": int(dense_blocks + head), "mod": int(mod_blocks + extra + head),
+            "block_ratio": round(mod_blocks / dense_blocks, 4),
+            "ratio": round((mod_blocks + extra + head) / (dense_blocks + head), 4), "k": k}

@@ -1,0 +1,230 @@
+"""Training a small causal LM from random initialisation on a text file, with a training-FLOP budget (dense or MoD).
+
+The budget is spent in whole optimizer steps: the FLOPs of one real training step (forward + backward, counted by
+FlopCounterMode on the model as built, routers and predictors included) set how many steps fit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+import torch.nn.functional as F
+
+from .. import flops as flop_count
+from .. import io
+from ..config import ConfigError
+from ..model import apply
+
+ARCHS = ("llama", "gpt2")
+
+
+@dataclass
+class PretrainOptions:
+    arch: str = "llama"
+    layers: int = 4
+    hidden: int = 128
+    heads: int | None = None  # default hidden // 32
+    method: str = "dense"  # dense or mod
+    corpus: str = ""
+    eval_corpus: str | None = None  # default: the last 10% of the corpus is held out
+    tokenizer: str = "bytes"  # bytes, or a model name whose tokenizer to use (smollm2-135m)
+    seq_len: int = 256
+    batch_size: int = 8
+    flops: float = 1e13  # training FLOP budget
+    max_steps: int | None = None  # or a fixed number of steps
+    lr: float = 2e-3
+    warmup: float = 0.05
+    weight_decay: float = 0.1
+    eval_blocks: int = 64
+    seed: int = 0
+    output_dir: str = "out/pretrain"
+    logging_steps: int = 10
+    progress: bool = True
+    method_config: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch = {self.arch!r}: expected one of {ARCHS}")
+        if self.method not in ("dense", "mod"):
+            raise ConfigError(f"method = {self.method!r}: expected 'dense' or 'mod'")
+        if not self.corpus or not Path(self.corpus).is_file():
+            raise ConfigError(f"corpus = {self.corpus!r}: not a file")
+        if self.eval_corpus and not Path(self.eval_corpus).is_file():
+            raise ConfigError(f"eval_corpus = {self.eval_corpus!r}: not a file")
+        for name in ("layers", "hidden", "seq_len", "batch_size", "eval_blocks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} = {getattr(self, name)!r}: expected an integer >= 1")
+        if self.hidden % self.num_heads:
+            raise ConfigError(f"hidden = {self.hidden} is not divisible by heads = {self.num_heads}")
+        if self.flops <= 0:
+            raise ConfigError(f"flops = {self.flops!r}: expected a number > 0")
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads or max(1, self.hidden // 32)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256, nothing to download."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+class HFTokenizer:
+    def __init__(self, name: str):
+        from ..models import load_tokenizer
+        self.tok = load_tokenizer(name)
+        self.vocab_size = len(self.tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenizer_for(name: str):
+    return ByteTokenizer() if name == "bytes" else HFTokenizer(name)
+
+
+def token_blocks(ids: list[int], size: int) -> torch.Tensor:
+    n = len(ids) // size
+    if n == 0:
+        raise ConfigError(f"the text holds {len(ids)} tokens, fewer than one block of {size}")
+    return torch.tensor(ids[:n * size], dtype=torch.long).view(n, size)
+
+
+def read_corpus(opts: PretrainOptions, tok) -> tuple[torch.Tensor, torch.Tensor]:
+    text = Path(opts.corpus).read_text(encoding="utf-8")
+    if opts.eval_corpus:
+        train_text, eval_text = text, Path(opts.eval_corpus).read_text(encoding="utf-8")
+    else:
+        cut = int(0.9 * len(text))
+        train_text, eval_text = text[:cut], text[cut:]
+    return token_blocks(tok.encode(train_text), opts.seq_len), token_blocks(tok.encode(eval_text), opts.seq_len)
+
+
+def build(opts: PretrainOptions, vocab: int):
+    """A randomly initialised causal LM (seeded), with MoD applied for method="mod"; every weight trains."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from ..tuners import MoDConfig
+    torch.manual_seed(opts.seed)
+    if opts.arch == "llama":
+        inner = 64 * math.ceil(8 * opts.hidden / 3 / 64)
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=opts.hidden, intermediate_size=inner,
+                          num_hidden_layers=opts.layers, num_attention_heads=opts.num_heads,
+                          num_key_value_heads=opts.num_heads, max_position_embeddings=opts.seq_len,
+                          tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        base = LlamaForCausalLM(cfg)
+    else:
+        cfg = GPT2Config(vocab_size=vocab, n_embd=opts.hidden, n_layer=opts.layers, n_head=opts.num_heads,
+                         n_positions=opts.seq_len, bos_token_id=None, eos_token_id=None)
+        base = GPT2LMHeadModel(cfg)
+    base.config.use_cache = False
+    config = MoDConfig.from_dict(opts.method_config, source="method options") if opts.method == "mod" else None
+    if config is None and opts.method_config:
+        raise ConfigError(f"MoD options {sorted(opts.method_config)} given with method 'dense'")
+    model = apply(base, config)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+@torch.no_grad()
+def heldout_loss(model, blocks: torch.Tensor, batch_size: int, routing: str | None = None) -> dict:
+    """Mean next-token NLL over held-out blocks; MoD in the given routing mode, with its routing statistics."""
+    method = model.method
+    model.eval()
+    if method is not None:
+        method.reset_stats()
+    total, count = 0.0, 0
+    ctx = method.routing_mode(routing) if method is not None and routing else _null()
+    with ctx:
+        for start in range(0, len(blocks), batch_size):
+            ids = blocks[start:start + batch_size]
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                           reduction="sum"))
+            count += ids[:, 1:].numel()
+    out = {"loss": total / count}
+    if method is not None:
+        out.update(method.extra_state())
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def train_step_flops(model, batch: torch.Tensor) -> int:
+    model.train()
+    def step():
+        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+    n = flop_count.count(step)
+    model.zero_grad(set_to_none=True)
+    return n
+
+
+def pretrain(opts: PretrainOptions) -> dict:
+    from transformers import TrainingArguments
+
+    from ..plots import loss_curve
+    from .trainer import DepthMixTrainer
+    opts.validate()
+    out = Path(opts.output_dir)
+    tok = tokenizer_for(opts.tokenizer)
+    train_blocks, eval_blocks = read_corpus(opts, tok)
+    eval_blocks = eval_blocks[:opts.eval_blocks]
+    model = build(opts, tok.vocab_size)
+    step_flops = train_step_flops(model, train_blocks[:opts.batch_size])
+    steps = opts.max_steps or max(1, int(opts.flops // step_flops))
+    print(f"{opts.method} {opts.arch} L{opts.layers} d{opts.hidden}: {sum(p.numel() for p in model.parameters()):,d} "
+          f"params, {step_flops:.3e} FLOPs per training step -> {steps} steps", flush=True)
+
+    ds = datasets.Dataset.from_dict({"input_ids": train_blocks.tolist()})
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=opts.batch_size, max_steps=steps, learning_rate=opts.lr,
+        weight_decay=opts.weight_decay, warmup_steps=opts.warmup, lr_scheduler_type="cosine",
+        logging_steps=opts.logging_steps, save_strategy="no", seed=opts.seed, data_seed=opts.seed, report_to="none",
+        disable_tqdm=not opts.progress, dataloader_num_workers=0, dataloader_pin_memory=False, use_cpu=True,
+        adam_beta2=0.95, max_grad_norm=1.0)
+    trainer = DepthMixTrainer(model=model, args=args, train_dataset=ds, data_collator=_collate, router_lr=opts.lr)
+    start = time.time()
+    result = trainer.train()
+    seconds = time.time() - start
+
+    # FLOPs of one inference forward pass of the trained model (causal routing: what generation runs)
+    fwd = {r or "dense": flop_count.forward_flops(model, 1, opts.seq_len, r)
+           for r in (("topk", "causal") if model.method else (None,))}
+    evals = {"dense": heldout_loss(model, eval_blocks, opts.batch_size)} if model.method is None else {
+        r: heldout_loss(model, eval_blocks, opts.batch_size, r) for r in ("causal", "topk")}
+    summary = {
+        "options": dataclasses.asdict(opts), "params": sum(p.numel() for p in model.parameters()),
+        "train_steps": result.global_step, "train_tokens": result.global_step * opts.batch_size * opts.seq_len,
+        "train_step_flops": step_flops, "train_flops": step_flops * result.global_step,
+        "forward_flops": fwd, "train_loss": result.training_loss, "train_seconds": round(seconds, 1),
+        "heldout": evals, "heldout_tokens": int(eval_blocks[:, 1:].numel()),
+    }
+    model.base_model.save_pretrained(out / "model")
+    if model.method is not None:
+        model.save_pretrained(out / "mod", info={"pretrain": opts.corpus})
+    io.write_json(out / "metrics.json", summary)
+    io.write_json(out / "log_history.json", {"log_history": trainer.state.log_history})
+    loss_curve(trainer.state.log_history, out / "loss.png",
+               title=f"{opts.method} {opts.arch} L{opts.layers} d{opts.hidden} on {Path(opts.corpus).name}")
+    return summary
+
+
+def _collate(rows):
+    ids = torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)
+    return {"input_ids": ids, "labels": ids}
