@@ -36,6 +36,9 @@ def register(sub) -> None:
     e.add_argument("--mode", choices=("loglik", "loglik-text", "generate"),
                    help="multiple-choice tasks: score options by log-likelihood (default) or generate an answer")
     e.add_argument("--max-new-tokens", type=int, help="generation tasks: tokens to generate (default: the task's)")
+    e.add_argument("--routing", choices=("topk", "causal"),
+                   help="MoD adapters: teacher-forced top-k routing (training behaviour, default) or causal routing "
+                        "(what generation does)")
     e.set_defaults(func=run_eval)
 
 
@@ -75,10 +78,20 @@ def run_eval(args) -> int:
         raise ConfigError(f"{args.adapter}: the adapter does not name its task; pass --task")
     task = get_task(task_name)
     model, tokenizer, info = load_trained(args.adapter, args.model, task.head, task.num_labels)
+    if args.routing:
+        if not hasattr(model.method, "routing"):
+            raise ConfigError(f"--routing is for MoD adapters; {args.adapter} is not one")
+        model.method.routing = args.routing
+    if hasattr(model.method, "reset_stats"):
+        model.method.reset_stats()
     rows = task.load("eval", args.data_dir, args.max_eval_samples, 0)
     kw = {k: getattr(args, k) for k in ("mode", "max_new_tokens") if getattr(args, k, None) is not None}
     metrics = task.evaluate(model, tokenizer, rows, batch_size=args.batch_size, max_length=args.max_length, **kw)
     out = Path(args.output or Path(args.adapter) / f"eval-{task_name.replace('/', '_')}.json")
-    write_json(out, {"task": task_name, "adapter": str(args.adapter), "examples": len(rows), **kw, "metrics": metrics})
-    print(json.dumps({"task": task_name, **metrics}, indent=2))
+    state = model.method.extra_state() if model.method is not None else {}
+    if args.routing:
+        kw["routing"] = args.routing
+    write_json(out, {"task": task_name, "adapter": str(args.adapter), "examples": len(rows), **kw, "metrics": metrics,
+                     "method_state": state})
+    print(json.dumps({"task": task_name, **metrics, **{k: v for k, v in state.items() if "/" not in k}}, indent=2))
     return 0

@@ -107,6 +107,8 @@ def train(opts: TrainOptions) -> dict:
     info = {"base_model": opts.model, "task": opts.task, "method": opts.method}
     model.save_pretrained(out, info=info)
     tokenizer.save_pretrained(out)
+    if hasattr(model.method, "reset_stats"):  # MoD: realized capacity and predictor accuracy of the eval alone
+        model.method.reset_stats()
     metrics = task.evaluate(model, tokenizer, eval_rows, batch_size=opts.eval_batch_size,
                             max_length=opts.max_length, progress=opts.progress)
     trainable, total = model.trainable_parameters()
