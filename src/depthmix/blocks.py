@@ -1,6 +1,8 @@
 """Swapping a block's class for a subclass that keeps its name, and slicing block arguments by batch rows."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -47,3 +49,19 @@ def take_rows(value, rows: torch.Tensor | None, batch: int):
 
 def take_rows_all(kwargs: dict, rows: torch.Tensor | None, batch: int) -> dict:
     return {k: take_rows(v, rows, batch) for k, v in kwargs.items()}
+
+
+@contextmanager
+def unrecorded():
+    """Hide extra block calls (MoLEx experts) from transformers' output_hidden_states/attentions recording,
+    which hooks every call of a block class. The call still goes through the module (FSDP hooks run)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # other transformers versions record outputs differently
+        yield
+        return
+    token = _active_collector.set(None)
+    try:
+        yield
+    finally:
+        _active_collector.reset(token)

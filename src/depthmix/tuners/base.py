@@ -48,7 +48,7 @@ class Method(nn.Module):
         """Called after each forward of the base model; may change its output (aux losses go into loss)."""
         if self.aux and getattr(output, "loss", None) is not None:
             output.loss = output.loss + sum(a.to(output.loss.dtype) for a in self.aux)
-        self.inputs = {}
+        # self.inputs stays until the next forward: gradient checkpointing re-runs blocks during backward.
         return output
 
     def valid_mask(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ...blocks import take_rows_all
+from ...blocks import take_rows_all, unrecorded
 from ...config import pick_layers
 from ..base import Method, float32_linear
 from .layer import MoLExBlock, balance_loss, route
@@ -115,7 +115,8 @@ class MoLEx(Method):
             # Expert j at layer t attends over z_t, not z_j: it needs its own cache, holding only these rows.
             kw["past_key_values"] = state.setdefault("caches", {}).setdefault(j, DynamicCache()) if state is not None else None
         zr = z if rows is None else z.index_select(0, rows)
-        return self.arch.blocks[j](zr, depthmix_plain=True, **kw)
+        with unrecorded():
+            return self.arch.blocks[j](zr, depthmix_plain=True, **kw)
 
     def extra_state(self) -> dict:
         return {f"alpha/{t}": self.alpha(i).item() for i, t in enumerate(self.layers)}
