@@ -1,0 +1,195 @@
+"""MoD against the same dense model, side by side in one run: FLOPs, forward, training step, decoding, predictor.
+
+Both models are the real SmolLM2-135M (by default): timing depends only on the shape, and the real weights let
+the routers and the causal predictor be measured on real held-out text. Unless --adapter names a router-tuned
+MoD adapter (`depthmix train --method mod --update retrofit ...`), the bench tunes them itself, briefly:
+routers + predictors on the LM loss (retrofit update: the dense model's forward values at every processed token),
+then the predictors alone (forward passes only, the rest frozen), on the training text of lm/tinyshakespeare.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..model import DepthMixModel, apply
+from ..models import load_model
+from ..tuners import MoDConfig
+from .common import interleaved_times
+
+
+def add_args(p) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--adapter", help="a router-tuned MoD adapter for --model (default: tune here, briefly)")
+    p.add_argument("--capacity", type=float, default=0.125)
+    p.add_argument("--layers", default="every_other")
+    p.add_argument("--batch-size", type=int, default=2, help="forward and training-step batch")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--task", default="lm/tinyshakespeare", help="text the routers/predictors learn and are scored on")
+    p.add_argument("--data-dir")
+    p.add_argument("--tune-steps", type=int, default=30)
+    p.add_argument("--predictor-steps", type=int, default=60)
+    p.add_argument("--eval-blocks", type=int, default=24)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def text_blocks(task_name, split, tokenizer, size, data_dir, limit=None):
+    from ..data.instruct.text import blocks
+    from ..data.tasks import get_task
+    rows = get_task(task_name).load(split, data_dir)
+    out = [b for b in blocks(rows["text"], tokenizer, size) if len(b) == size]
+    return torch.tensor(out[:limit] if limit else out)
+
+
+def tune(model, blocks, steps, predictor_steps, batch=4, device="cpu", progress=True):
+    """Routers + predictors on the LM loss (with the predictors' BCE), then the predictors alone."""
+    from tqdm.auto import tqdm
+    method = model.method
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for phase, n, params, lr in (("routers", steps, list(method.parameters()), 1e-2),
+                                 ("predictors", predictor_steps, list(method.predictors.parameters()), 3e-3)):
+        for p in method.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        for _ in tqdm(range(n), desc=f"tuning {phase}", disable=not progress):
+            ids = blocks[torch.randint(len(blocks), (batch,), generator=g)].to(device)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+
+
+@torch.no_grad()
+def score(model, blocks, routing=None, batch=4):
+    """Mean held-out NLL; for MoD also its routing statistics in the given mode."""
+    import torch.nn.functional as F
+    method = getattr(model, "method", None)
+    if method is not None:
+        method.reset_stats()
+    total = count = 0
+    model.eval()
+    for i in range(0, len(blocks), batch):
+        ids = blocks[i:i + batch].to(next(model.parameters()).device)
+        if method is not None:
+            with method.routing_mode(routing):
+                logits = model(input_ids=ids, use_cache=False).logits
+        else:
+            logits = model(input_ids=ids, use_cache=False).logits
+        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
+        count += ids[:, 1:].numel()
+    return {"nll": total / count, **(method.extra_state() if method is not None else {})}
+
+
+def run(args) -> dict:
+    from .. import flops
+    from ..cli.flags import parse_value
+    from ..models import load_tokenizer
+    torch.manual_seed(0)
+    dev = args.device
+    tok = load_tokenizer(args.model)
+    dense = load_model(args.model).to(dev).eval()
+    base = load_model(args.model)
+    if args.adapter:
+        mod = DepthMixModel.from_pretrained(base, args.adapter).to(dev)
+    else:
+        mod = apply(base, MoDConfig(capacity=args.capacity, layers=parse_value(args.layers), update="retrofit"))
+        mod = mod.to(dev)
+        train = text_blocks(args.task, "train", tok, 128, args.data_dir)
+        tune(mod, train, args.tune_steps, args.predictor_steps, device=dev)
+    heldout = text_blocks(args.task, "eval", tok, args.seq_len, args.data_dir, args.eval_blocks)
+    quality = {"dense": score(dense, heldout), "mod_causal": score(mod, heldout, "causal"),
+               "mod_topk": score(mod, heldout, "topk")}
+
+    # the same random batch for both; no padding, so the dense model runs SDPA with is_causal (its fastest path)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, dense.config.vocab_size, (args.batch_size, args.seq_len), generator=g).to(dev)
+    flop = {"dense": flops.forward_flops(dense, args.batch_size, args.seq_len),
+            "mod": flops.forward_flops(mod, args.batch_size, args.seq_len, "topk")}
+    est = flops.analytic(dense.config, args.seq_len, mod.method.layers, args.capacity, mod.arch.num_layers,
+                         dense.config.vocab_size)
+
+    def forward(model):
+        def fn():
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+        return fn
+
+    mod.method.routing = "topk"
+    fwd = interleaved_times({"dense": forward(dense), "mod": forward(mod)}, args.repeats, device=dev)
+
+    # a full training step (every weight trains, AdamW), as when training from scratch
+    steps, train_flops = {}, {}
+    for name, model in (("dense", dense), ("mod", mod)):
+        model.train()
+        params = [p for p in model.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            opt.step()
+        steps[name] = step
+        train_flops[name] = flops.count(lambda: model(input_ids=ids, labels=ids, use_cache=False).loss.backward())
+    trn = interleaved_times(steps, max(2, args.repeats - 2), warmup=1, device=dev)
+    for model in (dense, mod):
+        model.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+    del steps
+
+    # decoding at batch 1 from a real prompt, greedy; MoD decodes with causal routing and its own KV stores
+    prompt = heldout[:1, :args.prompt_len].to(dev)
+    kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+              pad_token_id=tok.pad_token_id, attention_mask=torch.ones_like(prompt))
+    outs = {}
+
+    def decode(model, name):
+        def fn():
+            with torch.no_grad():
+                outs[name] = model.generate(prompt, **kw)
+        return fn
+
+    mod.method.reset_stats()
+    dec = interleaved_times({"dense": decode(dense, "dense"), "mod": decode(mod, "mod")}, args.repeats, warmup=1,
+                            device=dev)
+    realized_decode = mod.method.extra_state().get("realized_capacity")
+
+    flop_ratio = flop["mod"] / flop["dense"]
+    result = {
+        "method": "mod", "model": args.model, "device": dev, "capacity": args.capacity, "layers": mod.method.layers,
+        "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "flop_ratio": round(flop_ratio, 4),
+        "forward_time_ratio": round(fwd["mod"] / fwd["dense"], 4),
+        "train_step_time_ratio": round(trn["mod"] / trn["dense"], 4),
+        "train_flop_ratio": round(train_flops["mod"] / train_flops["dense"], 4),
+        "decode_tokens_per_s_ratio": round(dec["dense"] / dec["mod"], 4),
+        "predictor_accuracy": quality["mod_causal"].get("predictor_accuracy"),
+        "predictor_accuracy_topk_states": quality["mod_topk"].get("predictor_accuracy"),
+        "realized_capacity_causal": quality["mod_causal"].get("realized_capacity"),
+        "realized_capacity_decode": realized_decode,
+        "analytic_flop_ratio": est["ratio"], "analytic_block_flop_ratio": est["block_ratio"],
+        "forward_flops": flop, "train_flops": train_flops,
+        "seconds": {"forward": fwd, "train_step": trn, "decode": dec},
+        "decode_tokens_per_s": {k: round(args.new_tokens / v, 2) for k, v in dec.items()},
+        "heldout_nll": {k: round(v["nll"], 4) for k, v in quality.items()},
+        "tuned": "adapter " + args.adapter if args.adapter else
+                 f"{args.tune_steps} router+predictor steps, {args.predictor_steps} predictor steps on {args.task}",
+    }
+    result["targets"] = {
+        "forward_time_ratio <= 1.05 * flop_ratio": result["forward_time_ratio"] <= 1.05 * flop_ratio,
+        "train_step_time_ratio <= 1.05 * train_flop_ratio": result["train_step_time_ratio"] <= 1.05 * result["train_flop_ratio"],
+        "decode_tokens_per_s_ratio >= 1.5": result["decode_tokens_per_s_ratio"] >= 1.5,
+        "predictor_accuracy >= 0.97": (result["predictor_accuracy"] or 0) >= 0.97,
+    }
+    print(f"MoD / dense on {args.model} ({dev}): FLOPs {flop_ratio:.3f}x, forward {result['forward_time_ratio']:.3f}x, "
+          f"train step {result['train_step_time_ratio']:.3f}x (FLOPs {result['train_flop_ratio']:.3f}x), decode "
+          f"{result['decode_tokens_per_s_ratio']:.2f}x tokens/s, predictor accuracy {result['predictor_accuracy']}")
+    return result
