@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 SETTINGS = {  # same budget for both methods; LoRA r=8, alpha=16 on query/value as in the public MoLEx code
-    "glue/sst2": ["--max-train-samples", "4000", "--epochs", "2", "--batch-size", "32", "--max-length", "64",
+    "glue/sst2": ["--max-train-samples", "2000", "--epochs", "2", "--batch-size", "32", "--max-length", "64",
                   "--lr", "1e-3"],
-    "glue/rte": ["--epochs", "5", "--batch-size", "16", "--max-length", "128", "--lr", "1e-3"],
+    "glue/rte": ["--epochs", "3", "--batch-size", "16", "--max-length", "128", "--lr", "1e-3"],
 }
 METHODS = {"lora": ["--method", "lora"], "molex": ["--method", "molex", "--routing", "sequence"]}
 
