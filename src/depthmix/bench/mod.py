@@ -25,7 +25,9 @@ def add_args(p) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--new-tokens", type=int, default=48, help="decoding speed: tokens per second of the decoding "
+                   "steps (generate(new tokens) - generate(1 token), so prompt processing is left out); "
+                   "generate_tokens_per_s_ratio keeps it in")
     p.add_argument("--task", default="lm/tinyshakespeare", help="text the routers/predictors learn and are scored on")
     p.add_argument("--data-dir")
     p.add_argument("--tune-steps", type=int, default=30)
@@ -157,10 +159,18 @@ def run(args) -> dict:
                 outs[name] = model.generate(prompt, **kw)
         return fn
 
+    def first(model):  # prompt processing and the first token only: subtracted to get the decoding steps alone
+        def fn():
+            with torch.no_grad():
+                model.generate(prompt, **{**kw, "max_new_tokens": 1, "min_new_tokens": 1})
+        return fn
+
     mod.method.reset_stats()
-    dec = interleaved_times({"dense": decode(dense, "dense"), "mod": decode(mod, "mod")}, args.repeats, warmup=1,
+    dec = interleaved_times({"dense": decode(dense, "dense"), "mod": decode(mod, "mod"),
+                             "dense_first": first(dense), "mod_first": first(mod)}, args.repeats, warmup=1,
                             device=dev)
     realized_decode = mod.method.extra_state().get("realized_capacity")
+    step = {k: (dec[k] - dec[f"{k}_first"]) / (args.new_tokens - 1) for k in ("dense", "mod")}
 
     flop_ratio = flop["mod"] / flop["dense"]
     result = {
@@ -170,7 +180,8 @@ def run(args) -> dict:
         "forward_time_ratio": round(fwd["mod"] / fwd["dense"], 4),
         "train_step_time_ratio": round(trn["mod"] / trn["dense"], 4),
         "train_flop_ratio": round(train_flops["mod"] / train_flops["dense"], 4),
-        "decode_tokens_per_s_ratio": round(dec["dense"] / dec["mod"], 4),
+        "decode_tokens_per_s_ratio": round(step["dense"] / step["mod"], 4),
+        "generate_tokens_per_s_ratio": round(dec["dense"] / dec["mod"], 4),
         "predictor_accuracy": quality["mod_causal"].get("predictor_accuracy"),
         "predictor_accuracy_topk_states": quality["mod_topk"].get("predictor_accuracy"),
         "realized_capacity_causal": quality["mod_causal"].get("realized_capacity"),
@@ -178,7 +189,8 @@ def run(args) -> dict:
         "analytic_flop_ratio": est["ratio"], "analytic_block_flop_ratio": est["block_ratio"],
         "forward_flops": flop, "train_flops": train_flops,
         "seconds": {"forward": fwd, "train_step": trn, "decode": dec},
-        "decode_tokens_per_s": {k: round(args.new_tokens / v, 2) for k, v in dec.items()},
+        "decode_tokens_per_s": {k: round(1 / v, 2) for k, v in step.items()},
+        "generate_tokens_per_s": {k: round(args.new_tokens / dec[k], 2) for k in ("dense", "mod")},
         "heldout_nll": {k: round(v["nll"], 4) for k, v in quality.items()},
         "tuned": "adapter " + args.adapter if args.adapter else
                  f"{args.tune_steps} router+predictor steps, {args.predictor_steps} predictor steps on {args.task}",
@@ -186,7 +198,7 @@ def run(args) -> dict:
     result["targets"] = {
         "forward_time_ratio <= 1.05 * flop_ratio": result["forward_time_ratio"] <= 1.05 * flop_ratio,
         "train_step_time_ratio <= 1.05 * train_flop_ratio": result["train_step_time_ratio"] <= 1.05 * result["train_flop_ratio"],
-        "decode_tokens_per_s_ratio >= 1.5": result["decode_tokens_per_s_ratio"] >= 1.5,
+        "decode_tokens_per_s_ratio >= 1.5 (batch 1)": result["decode_tokens_per_s_ratio"] >= 1.5,
         "predictor_accuracy >= 0.97": (result["predictor_accuracy"] or 0) >= 0.97,
     }
     print(f"MoD / dense on {args.model} ({dev}): FLOPs {flop_ratio:.3f}x, forward {result['forward_time_ratio']:.3f}x, "

@@ -42,6 +42,8 @@ def slots(sel: torch.Tensor):
     lets a selected token see them, and their outputs are thrown away."""
     count = sel.sum(1)
     top = int(count.max()) if count.numel() else 0
+    if top == 0:
+        return None, count, 0
     order = torch.sort((~sel).to(torch.uint8), dim=1, stable=True).indices[:, :top]
     return order, count, top
 

@@ -88,8 +88,11 @@ class MoD(Method):
         return r, r
 
     def route(self, block, i: int, forward, args, kwargs):
-        named = self.arch.bind(block, args, kwargs)
-        x = named.pop(next(iter(named)))
+        if len(args) == 1:  # block(hidden_states, **kwargs), as Llama calls it: no need for the (slow) signature bind
+            x, named = args[0], dict(kwargs)
+        else:
+            named = self.arch.bind(block, args, kwargs)
+            x = named.pop(next(iter(named)))
         valid = self.valid_mask(x)
         r, decide = self.scores(i, x)
         causal = self.routing == "causal"
@@ -105,32 +108,41 @@ class MoD(Method):
             bce = F.binary_cross_entropy_with_logits(decide, topk.to(decide.dtype), reduction="none")
             self.add_aux(self.config.aux_weight * (bce * w).sum() / w.sum().clamp(min=1))
 
-        if self.config.update == "retrofit":
-            s = torch.sigmoid(r)
-            weight = (s - s.detach()).unsqueeze(-1)  # g - 1: zero forward, gradient of sigmoid(r)
-        else:
-            weight = r.unsqueeze(-1)
-
         if cache is None and bool((sel == valid).all()):
-            return self._dense(forward, x, named, sel, weight)
+            return self._dense(forward, x, named, sel, self._weight(r))
         idx, count, top = slots(sel)
         if top == 0:
             if cache is not None:
                 store_for(cache, i).start(x.shape[0], x.device)
             return x
+        weight = self._weight(r)
         xs = gather_tokens(x, idx)
         kw = self._subset_kwargs(block, i, named, idx, count, top, xs)
         ys = forward(xs, **kw)
-        ws = gather_tokens(weight, idx).to(ys.dtype)
-        f = ys - xs
-        new = ys + ws * f if self.config.update == "retrofit" else xs + ws * f
+        if weight is None:
+            new = ys
+        else:
+            ws = gather_tokens(weight, idx).to(ys.dtype)
+            new = ys + ws * (ys - xs) if self.config.update == "retrofit" else xs + ws * (ys - xs)
         keep = torch.arange(top, device=x.device).unsqueeze(0) < count.unsqueeze(1)
         new = torch.where(keep.unsqueeze(-1), new, xs)
         return x.scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), new)
 
+    def _weight(self, r):
+        """[B, S, 1] weight of f(x): the raw router logit (paper) or g - 1 = s - stopgrad(s) (retrofit: zero in
+        the forward pass, the gradient of s = sigmoid(r) in the backward pass; None where nothing needs it)."""
+        if self.config.update == "paper":
+            return r.unsqueeze(-1)
+        if not r.requires_grad:
+            return None
+        s = torch.sigmoid(r)
+        return (s - s.detach()).unsqueeze(-1)
+
     def _dense(self, forward, x, named, sel, weight):
         """Every real token is selected (capacity 1.0): the block runs as it was, bit for bit."""
         y = forward(x, **named)
+        if weight is None:
+            return torch.where(sel.unsqueeze(-1), y, x)
         w = weight.to(y.dtype)
         new = y + w * (y - x) if self.config.update == "retrofit" else x + w * (y - x)
         return torch.where(sel.unsqueeze(-1), new, x)
@@ -161,8 +173,6 @@ class MoD(Method):
 
     def _record(self, i, sel, valid, decide, topk):
         with torch.no_grad():
-            row = [sel.sum(), valid.sum(), 0, 0]
-            if topk is not None:
-                row[2] = (((decide > 0) == topk) & valid).sum()
-                row[3] = row[1]
-            self.stats[i] += torch.tensor([float(v) for v in row], dtype=torch.float64)
+            n = valid.sum()
+            right = (((decide > 0) == topk) & valid).sum() if topk is not None else torch.zeros_like(n)
+            self.stats[i] += torch.stack([sel.sum(), n, right, n if topk is not None else right]).to(self.stats)
