@@ -140,8 +140,9 @@ def test_loglik_multiple_choice_picks_the_option_the_model_prefers(tmp_path, tok
 
 
 def test_loglik_is_independent_of_padding_and_matches_a_plain_forward(tok, lm):
-    prompts = ["### Instruction:\nA long question about several apples and pears?\n\n### Response:\n", "Hi"]
-    conts = ["the correct answer is answer1", "yes"]
+    long = "### Instruction:\nA long question about several apples and pears?\n\n### Response:\n"
+    prompts = [long, "Hi", long]  # the options of the first question share a forward pass: last token differs
+    conts = ["the correct answer is answer1", "yes", "the correct answer is answer2"]
     batched = loglik(lm, tok, prompts, conts, batch_size=2, progress=False)
     for p, c, (total, n) in zip(prompts, conts, batched):
         ids_p = tok(p)["input_ids"]
