@@ -11,9 +11,10 @@ def register(sub) -> None:
     p.add_argument("--model", default="smollm2-135m", help="a model name, folder, or 'shape:NAME' for its shape "
                    "with random weights (no weights loaded)")
     p.add_argument("--method", default="mod", choices=["mod"])
-    p.add_argument("--capacity", type=float, default=0.125)
-    p.add_argument("--layers", type=parse_value, default="every_other")
-    p.add_argument("--causal", default="predictor", choices=["predictor", "aux_loss"])
+    p.add_argument("--adapter", help="a trained MoD adapter for --model (its routers decide the causal count)")
+    p.add_argument("--capacity", type=float, default=0.125, help="without --adapter")
+    p.add_argument("--layers", type=parse_value, default="every_other", help="without --adapter")
+    p.add_argument("--causal", default="predictor", choices=["predictor", "aux_loss"], help="without --adapter")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object only")
@@ -33,12 +34,20 @@ def load(name: str):
 
 def run(args) -> int:
     from .. import flops
+    from ..config import ConfigError
     from ..model import apply
     from ..tuners import MoDConfig
-    config = MoDConfig(capacity=args.capacity, layers=args.layers, causal=args.causal)
     dense = load(args.model)
     counted = {"dense": flops.forward_flops(dense, args.batch_size, args.seq_len)}
-    mod = apply(dense, config)
+    if args.adapter:
+        from ..model import DepthMixModel
+        mod = DepthMixModel.from_pretrained(dense, args.adapter)
+        config = mod.method_config
+        if config is None or config.method != "mod":
+            raise ConfigError(f"{args.adapter}: not an MoD adapter")
+        args.capacity, args.causal = config.capacity, config.causal
+    else:
+        mod = apply(dense, MoDConfig(capacity=args.capacity, layers=args.layers, causal=args.causal))
     for routing in ("topk", "causal"):
         mod.method.reset_stats()
         counted[f"mod_{routing}"] = flops.forward_flops(mod, args.batch_size, args.seq_len, routing)
