@@ -26,6 +26,8 @@ class TrainOptions:
     max_steps: int = -1
     batch_size: int = 16
     eval_batch_size: int = 64
+    eval_max_new_tokens: int | None = None  # generation tasks: cap on generated tokens in the final eval
+    eval_mode: str | None = None  # multiple-choice tasks: loglik, loglik-text or generate
     grad_accum: int = 1
     lr: float = 5e-4
     router_lr: float | None = None  # gates/routers/alpha; None = the method's default

@@ -109,8 +109,9 @@ def train(opts: TrainOptions) -> dict:
     tokenizer.save_pretrained(out)
     if hasattr(model.method, "reset_stats"):  # MoD: realized capacity and predictor accuracy of the eval alone
         model.method.reset_stats()
+    extra = {k: v for k, v in (("max_new_tokens", opts.eval_max_new_tokens), ("mode", opts.eval_mode)) if v}
     metrics = task.evaluate(model, tokenizer, eval_rows, batch_size=opts.eval_batch_size,
-                            max_length=opts.max_length, progress=opts.progress)
+                            max_length=opts.max_length, progress=opts.progress, **extra)
     trainable, total = model.trainable_parameters()
     summary = {
         "task": opts.task, "method": opts.method, "model": opts.model, "seed": opts.seed, "lora": opts.lora,
