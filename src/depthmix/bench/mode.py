@@ -22,6 +22,8 @@ def add_args(p) -> None:
     p.add_argument("--router", default="token", choices=["token", "static"])
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tensor-peak", action="store_true",
+                   help="on the CPU, also measure the peak of live tensors with the profiler (two more slow steps)")
 
 
 def instruction_batch(vocab: int, batch_size: int, seq_len: int, labelled: float, device, seed: int = 0) -> dict:
@@ -39,13 +41,14 @@ def instruction_batch(vocab: int, batch_size: int, seq_len: int, labelled: float
 
 
 def tensor_peak(step) -> int:
-    """Peak bytes of live CPU tensors during one call of `step`, from the profiler's allocation events: a check
-    on the RSS high-water mark, which heap reuse and fragmentation can blur."""
+    """Peak bytes of live CPU tensors allocated during one call of `step`, from the profiler's allocation events
+    (a check on the RSS high-water mark, which the C allocator's heap reuse and fragmentation can blur)."""
     from torch.profiler import ProfilerActivity, profile
     step()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]")
+    # the raw events carry every allocation (+bytes) and free (-bytes) with its time
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = peak = 0
     for _, delta in events:
         live += delta
@@ -87,7 +90,7 @@ def run(args) -> dict:
         "step_peak_bytes": mem,
         "trainable_params": {"lora": params["lora"], "mode+lora": params["method"], "mode_alone": params["alone"]},
     }
-    if args.device == "cpu":
+    if args.device == "cpu" and args.tensor_peak:
         tensors = {k: tensor_peak(steps[k]) for k in models}
         result["tensor_peak_bytes"] = tensors
         result["tensor_peak_mem_ratio"] = round(tensors["method"] / tensors["lora"], 4)

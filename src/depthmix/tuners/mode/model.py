@@ -38,9 +38,8 @@ class MoDE(Method):
         else:
             self.router_logits = nn.Parameter(bias)
         self.captured: dict[int, torch.Tensor] = {}
-        self.recording = False
-        self.weight_sum = torch.zeros(k, dtype=torch.float64)
-        self.weight_count = 0
+        self.recording = True  # routing statistics of every evaluation-mode forward (cheap: sums over k weights)
+        self.reset_record()
         for i, t in enumerate(self.layers[:-1]):
             self.wrap(arch.blocks[t + 1], MoDECapture, i)
         self.wrap(arch.norm, MoDENorm, k - 1)
@@ -72,7 +71,7 @@ class MoDE(Method):
         normed = [norm(h.float()) for norm, h in zip(self.norms, hs)] + [final.float()]
         w = self.routing_weights(final)
         mixed = sum((w[..., i, None] if w.dim() > 1 else w[i]) * n for i, n in enumerate(normed))
-        if self.recording:
+        if self.recording and not self.training:
             self._record(w.detach(), final)
         if self.training and self.config.distill_weight > 0:
             self._distill(final, normed[:-1])
@@ -110,18 +109,27 @@ class MoDE(Method):
     # -- routing statistics ----------------------------------------------------------------------------------
     def _record(self, w: torch.Tensor, final: torch.Tensor) -> None:
         valid = self.valid_mask(final)
-        n = int(valid.sum())
-        total = w[valid].sum(0) if w.dim() > 1 else w * n
-        self.weight_sum += total.double().cpu()
-        self.weight_count += n
+        w = (w[valid] if w.dim() > 1 else w.expand(int(valid.sum()), -1)).double()
+        self.weight_sum += w.sum(0).cpu()
+        self.weight_sq += w.square().sum(0).cpu()
+        self.weight_count += w.shape[0]
 
     def reset_record(self) -> None:
-        self.weight_sum.zero_()
+        k = self.config.num_layers
+        self.weight_sum = torch.zeros(k, dtype=torch.float64)
+        self.weight_sq = torch.zeros(k, dtype=torch.float64)
         self.weight_count = 0
 
+    def weight_std(self) -> list[float]:
+        """Standard deviation over tokens of each layer's routing weight (recorded in evaluation mode)."""
+        if not self.weight_count:
+            return [0.0] * self.config.num_layers
+        mean = self.weight_sum / self.weight_count
+        return (self.weight_sq / self.weight_count - mean.square()).clamp(min=0).sqrt().tolist()
+
     def mean_weights(self) -> list[float]:
-        """Mean routing weight of each ensembled layer over the tokens seen while recording (static router: the
-        weights themselves; token router with nothing recorded: the weights of a zero input, i.e. the bias)."""
+        """Mean routing weight of each ensembled layer over the (valid) tokens of the evaluation-mode forwards since
+        the last reset_record(); with none recorded, the static weights or, for the token router, its bias's."""
         if self.weight_count:
             return (self.weight_sum / self.weight_count).tolist()
         if self.config.router == "static":
@@ -129,4 +137,7 @@ class MoDE(Method):
         return self.router.bias.detach().softmax(-1).tolist()
 
     def extra_state(self) -> dict:
-        return {f"weight/{t}": w for t, w in zip(self.layers, self.mean_weights())}
+        state = {f"weight/{t}": w for t, w in zip(self.layers, self.mean_weights())}
+        state.update({f"weight_std/{t}": s for t, s in zip(self.layers, self.weight_std())})
+        state["weight_tokens"] = self.weight_count
+        return state
