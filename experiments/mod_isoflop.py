@@ -50,6 +50,23 @@ def main() -> None:
     summarize(out, args.corpora, args.models)
 
 
+def recount(run: Path, m: dict) -> dict:
+    """Forward FLOPs on held-out text, for runs whose metrics counted them on random tokens (causal routing
+    decides per token, so random tokens overstate what it processes on text)."""
+    from transformers import AutoModelForCausalLM
+
+    from depthmix.model import DepthMixModel, apply
+    from depthmix.train.pretrain import PretrainOptions, heldout_forward_flops, read_corpus, tokenizer_for
+    opts = PretrainOptions(**m["options"])
+    _, blocks = read_corpus(opts, tokenizer_for(opts.tokenizer))
+    base = AutoModelForCausalLM.from_pretrained(run / "model")
+    model = DepthMixModel.from_pretrained(base, run / "mod") if (run / "mod").exists() else apply(base)
+    fwd = heldout_forward_flops(model, blocks[:8])
+    m["forward_flops_heldout"] = fwd
+    (run / "metrics.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    return fwd
+
+
 def summarize(out: Path, corpora, models) -> None:
     from depthmix.plots import loss_curve
     rows, summary = [], {}
@@ -63,7 +80,7 @@ def summarize(out: Path, corpora, models) -> None:
             curves[name] = json.loads((out / corpus / name / "log_history.json").read_text())["log_history"]
             held = m["heldout"]
             causal = held.get("causal", held.get("dense"))
-            fwd = m["forward_flops"]
+            fwd = m.get("forward_flops_heldout") or recount(out / corpus / name, m)
             summary.setdefault(corpus, {})[name] = {
                 "params": m["params"], "train_steps": m["train_steps"], "train_flops": m["train_flops"],
                 "train_seconds": m["train_seconds"], "heldout_loss_causal": causal["loss"],

@@ -31,11 +31,14 @@ def count(fn) -> int:
     return counter.get_total_flops()
 
 
-def forward_flops(model, batch: int, seq_len: int, routing: str | None = None, seed: int = 0) -> int:
-    """FLOPs of one inference forward pass on random tokens (no cache); MoD in the given routing mode."""
-    g = torch.Generator().manual_seed(seed)
+def forward_flops(model, batch: int, seq_len: int, routing: str | None = None, seed: int = 0, ids=None) -> int:
+    """FLOPs of one inference forward pass (no cache) on `ids`, else on random tokens; MoD in the given routing
+    mode. Causal routing decides per token, so its count depends on the text: give real text for it."""
     device = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=g).to(device)
+    if ids is None:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=g)
+    ids = ids.to(device)
     method = getattr(model, "method", None)
     was = model.training
     model.eval()

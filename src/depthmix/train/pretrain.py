@@ -166,6 +166,12 @@ class _null:
         return False
 
 
+def heldout_forward_flops(model, blocks: torch.Tensor) -> dict:
+    """FLOPs of one forward pass per sequence, averaged over held-out blocks: dense, or MoD top-k and causal."""
+    routings = ("topk", "causal") if model.method is not None else (None,)
+    return {r or "dense": flop_count.forward_flops(model, 0, 0, r, ids=blocks) // len(blocks) for r in routings}
+
+
 def train_step_flops(model, batch: torch.Tensor) -> int:
     model.train()
     def step():
@@ -203,16 +209,16 @@ def pretrain(opts: PretrainOptions) -> dict:
     result = trainer.train()
     seconds = time.time() - start
 
-    # FLOPs of one inference forward pass of the trained model (causal routing: what generation runs)
-    fwd = {r or "dense": flop_count.forward_flops(model, 1, opts.seq_len, r)
-           for r in (("topk", "causal") if model.method else (None,))}
+    # FLOPs of one inference forward pass of the trained model on a held-out block (causal routing decides per
+    # token, so the count depends on real text; it is what generation runs)
+    fwd = heldout_forward_flops(model, eval_blocks[:8])
     evals = {"dense": heldout_loss(model, eval_blocks, opts.batch_size)} if model.method is None else {
         r: heldout_loss(model, eval_blocks, opts.batch_size, r) for r in ("causal", "topk")}
     summary = {
         "options": dataclasses.asdict(opts), "params": sum(p.numel() for p in model.parameters()),
         "train_steps": result.global_step, "train_tokens": result.global_step * opts.batch_size * opts.seq_len,
         "train_step_flops": step_flops, "train_flops": step_flops * result.global_step,
-        "forward_flops": fwd, "train_loss": result.training_loss, "train_seconds": round(seconds, 1),
+        "forward_flops": fwd, "forward_flops_heldout": fwd, "train_loss": result.training_loss, "train_seconds": round(seconds, 1),
         "heldout": evals, "heldout_tokens": int(eval_blocks[:, 1:].numel()),
     }
     model.base_model.save_pretrained(out / "model")
