@@ -32,9 +32,20 @@ class MoD(Method):
             self.predictors = nn.ModuleList(
                 nn.Sequential(float32_linear(hidden_size, h), nn.SiLU(), float32_linear(h, 1)) for _ in self.layers)
         self._routing = "topk"
+        self._valid = None
         self.reset_stats()
         for i, t in enumerate(self.layers):
             self.wrap(arch.blocks[t], MoDBlock, i)
+
+    def begin(self, inputs: dict) -> None:
+        super().begin(inputs)
+        self._valid = None
+
+    def valid_mask(self, hidden: torch.Tensor) -> torch.Tensor:
+        """As Method.valid_mask, computed once per forward (every routed block asks for the same one)."""
+        if self._valid is None or self._valid.shape != hidden.shape[:2]:
+            self._valid = super().valid_mask(hidden)
+        return self._valid
 
     # -- modes and statistics ---------------------------------------------------------------------------------
     @property
