@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def main() -> None:
         for task in args.tasks:
             for method, flags in METHODS.items():
                 run = out / f"{task.split('/')[1]}-{method}-s{seed}"
-                if (run / "metrics.json").exists():
+                if (run / "metrics.json").exists() or not claim(run):
                     continue
                 cmd = ["depthmix", "train", "--model", "minilm-l6", "--task", task, "--data-dir", args.data_dir,
                        "--output-dir", str(run), "--seed", str(seed), "--save-steps", "100000", "--no-progress",
@@ -44,6 +45,16 @@ def main() -> None:
                     subprocess.run(["depthmix", "plot", "routing", str(run), "--data-dir", args.data_dir],
                                    check=True)
     summarize(out, args.tasks)
+
+
+def claim(run: Path) -> bool:
+    """Several copies of this script may run at once (different cores): each run goes to the first to claim it."""
+    run.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(run.parent / f".{run.name}.claimed", os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
 
 
 def summarize(out: Path, tasks) -> None:
