@@ -9,7 +9,7 @@ from torch import nn
 
 from ...config import ConfigError, pick_layers
 from ..base import Method, float32_linear
-from .cache import store_for
+from .cache import KEY, store_for
 from .layer import MoDBlock, attn_impl, gather_tokens, predictor_hidden, slots, subset_mask, topk_membership
 
 ROUTING = ("topk", "causal")
@@ -111,7 +111,9 @@ class MoD(Method):
         if cache is not None and self.training and torch.is_grad_enabled():
             named["past_key_values"] = cache = None  # training never decodes: keep no subset K/V
         # top-k membership: the selection in topk mode, the target of the causal decision otherwise
-        topk = topk_membership(r.detach(), valid, self.config.capacity) if (not causal or cache is None) else None
+        # (in causal mode only for statistics, and not in decoding steps, where a sequence's top-k is undefined)
+        fresh = cache is None or i not in cache.__dict__.get(KEY, {})
+        topk = topk_membership(r.detach(), valid, self.config.capacity) if (not causal or fresh) else None
         sel = (decide.detach() > 0) & valid if causal else topk
         self._record(i, sel, valid, decide, topk)
         if self.training and torch.is_grad_enabled() and self.config.aux_weight > 0 and topk is not None:
