@@ -26,7 +26,7 @@ class MoDEConfig(MethodConfig):
     router: str = "token"
     distill_weight: float = 1.0
     temperature: float = 1.0
-    init_final_weight: float = 0.9
+    init_final_weight: float = 0.98
     chunk_size: int = 256
 
     def validate(self) -> None:
