@@ -9,6 +9,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from .. import flops as _flops  # noqa: F401  (registers a FLOP formula for the CPU SDPA kernel, else counted as 0)
+
 
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
