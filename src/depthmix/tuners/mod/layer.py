@@ -62,7 +62,7 @@ def subset_mask(start: torch.Tensor | None, q: int, kv: int, impl: str, dtype, d
     sees the cache positions up to its own (start None: no cache, start 0). Returns None where the attention
     kernel's own causal rule gives exactly that (SDPA's is_causal for a fresh square block; one query seeing
     every key)."""
-    same = start is None or bool((start == start[0]).all())
+    same = start is None or start.numel() == 1 or bool((start == start[0]).all())
     first = start is None or (same and int(start[0]) == 0)
     if impl != "eager" and ((first and q == kv) or (q == 1 and same)):
         return None

@@ -121,6 +121,8 @@ class MoD(Method):
             bce = F.binary_cross_entropy_with_logits(decide, topk.to(decide.dtype), reduction="none")
             self.add_aux(self.config.aux_weight * (bce * w).sum() / w.sum().clamp(min=1))
 
+        if cache is not None and x.shape[1] == 1:
+            return self._step(block, i, forward, x, named, sel, r, cache)
         if cache is None and bool((sel == valid).all()):
             return self._dense(forward, x, named, sel, self._weight(r))
         idx, count, top = slots(sel)
@@ -140,6 +142,30 @@ class MoD(Method):
         keep = torch.arange(top, device=x.device).unsqueeze(0) < count.unsqueeze(1)
         new = torch.where(keep.unsqueeze(-1), new, xs)
         return x.scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), new)
+
+    def _step(self, block, i, forward, x, named, sel, r, cache):
+        """A decoding step (one new token per sequence): nothing to gather or scatter; the block runs on every row
+        if any row routes its token (rows that do not keep their store's length and their hidden state)."""
+        store = self._store(cache, i, x)
+        start = store.start(x.shape[0], x.device)
+        if not bool(sel.any()):
+            return x
+        kw = dict(named)
+        kw.pop("cache_position", None)
+        kw["past_key_values"] = store.view(sel[:, 0].long(), 1)
+        kw["attention_mask"] = subset_mask(start, 1, int(start.max()) + 1, attn_impl(block), x.dtype, x.device)
+        y = forward(x, **kw)
+        weight = self._weight(r)
+        if weight is not None:
+            w = weight.to(y.dtype)
+            y = y + w * (y - x) if self.config.update == "retrofit" else x + w * (y - x)
+        return y if x.shape[0] == 1 else torch.where(sel.unsqueeze(-1), y, x)
+
+    def _store(self, cache, i, x):
+        if self.layers[i] == 0:
+            raise ConfigError("MoDConfig.layers: block 0 cannot be routed when decoding with a KV cache "
+                              "(the model reads its cache length from block 0)")
+        return store_for(cache, i)
 
     def _weight(self, r):
         """[B, S, 1] weight of f(x): the raw router logit (paper) or g - 1 = s - stopgrad(s) (retrofit: zero in
@@ -172,10 +198,7 @@ class MoD(Method):
         impl = attn_impl(block)
         cache = kw.get("past_key_values")
         if cache is not None:
-            if self.layers[i] == 0:
-                raise ConfigError("MoDConfig.layers: block 0 cannot be routed when decoding with a KV cache "
-                                  "(the model reads its cache length from block 0)")
-            store = store_for(cache, i)
+            store = self._store(cache, i, xs)
             start = store.start(idx.shape[0], idx.device)
             kv = int((start + top).max())
             kw["past_key_values"] = store.view(count, top)
