@@ -114,14 +114,15 @@ def test_trainable_parameters_are_exactly_adapter_norms_router(family):
 
 
 @causal
-@pytest.mark.parametrize("router,head", [("token", "frozen"), ("static", "frozen"), ("token", "lora")])
-def test_chunked_loss_and_gradients_equal_the_naive_computation(family, router, head):
-    # chunk_size=4 splits the ~15 labelled tokens into several chunks; a LoRA-wrapped head takes the checkpointed
-    # path, a frozen plain head the fused one
+@pytest.mark.parametrize("router,head,chunk", [("token", "frozen", 4), ("static", "frozen", 12), ("token", "lora", 4)])
+def test_chunked_loss_and_gradients_equal_the_naive_computation(family, router, head, chunk):
+    # 17 labelled tokens: chunks of 4, or of 12 (split again into the fused path's 8-row steps); a LoRA-wrapped
+    # head takes the checkpointed path, a frozen plain head the fused one
     targets = LORA_TARGETS[family] + ["lm_head"] if head == "lora" else None
-    dm = mode(family, router=router, chunk_size=4, distill_weight=0.7, temperature=2.0, targets=targets).train()
+    dm = mode(family, router=router, chunk_size=chunk, distill_weight=0.7, temperature=2.0, targets=targets).train()
     ids, mask = batch(family, b=3, s=9)
     batch_inputs = inputs(ids, mask)
+    assert int((batch_inputs["labels"][:, 1:] != -100).sum()) == 17
     output, ref_loss, ref_logits = naive_reference(dm, family, batch_inputs)
     torch.testing.assert_close(output.logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert output.loss.item() > 0

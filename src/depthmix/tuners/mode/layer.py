@@ -63,12 +63,14 @@ def _chunk_kl(head, tau, teacher, *students):
     return total * tau ** 2
 
 
-def _log_softmax_(z: torch.Tensor) -> torch.Tensor:
-    return z.sub_(z.logsumexp(-1, keepdim=True))
+ROWS = 8  # rows of vocabulary-sized logits per elementwise step: ~1.5 MiB for a 49k vocabulary, cache-resident
 
 
 class _FusedDistill(torch.autograd.Function):
-    """Forward: the summed distillation term and, chunk by chunk, d(term)/d(student) = tau (p_s - p_t) W."""
+    """Forward: the summed distillation term and, chunk by chunk, d(term)/d(student) = tau (p_s - p_t) W.
+
+    Each chunk's logits come from one GEMM per layer; the softmax arithmetic then runs over ROWS rows at a time,
+    so it reads cache instead of memory (a third of the term's time otherwise, on a CPU)."""
 
     @staticmethod
     def forward(ctx, teacher, weight, bias, tau, chunk, *students):
@@ -77,17 +79,19 @@ class _FusedDistill(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=teacher.device)
         for start in range(0, teacher.shape[0], chunk):
             rows = slice(start, start + chunk)
-            log_pt = _log_softmax_(F.linear(teacher[rows].to(weight.dtype), weight, bias).float().div_(tau))
-            pt = log_pt.exp()
-            neg_entropy = torch.dot(pt.flatten(), log_pt.flatten())
-            del log_pt
+            zt = F.linear(teacher[rows].to(weight.dtype), weight, bias).float()
             for s, g in zip(students, grads):
-                log_ps = _log_softmax_(F.linear(s[rows].to(weight.dtype), weight, bias).float().div_(tau))
-                total += neg_entropy - torch.dot(pt.flatten(), log_ps.flatten())
+                zs = F.linear(s[rows].to(weight.dtype), weight, bias).float()
+                for r in range(0, zs.shape[0], ROWS):
+                    log_pt = (zt[r:r + ROWS] / tau).log_softmax(-1)
+                    pt = log_pt.exp()
+                    log_ps = (zs[r:r + ROWS] / tau).log_softmax(-1)
+                    total += torch.dot(pt.flatten(), log_pt.sub_(log_ps).flatten())
+                    if g is not None:
+                        zs[r:r + ROWS] = log_ps.exp_().sub_(pt)  # p_s - p_t, in place of the logits
                 if g is not None:
-                    diff = log_ps.exp_().sub_(pt)  # p_s - p_t
-                    g[rows] = (diff.to(weight.dtype) @ weight).to(g.dtype).mul_(tau)
-                del log_ps
+                    g[rows] = (zs.to(weight.dtype) @ weight).to(g.dtype).mul_(tau)
+                del zs
         ctx.save_for_backward(*[g for g in grads if g is not None])
         ctx.need = need
         return total * tau ** 2
