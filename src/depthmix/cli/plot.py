@@ -27,7 +27,7 @@ def register(sub) -> None:
 def routing_counts(model, tokenizer, task, rows, batch_size=32):
     """Route a task's rows through a MoLEx model and return the [mixed layers, layers] choice counts."""
     method = model.method
-    method.counts.zero_()
+    method.reset_stats()
     method.recording = True
     try:
         task.evaluate(model, tokenizer, rows, batch_size=batch_size, progress=False)

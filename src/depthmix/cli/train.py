@@ -82,7 +82,7 @@ def run_eval(args) -> int:
         if not hasattr(model.method, "routing"):
             raise ConfigError(f"--routing is for MoD adapters; {args.adapter} is not one")
         model.method.routing = args.routing
-    if hasattr(model.method, "reset_stats"):
+    if model.method is not None:
         model.method.reset_stats()
     rows = task.load("eval", args.data_dir, args.max_eval_samples, 0)
     kw = {k: getattr(args, k) for k in ("mode", "max_new_tokens") if getattr(args, k, None) is not None}

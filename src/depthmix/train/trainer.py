@@ -107,7 +107,7 @@ def train(opts: TrainOptions) -> dict:
     info = {"base_model": opts.model, "task": opts.task, "method": opts.method}
     model.save_pretrained(out, info=info)
     tokenizer.save_pretrained(out)
-    if hasattr(model.method, "reset_stats"):  # MoD: realized capacity and predictor accuracy of the eval alone
+    if model.method is not None:  # e.g. MoD's realized capacity: of the evaluation alone
         model.method.reset_stats()
     extra = {k: v for k, v in (("max_new_tokens", opts.eval_max_new_tokens), ("mode", opts.eval_mode)) if v}
     metrics = task.evaluate(model, tokenizer, eval_rows, batch_size=opts.eval_batch_size,

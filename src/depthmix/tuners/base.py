@@ -63,6 +63,9 @@ class Method(nn.Module):
         """Context entered around generate() (kwargs: generate's); e.g. MoD switches to causal routing."""
         return contextlib.nullcontext()
 
+    def reset_stats(self) -> None:
+        """Forget the routing statistics gathered so far (before an evaluation, say)."""
+
     def extra_state(self) -> dict:
         """Method-specific summaries a trainer may log (realized capacity, routing counts...)."""
         return {}

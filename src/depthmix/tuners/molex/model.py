@@ -118,5 +118,8 @@ class MoLEx(Method):
         with unrecorded():
             return self.arch.blocks[j](zr, depthmix_plain=True, **kw)
 
+    def reset_stats(self) -> None:
+        self.counts.zero_()
+
     def extra_state(self) -> dict:
         return {f"alpha/{t}": self.alpha(i).item() for i, t in enumerate(self.layers)}
