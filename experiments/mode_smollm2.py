@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--tasks", nargs="+", default=list(SETTINGS))
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     p.add_argument("--summary-only", action="store_true")
+    p.add_argument("--nll", action="store_true", help="also score every finished run's held-out gold responses")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = Path(args.out)
@@ -60,6 +61,9 @@ def main() -> None:
                            *METHODS[method]]
                     print(" ".join(cmd), flush=True)
                     subprocess.run(cmd, check=True)
+    if args.nll:
+        for run in sorted(out.glob("*/metrics.json")):
+            gold_nll(run.parent, args.data_dir)
     summarize(out, args.tasks)
 
 
@@ -86,6 +90,43 @@ def zero_shot(task_name: str, data_dir: str, run: Path) -> None:
     print(f"zero-shot {task_name}: {metrics}", flush=True)
 
 
+def gold_nll(run: Path, data_dir: str) -> None:
+    """Mean negative log-likelihood per token of the evaluation rows' gold responses (teacher forced, prompt
+    masked): a continuous measure of what a short run learned, steadier than accuracy on a few hundred rows."""
+    if (run / "nll.json").exists():
+        return
+    import time
+
+    import torch
+
+    from depthmix.data.tasks import get_task
+    from depthmix.io import read_json, write_json
+    from depthmix.models import load_model, load_tokenizer
+    from depthmix.train import load_trained
+    task_name = read_json(run / "metrics.json")["task"]
+    flags = SETTINGS[task_name][0]
+    max_length = int(flags[flags.index("--max-length") + 1])
+    task = get_task(task_name)
+    if (run / "depthmix_config.json").exists():
+        model, tokenizer, _ = load_trained(str(run))
+    else:
+        model, tokenizer = load_model(MODEL), load_tokenizer(MODEL)
+    model.eval()
+    rows = task.load("eval", data_dir, int(flags[flags.index("--max-eval-samples") + 1]), 0)
+    enc = task.encode(rows, tokenizer, max_length)
+    collate = task.collator(tokenizer)
+    total, count, start = 0.0, 0, time.time()
+    with torch.no_grad():
+        for i in range(0, len(enc), 16):
+            batch = collate([enc[j] for j in range(i, min(i + 16, len(enc)))])
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += model(**batch).loss.item() * n
+            count += n
+    write_json(run / "nll.json", {"gold_nll": total / count, "tokens": count, "rows": len(enc),
+                                  "seconds": round(time.time() - start, 1)})
+    print(f"{run.name}: gold NLL {total / count:.4f}", flush=True)
+
+
 def _stats(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -93,8 +134,8 @@ def _stats(values):
 def summarize(out: Path, tasks) -> dict:
     from depthmix.plots import layer_weights, loss_curve
     summary = {}
-    lines = ["| task | method | trainable params | accuracy, mean ± std | per seed | train s / run |",
-             "| --- | --- | ---: | --- | --- | ---: |"]
+    lines = ["| task | method | trainable params | accuracy, mean ± std | per seed | gold NLL, mean ± std | "
+             "train s / run |", "| --- | --- | ---: | --- | --- | --- | ---: |"]
     for task in tasks:
         metric = SETTINGS[task][1]
         routing, curves = {}, {}
@@ -106,10 +147,12 @@ def summarize(out: Path, tasks) -> dict:
             ms = [json.loads(f.read_text()) for f in files]
             vals = [m["metrics"][metric] for m in ms]
             mean, std = _stats(vals)
+            nll_files = [f.parent / "nll.json" for f in files]
+            nll = [json.loads(f.read_text())["gold_nll"] for f in nll_files if f.exists()]
             entry = {"metric": metric, "seeds": [m["seed"] for m in ms], "values": vals, "mean": mean, "std": std,
                      "trainable_params": ms[0]["trainable_params"],
                      "train_seconds": statistics.mean(m["train_seconds"] for m in ms),
-                     "all_metrics": [m["metrics"] for m in ms]}
+                     "all_metrics": [m["metrics"] for m in ms], "gold_nll": nll}
             states = [m.get("method_state") or {} for m in ms]
             layers = sorted(int(k.split("/")[1]) for k in states[0] if k.startswith("weight/"))
             if layers:
@@ -125,8 +168,9 @@ def summarize(out: Path, tasks) -> dict:
                     curves[method] = json.loads(hist.read_text())["log_history"]
             summary[f"{task}/{method}"] = entry
             seeds = ", ".join(f"{v:.3f}" for v in vals)
+            nll_text = "{:.3f} ± {:.3f}".format(*_stats(nll)) if nll else "-"
             lines.append(f"| {task} | {method} | {entry['trainable_params']:,d} | {mean:.3f} ± {std:.3f} | "
-                         f"{seeds} | {entry['train_seconds']:.0f} |")
+                         f"{seeds} | {nll_text} | {entry['train_seconds']:.0f} |")
         if routing:
             layer_weights(routing, layers, out / f"routing-{task}.png",
                           title=f"MoDE routing weights on {task} eval tokens (mean ± std over seeds)")
