@@ -173,7 +173,7 @@ def summarize(out: Path, tasks) -> dict:
                          f"{seeds} | {nll_text} | {entry['train_seconds']:.0f} |")
         if routing:
             layer_weights(routing, layers, out / f"routing-{task}.png",
-                          title=f"MoDE routing weights on {task} eval tokens (mean ± std over seeds)")
+                          title=f"MoDE routing weights, {task} (± std over seeds)")
         if curves:
             loss_curve([], out / f"loss-{task}.png", title=f"{task}: training loss (seed {ms[0]['seed']})",
                        curves=curves)
