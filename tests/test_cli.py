@@ -62,7 +62,8 @@ def test_refuses_to_overwrite_and_names_bad_options(trained, tmp_path, capsys):
 
 
 def test_demo_prints_both_methods_and_draws(tmp_path, capsys):
-    assert run("demo", "--output-dir", tmp_path, "--max-train-samples", 32, "--epochs", 1) == 0
+    assert run("demo", "--output-dir", tmp_path, "--max-train-samples", 32, "--max-eval-samples", 32,
+               "--epochs", 1) == 0
     out = capsys.readouterr().out
     assert "LoRA " in out and "MoLEx + LoRA" in out
     assert (tmp_path / "loss.png").exists() and (tmp_path / "routing.png").exists()

@@ -16,6 +16,7 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-train-samples", type=int)
+    p.add_argument("--max-eval-samples", type=int)
     p.set_defaults(func=run_demo)
 
 
@@ -34,7 +35,8 @@ def run_demo(args) -> int:
             shutil.rmtree(run)
         opts = TrainOptions(method=method, model=args.model, task="pydoc/topics", output_dir=str(run),
                             epochs=args.epochs, batch_size=16, lr=1e-3, max_length=64, seed=args.seed,
-                            max_train_samples=args.max_train_samples, save_steps=10_000, logging_steps=5)
+                            max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+                            save_steps=10_000, logging_steps=5)
         print(f"\n== {method}: {args.model} on pydoc/topics ==", flush=True)
         summaries[method] = train(opts)
         import json
@@ -44,7 +46,7 @@ def run_demo(args) -> int:
     from ..train import load_trained
     task = get_task("pydoc/topics")
     model, tok, _ = load_trained(str(out / "molex"), None, task.head, task.num_labels)
-    counts = routing_counts(model, tok, task, task.load("eval"))
+    counts = routing_counts(model, tok, task, task.load("eval", max_samples=args.max_eval_samples))
     routing_heatmap(counts.numpy(), model.method.layers, out / "routing.png", title="MoLEx layer choice, pydoc/topics")
 
     print("\n" + "method".ljust(14) + "accuracy  trainable params  train s")
