@@ -298,3 +298,22 @@ def test_train_and_eval_from_the_command_line(tmp_path, tok, lm):
     assert main(["eval", "--adapter", str(out), "--task", "gsm8k", "--data-dir", str(data),
                  "--max-new-tokens", "2"]) == 0
     assert json.loads((out / "eval-gsm8k.json").read_text())["examples"] == 2
+
+
+def test_mode_routing_weights_are_drawn_from_the_command_line(tmp_path, tok, lm):
+    from depthmix.cli.main import main
+    model_dir = tmp_path / "tiny"
+    lm.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "data"
+    write(data, "reasoning/ARC-Easy_train.json", [choice_rec("answer2"), choice_rec("answer1")] * 4)
+    write(data, "reasoning/ARC-Easy_test.json", [choice_rec("answer2"), choice_rec("answer1")])
+    out = tmp_path / "run"
+    assert main(["train", "--method", "mode", "--num-layers", "2", "--model", str(model_dir), "--task", "arc-easy",
+                 "--data-dir", str(data), "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4",
+                 "--max-length", "96", "--no-progress"]) == 0
+    assert main(["plot", "routing", str(out), "--data-dir", str(data)]) == 0
+    record = json.loads((out / "routing-arc-easy.json").read_text())
+    assert record["method"] == "mode" and len(record["layers"]) == 2 and record["tokens"] > 0
+    assert abs(sum(record["mean_weights"]) - 1) < 1e-6
+    assert (out / "routing-arc-easy.png").stat().st_size > 1000

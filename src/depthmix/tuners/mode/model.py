@@ -39,7 +39,7 @@ class MoDE(Method):
             self.router_logits = nn.Parameter(bias)
         self.captured: dict[int, torch.Tensor] = {}
         self.recording = True  # routing statistics of every evaluation-mode forward (cheap: sums over k weights)
-        self.reset_record()
+        self.reset_stats()
         for i, t in enumerate(self.layers[:-1]):
             self.wrap(arch.blocks[t + 1], MoDECapture, i)
         self.wrap(arch.norm, MoDENorm, k - 1)
@@ -114,7 +114,7 @@ class MoDE(Method):
         self.weight_sq += w.square().sum(0).cpu()
         self.weight_count += w.shape[0]
 
-    def reset_record(self) -> None:
+    def reset_stats(self) -> None:
         k = self.config.num_layers
         self.weight_sum = torch.zeros(k, dtype=torch.float64)
         self.weight_sq = torch.zeros(k, dtype=torch.float64)
@@ -129,7 +129,7 @@ class MoDE(Method):
 
     def mean_weights(self) -> list[float]:
         """Mean routing weight of each ensembled layer over the (valid) tokens of the evaluation-mode forwards since
-        the last reset_record(); with none recorded, the static weights or, for the token router, its bias's."""
+        the last reset_stats(); with none recorded, the static weights or, for the token router, its bias's."""
         if self.weight_count:
             return (self.weight_sum / self.weight_count).tolist()
         if self.config.router == "static":
