@@ -21,6 +21,7 @@ def add_args(p) -> None:
     p.add_argument("--num-layers", type=int, default=3)
     p.add_argument("--router", default="token", choices=["token", "static"])
     p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--distill-weight", type=float, default=1.0, help="0 times the ensemble without distillation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tensor-peak", action="store_true",
                    help="on the CPU, also measure the peak of live tensors with the profiler (two more slow steps)")
@@ -58,7 +59,8 @@ def tensor_peak(step) -> int:
 
 def run(args) -> dict:
     torch.manual_seed(0)
-    cfg = MoDEConfig(num_layers=args.num_layers, router=args.router, chunk_size=args.chunk_size)
+    cfg = MoDEConfig(num_layers=args.num_layers, router=args.router, chunk_size=args.chunk_size,
+                     distill_weight=args.distill_weight)
     models, params = {}, {}
     for key, method, use_lora in (("lora", None, True), ("method", cfg, True), ("alone", cfg, False)):
         base = load_model(args.model)
@@ -80,7 +82,7 @@ def run(args) -> dict:
     result = {
         "method": "mode", "model": args.model, "device": args.device, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "labelled_tokens": labelled, "num_layers": args.num_layers, "router": args.router,
-        "chunk_size": args.chunk_size,
+        "chunk_size": args.chunk_size, "distill_weight": args.distill_weight,
         "step_time_ratio": round(times["method"] / times["lora"], 4),
         "peak_mem_ratio": round(mem["method"] / mem["lora"], 4),
         "trainable_params_ratio": round(params["method"] / params["lora"], 4),
