@@ -69,7 +69,7 @@ def bars(results: dict[str, tuple[float, float]], path, ylabel: str, title: str)
 def layer_weights(results: dict[str, tuple], layers: list[int], path, title: str = "MoDE routing weights") -> Path:
     """Grouped bars of the mean routing weight of each ensembled layer: results = {label: (means, stds)}, each
     a sequence over `layers` (stds: error bars, e.g. over seeds)."""
-    fig, ax = plt.subplots(figsize=(2.0 + 0.9 * len(layers) * max(1, len(results)) / 2, 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.0 + 0.9 * len(layers) * max(1, len(results)) / 2), 3.6))
     width = 0.8 / max(1, len(results))
     x = np.arange(len(layers))
     for i, (label, (means, stds)) in enumerate(results.items()):
@@ -78,6 +78,6 @@ def layer_weights(results: dict[str, tuple], layers: list[int], path, title: str
     ax.set_xticks(x, [f"block {t}" + (" (final)" if j == len(layers) - 1 else "") for j, t in enumerate(layers)])
     ax.set_ylabel("mean routing weight")
     ax.set_ylim(0, 1)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, path)
