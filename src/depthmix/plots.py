@@ -75,9 +75,14 @@ def layer_weights(results: dict[str, tuple], layers: list[int], path, title: str
     for i, (label, (means, stds)) in enumerate(results.items()):
         ax.bar(x + (i - (len(results) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=label,
                color=plt.cm.tab10(i))
+        for xi, m in zip(x + (i - (len(results) - 1) / 2) * width, means):
+            ax.annotate(f"{m:.3g}", (xi, m), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, [f"block {t}" + (" (final)" if j == len(layers) - 1 else "") for j, t in enumerate(layers)])
     ax.set_ylabel("mean routing weight")
-    ax.set_ylim(0, 1)
+    # a log axis: weights of 1e-3 next to 0.99 are the typical picture, and the small ones are the story
+    smallest = min(min(means) for means, _ in results.values())
+    ax.set_yscale("log")
+    ax.set_ylim(10 ** np.floor(np.log10(max(smallest, 1e-6))), 1.5)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, path)
