@@ -2,6 +2,7 @@
 CPU with gloo); every rank writes its adapter tensors so the test can compare them."""
 import os
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -25,4 +26,6 @@ trainer.train()
 rank = int(os.environ["RANK"])
 save_file({k: v.detach().contiguous() for k, v in model.adapter_state_dict().items()},
           os.path.join(out, f"rank{rank}.safetensors"))
-print(f"rank {rank} of {os.environ['WORLD_SIZE']} done, steps={trainer.state.global_step}", type(trainer.model_wrapped).__name__)
+# one file per rank: the two processes share stdout, where their lines can interleave
+Path(out, f"rank{rank}.txt").write_text(f"rank {rank} of {os.environ['WORLD_SIZE']} done, "
+                                        f"steps={trainer.state.global_step} {type(trainer.model_wrapped).__name__}")
