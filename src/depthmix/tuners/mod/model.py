@@ -134,11 +134,7 @@ class MoD(Method):
         xs = gather_tokens(x, idx)
         kw = self._subset_kwargs(block, i, named, idx, count, top, xs)
         ys = forward(xs, **kw)
-        if weight is None:
-            new = ys
-        else:
-            ws = gather_tokens(weight, idx).to(ys.dtype)
-            new = ys + ws * (ys - xs) if self.config.update == "retrofit" else xs + ws * (ys - xs)
+        new = self._update(xs, ys, None if weight is None else gather_tokens(weight, idx))
         keep = torch.arange(top, device=x.device).unsqueeze(0) < count.unsqueeze(1)
         new = torch.where(keep.unsqueeze(-1), new, xs)
         return x.scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), new)
@@ -146,7 +142,7 @@ class MoD(Method):
     def _step(self, block, i, forward, x, named, sel, r, cache):
         """A decoding step (one new token per sequence): nothing to gather or scatter; the block runs on every row
         if any row routes its token (rows that do not keep their store's length and their hidden state)."""
-        store = self._store(cache, i, x)
+        store = self._store(cache, i)
         start = store.start(x.shape[0], x.device)
         if not bool(sel.any()):
             return x
@@ -154,14 +150,10 @@ class MoD(Method):
         kw.pop("cache_position", None)
         kw["past_key_values"] = store.view(sel[:, 0].long(), 1)
         kw["attention_mask"] = subset_mask(start, 1, int(start.max()) + 1, attn_impl(block), x.dtype, x.device)
-        y = forward(x, **kw)
-        weight = self._weight(r)
-        if weight is not None:
-            w = weight.to(y.dtype)
-            y = y + w * (y - x) if self.config.update == "retrofit" else x + w * (y - x)
+        y = self._update(x, forward(x, **kw), self._weight(r))
         return y if x.shape[0] == 1 else torch.where(sel.unsqueeze(-1), y, x)
 
-    def _store(self, cache, i, x):
+    def _store(self, cache, i):
         if self.layers[i] == 0:
             raise ConfigError("MoDConfig.layers: block 0 cannot be routed when decoding with a KV cache "
                               "(the model reads its cache length from block 0)")
@@ -177,14 +169,16 @@ class MoD(Method):
         s = torch.sigmoid(r)
         return (s - s.detach()).unsqueeze(-1)
 
+    def _update(self, x, y, weight):
+        """The routed output of block input x and block output y, given _weight's [.., 1] weight."""
+        if weight is None:
+            return y
+        w = weight.to(y.dtype)
+        return y + w * (y - x) if self.config.update == "retrofit" else x + w * (y - x)
+
     def _dense(self, forward, x, named, sel, weight):
         """Every real token is selected (capacity 1.0): the block runs as it was, bit for bit."""
-        y = forward(x, **named)
-        if weight is None:
-            return torch.where(sel.unsqueeze(-1), y, x)
-        w = weight.to(y.dtype)
-        new = y + w * (y - x) if self.config.update == "retrofit" else x + w * (y - x)
-        return torch.where(sel.unsqueeze(-1), new, x)
+        return torch.where(sel.unsqueeze(-1), self._update(x, forward(x, **named), weight), x)
 
     def _subset_kwargs(self, block, i, named, idx, count, top, xs):
         kw = dict(named)
@@ -198,7 +192,7 @@ class MoD(Method):
         impl = attn_impl(block)
         cache = kw.get("past_key_values")
         if cache is not None:
-            store = self._store(cache, i, xs)
+            store = self._store(cache, i)
             start = store.start(idx.shape[0], idx.device)
             kv = int((start + top).max())
             kw["past_key_values"] = store.view(count, top)
