@@ -73,9 +73,9 @@ def layer_weights(results: dict[str, tuple], layers: list[int], path, title: str
     width = 0.8 / max(1, len(results))
     x = np.arange(len(layers))
     for i, (label, (means, stds)) in enumerate(results.items()):
-        ax.bar(x + (i - (len(results) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=label,
-               color=plt.cm.tab10(i))
-        for xi, m in zip(x + (i - (len(results) - 1) / 2) * width, means):
+        pos = x + (i - (len(results) - 1) / 2) * width
+        ax.bar(pos, means, width, yerr=stds, capsize=3, label=label, color=plt.cm.tab10(i))
+        for xi, m in zip(pos, means):
             ax.annotate(f"{m:.3g}", (xi, m), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, [f"block {t}" + (" (final)" if j == len(layers) - 1 else "") for j, t in enumerate(layers)])
     ax.set_ylabel("mean routing weight")
