@@ -67,6 +67,12 @@ def main() -> None:
     summarize(out, args.tasks)
 
 
+def setting(task_name: str, flag: str) -> int | None:
+    """The integer value of one of a task's SETTINGS flags (None where the task does not set it)."""
+    flags = SETTINGS[task_name][0]
+    return int(flags[flags.index(flag) + 1]) if flag in flags else None
+
+
 def zero_shot(task_name: str, data_dir: str, run: Path) -> None:
     """The base model, untrained, on the same evaluation rows."""
     if (run / "metrics.json").exists():
@@ -76,14 +82,13 @@ def zero_shot(task_name: str, data_dir: str, run: Path) -> None:
     from depthmix.data.tasks import get_task
     from depthmix.io import write_json
     from depthmix.models import load_model, load_tokenizer
-    flags = SETTINGS[task_name][0]
-    get = lambda name, default=None: flags[flags.index(name) + 1] if name in flags else default  # noqa: E731
     task = get_task(task_name)
-    rows = task.load("eval", data_dir, int(get("--max-eval-samples")), 0)
-    extra = {"max_new_tokens": int(get("--eval-max-new-tokens"))} if get("--eval-max-new-tokens") else {}
+    rows = task.load("eval", data_dir, setting(task_name, "--max-eval-samples"), 0)
+    new_tokens = setting(task_name, "--eval-max-new-tokens")
+    extra = {"max_new_tokens": new_tokens} if new_tokens else {}
     start = time.time()
     metrics = task.evaluate(load_model(MODEL), load_tokenizer(MODEL), rows, batch_size=32,
-                            max_length=int(get("--max-length")), progress=False, **extra)
+                            max_length=setting(task_name, "--max-length"), progress=False, **extra)
     write_json(run / "metrics.json", {"task": task_name, "method": "base", "seed": 0, "metrics": metrics,
                                       "trainable_params": 0, "train_seconds": 0.0,
                                       "eval_seconds": round(time.time() - start, 1)})
@@ -104,15 +109,14 @@ def gold_nll(run: Path, data_dir: str) -> None:
     from depthmix.models import load_model, load_tokenizer
     from depthmix.train import load_trained
     task_name = read_json(run / "metrics.json")["task"]
-    flags = SETTINGS[task_name][0]
-    max_length = int(flags[flags.index("--max-length") + 1])
+    max_length = setting(task_name, "--max-length")
     task = get_task(task_name)
     if (run / "depthmix_config.json").exists():
         model, tokenizer, _ = load_trained(str(run))
     else:
         model, tokenizer = load_model(MODEL), load_tokenizer(MODEL)
     model.eval()
-    rows = task.load("eval", data_dir, int(flags[flags.index("--max-eval-samples") + 1]), 0)
+    rows = task.load("eval", data_dir, setting(task_name, "--max-eval-samples"), 0)
     enc = task.encode(rows, tokenizer, max_length)
     collate = task.collator(tokenizer)
     total, count, start = 0.0, 0, time.time()
