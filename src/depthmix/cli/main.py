@@ -10,7 +10,7 @@ from ..data.tasks import DataError
 from ..io import AdapterError
 from ..registry import UnsupportedModelError
 
-COMMANDS = ("train", "plot", "bench", "demo", "lm_eval", "pretrain", "flops")  # modules of depthmix.cli; train also registers eval
+COMMANDS = ("train", "plot", "bench", "demo", "lm_eval", "pretrain", "flops", "models")  # modules of depthmix.cli; train also registers eval
 
 
 def build_parser() -> argparse.ArgumentParser:
