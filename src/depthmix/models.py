@@ -1,7 +1,9 @@
 """Loading base models and tokenizers: Hub ids, local folders, and two embedded defaults that need no Hub."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,9 +103,31 @@ def load_tokenizer(name: str):
     return tok
 
 
+@contextlib.contextmanager
+def _without_load_report():
+    """Drops transformers' weight-loading report ("LOAD REPORT ... MISSING: those params were newly initialized
+    ... Consider training"), and only that, while the block runs."""
+    logger = logging.getLogger("transformers.modeling_utils")
+
+    def keep(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "LOAD REPORT" not in message and "newly initialized" not in message
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def load_model(name: str, head: str = "causal_lm", num_labels: int | None = None, dtype=None,
-               **kwargs) -> PreTrainedModel:
-    """head: "causal_lm" or "sequence_classification" (num_labels=1 means regression)."""
+               load_report: bool = True, **kwargs) -> PreTrainedModel:
+    """head: "causal_lm" or "sequence_classification" (num_labels=1 means regression).
+    load_report=False hides transformers' report of newly initialised weights: for a base model whose new
+    head an adapter restores right after (loading a trained adapter)."""
+    if not load_report:
+        with _without_load_report():
+            return load_model(name, head, num_labels, dtype, load_report=True, **kwargs)
     path = resolve_model(name)
     if head == "causal_lm":
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)

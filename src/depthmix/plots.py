@@ -19,14 +19,22 @@ def _save(fig, path) -> Path:
     return path
 
 
-def loss_curve(log_history: list[dict], path, title: str = "training loss", curves: dict | None = None) -> Path:
-    """One curve from a Trainer log history, or several: curves = {label: log_history}."""
+def loss_curve(log_history: list[dict], path, title: str = "training loss", curves: dict | None = None) -> Path | None:
+    """One curve from a Trainer log history, or several: curves = {label: log_history}.
+
+    A history with no logged loss (a run shorter than its logging interval) draws nothing: the function says so
+    and returns None instead of writing an empty picture."""
     curves = curves or {"train": log_history}
+    points = {label: [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+              for label, history in curves.items()}
+    if not any(points.values()):
+        print(f"{path} not drawn: no training loss was logged (the run ended before its first logging step; "
+              "a smaller --logging-steps logs sooner)")
+        return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, history in curves.items():
-        points = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-        if points:
-            ax.plot(*zip(*points), label=label)
+    for label, pts in points.items():
+        if pts:
+            ax.plot(*zip(*pts), label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)

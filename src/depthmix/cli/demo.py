@@ -42,16 +42,17 @@ def run_demo(args) -> int:
         import json
         histories[method] = json.loads((run / "log_history.json").read_text())["log_history"]
 
-    loss_curve([], out / "loss.png", title="pydoc/topics training loss", curves=histories)
+    pictures = [loss_curve([], out / "loss.png", title="pydoc/topics training loss", curves=histories)]
     from ..train import load_trained
     task = get_task("pydoc/topics")
     model, tok, _ = load_trained(str(out / "molex"), None, task.head, task.num_labels)
     counts = routing_counts(model, tok, task, task.load("eval", max_samples=args.max_eval_samples))
-    routing_heatmap(counts.numpy(), model.method.layers, out / "routing.png", title="MoLEx layer choice, pydoc/topics")
+    pictures.append(routing_heatmap(counts.numpy(), model.method.layers, out / "routing.png",
+                                    title="MoLEx layer choice, pydoc/topics"))
 
     print("\n" + "method".ljust(14) + "accuracy  trainable params  train s")
     for method, s in summaries.items():
         name = "LoRA" if method == "lora" else "MoLEx + LoRA"
         print(f"{name:<14}{s['metrics']['accuracy']:.4f}    {s['trainable_params']:>12,d}  {s['train_seconds']:>7.1f}")
-    print(f"\npictures: {out / 'loss.png'}, {out / 'routing.png'}")
+    print(f"\npictures: {', '.join(str(p) for p in pictures if p is not None)}")
     return 0

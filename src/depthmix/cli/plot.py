@@ -79,5 +79,7 @@ def run_loss(args) -> int:
         if not path.exists():
             raise ConfigError(f"{path}: not found (is {run} a `depthmix train` output folder?)")
         curves[Path(run).name] = json.loads(path.read_text())["log_history"]
-    print(f"wrote {loss_curve([], args.output, curves=curves)}")
+    written = loss_curve([], args.output, curves=curves)  # None (and a message) when no loss was logged
+    if written is not None:
+        print(f"wrote {written}")
     return 0

@@ -94,4 +94,5 @@ def run_eval(args) -> int:
     write_json(out, {"task": task_name, "adapter": str(args.adapter), "examples": len(rows), **kw, "metrics": metrics,
                      "method_state": state})
     print(json.dumps({"task": task_name, **metrics, **{k: v for k, v in state.items() if "/" not in k}}, indent=2))
+    print(f"{task_name}: {len(rows)} examples evaluated; wrote {out}")
     return 0

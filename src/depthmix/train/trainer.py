@@ -137,7 +137,8 @@ def load_trained(adapter: str, model: str | None = None, head: str | None = None
     if head is None:
         task = get_task(info["task"]) if info.get("task") else None
         head, num_labels = (task.head, task.num_labels) if task else ("causal_lm", None)
-    base = load_model(name, head=head, num_labels=num_labels)
+    # the adapter restores the new classifier head right after: transformers' 'newly initialized' report is noise
+    base = load_model(name, head=head, num_labels=num_labels, load_report=False)
     tokenizer = load_tokenizer(name)
     return DepthMixModel.from_pretrained(base, adapter), tokenizer, info
 
