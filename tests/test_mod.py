@@ -54,7 +54,7 @@ def inputs(ids, mask):  # left padding: positions count real tokens only, as gen
     return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
 
 
-def logits(dm, ids, mask, routing="topk"):
+def logits(dm, ids, mask, routing="topk-lookahead"):
     with torch.no_grad(), dm.method.routing_mode(routing):
         return dm(**inputs(ids, mask), use_cache=False).logits
 
@@ -93,7 +93,7 @@ def test_causal_mode_never_sees_the_future(family):
         changed = logits(dm, other, mask, "causal")
         torch.testing.assert_close(changed[:, :p], base[:, :p], rtol=0, atol=0)
         assert not torch.equal(changed[:, p:], base[:, p:])
-        topk = logits(dm, ids, mask, "topk"), logits(dm, other, mask, "topk")
+        topk = logits(dm, ids, mask, "topk-lookahead"), logits(dm, other, mask, "topk-lookahead")
         topk_changed |= not torch.equal(topk[0][:, :p], topk[1][:, :p])
     assert topk_changed  # the check can fail: top-k routing does look ahead
 
@@ -130,7 +130,7 @@ def test_router_and_predictor_get_gradients(family, update, causal):
         assert dm.method.routers[0].weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("routing", ["topk", "causal"])
+@pytest.mark.parametrize("routing", ["topk-lookahead", "causal"])
 def test_sequence_alone_equals_in_batch(family, routing):
     dm = mod(family, capacity=0.3)
     ids, mask = batch(family, b=4, s=12)
@@ -173,10 +173,10 @@ def test_save_load_round_trip_is_exact(family, tmp_path):
         for p in dm.method.predictors.parameters():
             p.normal_()
     ids, mask = batch(family)
-    before = [logits(dm, ids, mask, r) for r in ("topk", "causal")]
+    before = [logits(dm, ids, mask, r) for r in ("topk-lookahead", "causal")]
     dm.save_pretrained(tmp_path)
     again = depthmix.DepthMixModel.from_pretrained(tiny(family), tmp_path)
-    after = [logits(again, ids, mask, r) for r in ("topk", "causal")]
+    after = [logits(again, ids, mask, r) for r in ("topk-lookahead", "causal")]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
@@ -219,7 +219,8 @@ def test_retrofit_capacity_one_is_the_dense_model_exactly(family):
 
 def test_bad_config_values_are_named(family):
     for field, value in (("capacity", 0.0), ("capacity", 1.5), ("causal", "oracle"), ("update", "scaled"),
-                         ("aux_weight", -1.0), ("layers", "odd"), ("layers", [])):
+                         ("aux_weight", -1.0), ("layers", "odd"), ("layers", []), ("keep_first", "yes"),
+                         ("keep_first", 1)):
         with pytest.raises(depthmix.ConfigError, match=f"MoDConfig.{field}"):
             depthmix.MoDConfig(**{field: value})
     with pytest.raises(depthmix.ConfigError, match="out of range"):

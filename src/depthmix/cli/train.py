@@ -36,9 +36,10 @@ def register(sub) -> None:
     e.add_argument("--mode", choices=("loglik", "loglik-text", "generate"),
                    help="multiple-choice tasks: score options by log-likelihood (default) or generate an answer")
     e.add_argument("--max-new-tokens", type=int, help="generation tasks: tokens to generate (default: the task's)")
-    e.add_argument("--routing", choices=("topk", "causal"),
-                   help="MoD adapters: teacher-forced top-k routing (training behaviour, default) or causal routing "
-                        "(what generation does)")
+    e.add_argument("--routing", choices=("causal", "topk-lookahead"),
+                   help="MoD adapters: causal routing (default: each token decides from its own hidden state, as "
+                        "in generation) or topk-lookahead (top-k over the whole sequence, as in training: a "
+                        "token's routing sees the tokens after it; for studies only)")
     e.set_defaults(func=run_eval)
 
 
@@ -89,8 +90,7 @@ def run_eval(args) -> int:
     metrics = task.evaluate(model, tokenizer, rows, batch_size=args.batch_size, max_length=args.max_length, **kw)
     out = Path(args.output or Path(args.adapter) / f"eval-{task_name.replace('/', '_')}.json")
     state = model.method.extra_state() if model.method is not None else {}
-    if args.routing:
-        kw["routing"] = args.routing
+    kw["routing"] = model.method.eval_routing() if model.method is not None else "n/a"
     write_json(out, {"task": task_name, "adapter": str(args.adapter), "examples": len(rows), **kw, "metrics": metrics,
                      "method_state": state})
     print(json.dumps({"task": task_name, **metrics, **{k: v for k, v in state.items() if "/" not in k}}, indent=2))

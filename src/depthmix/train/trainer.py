@@ -118,6 +118,7 @@ def train(opts: TrainOptions) -> dict:
         "metrics": metrics, "train_loss": result.training_loss, "train_steps": result.global_step,
         "train_seconds": round(train_time, 1), "trainable_params": trainable, "total_params": total,
         "method_state": model.method.extra_state() if model.method is not None else {},
+        "routing": model.method.eval_routing() if model.method is not None else "n/a",  # of the evaluation
         "options": vars(opts),
     }
     io.write_json(out / "metrics.json", summary)

@@ -63,6 +63,11 @@ class Method(nn.Module):
         """Context entered around generate() (kwargs: generate's); e.g. MoD switches to causal routing."""
         return contextlib.nullcontext()
 
+    def eval_routing(self) -> str:
+        """What routing a forward outside training uses, recorded in every metrics file (MoD: "causal", or
+        "topk-lookahead" where a study asked for it); "n/a" for a method without token routing."""
+        return "n/a"
+
     def reset_stats(self) -> None:
         """Forget the routing statistics gathered so far (before an evaluation, say)."""
 

@@ -19,6 +19,16 @@ class MoDConfig(MethodConfig):
         (x + g * f(x) with g = 1 + s - stopgrad(s), s = sigmoid(r): exactly the block's output in the forward
         pass, so capacity 1.0 is the dense model; for router tuning of pretrained models).
     aux_weight: weight of the BCE loss (predictor or router) added to the model's loss.
+    keep_first: the first real (non-padding) token of each sequence is processed by every routed block, in top-k
+        (it takes one of the k slots), causal routing and decoding. None (default): on for update="retrofit", off
+        for "paper". A pretrained model uses its first token as an attention sink that every later token attends
+        to; with zero-initialised routers every score ties, and a retrofit that lets it skip blocks loses the
+        sink (SmolLM2's held-out NLL doubles). A model trained from scratch with MoD learns its own routing, so
+        the paper's rule stays unchanged there.
+
+    Routing of a built model (not a config field): top-k while training, causal whenever the model is not
+    training (eval forward, scoring, generate); see MoD.routing for the explicit top-k opt-in of studies.
+    Remaining ties between equal router scores go to the earlier position.
     """
 
     method = "mod"
@@ -27,6 +37,7 @@ class MoDConfig(MethodConfig):
     causal: str = "predictor"
     update: str = "paper"
     aux_weight: float = 0.01
+    keep_first: bool | None = None
 
     def validate(self) -> None:
         self._check(isinstance(self.capacity, (int, float)) and not isinstance(self.capacity, bool)
@@ -36,3 +47,10 @@ class MoDConfig(MethodConfig):
         self._check(self.update in ("paper", "retrofit"), "update", "'paper' or 'retrofit'")
         self._check(isinstance(self.aux_weight, (int, float)) and not isinstance(self.aux_weight, bool)
                     and self.aux_weight >= 0, "aux_weight", "a number >= 0")
+        self._check(self.keep_first is None or isinstance(self.keep_first, bool), "keep_first",
+                    "true, false or null (null: on for update='retrofit')")
+
+    @property
+    def keeps_first(self) -> bool:
+        """Whether the first real token of each sequence always goes through every routed block."""
+        return self.update == "retrofit" if self.keep_first is None else self.keep_first

@@ -22,13 +22,24 @@ def capacity_k(valid: torch.Tensor, capacity: float) -> torch.Tensor:
     return torch.minimum(k, n)
 
 
-def topk_membership(scores: torch.Tensor, valid: torch.Tensor, capacity: float) -> torch.Tensor:
-    """[B, S] bool: the top-k tokens of each sequence by router score, padding never (it scores -inf)."""
+def first_real(valid: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: the first real (non-padding) token of each sequence."""
+    return valid & (valid.cumsum(1) == 1)
+
+
+def topk_membership(scores: torch.Tensor, valid: torch.Tensor, capacity: float,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, S] bool: the top-k tokens of each sequence by router score, padding never (it scores -inf). Tokens in
+    `keep` [B, S] always win one of the k slots. Equal scores go to the earlier position (a stable sort:
+    torch.topk leaves ties to the kernel, and on CPU it dropped the earliest ones)."""
     k = capacity_k(valid, capacity)
     top = int(k.max()) if k.numel() else 0
     if top == 0:
         return torch.zeros_like(valid)
-    idx = scores.masked_fill(~valid, float("-inf")).topk(top, dim=1).indices
+    scores = scores.masked_fill(~valid, float("-inf"))
+    if keep is not None:
+        scores = scores.masked_fill(keep, float("inf"))
+    idx = scores.sort(dim=1, descending=True, stable=True).indices[:, :top]
     take = torch.arange(top, device=valid.device) < k.unsqueeze(1)
     return torch.zeros_like(valid).scatter(1, idx, take)
 

@@ -10,15 +10,21 @@ from torch import nn
 from ...config import ConfigError, pick_layers
 from ..base import Method, float32_linear
 from .cache import KEY, store_for
-from .layer import MoDBlock, attn_impl, gather_tokens, predictor_hidden, slots, subset_mask, topk_membership
+from .layer import (MoDBlock, attn_impl, first_real, gather_tokens, predictor_hidden, slots, subset_mask,
+                    topk_membership)
 
-ROUTING = ("topk", "causal")
+ROUTING = ("auto", "causal", "topk-lookahead")
+ALIASES = {"topk": "topk-lookahead"}  # the old name: explicit top-k, in training and out of it
 
 
 class MoD(Method):
-    """routing: "topk" (training behaviour: per-sequence top-k by router score, looks at the whole sequence) or
-    "causal" (each token decides alone from its own hidden state: what generation does). generate() always
-    routes causally."""
+    """routing:
+    - "auto" (default): per-sequence top-k by router score while training (the model and its method in train
+      mode), causal routing whenever not (eval forward, scoring, lm-eval, generate).
+    - "causal": each token decides alone from its own hidden state (what generation does), always.
+    - "topk-lookahead": top-k even outside training, for studies only: a token's routing then depends on the
+      tokens after it, so teacher-forced scores see the future ("topk" is accepted as its old name).
+    generate() always routes causally."""
 
     def __init__(self, config, arch, hidden_size: int):
         super().__init__(config, arch)
@@ -31,7 +37,7 @@ class MoD(Method):
             h = predictor_hidden(hidden_size)
             self.predictors = nn.ModuleList(
                 nn.Sequential(float32_linear(hidden_size, h), nn.SiLU(), float32_linear(h, 1)) for _ in self.layers)
-        self._routing = "topk"
+        self._routing = "auto"
         self._valid = None
         self.reset_stats()
         for i, t in enumerate(self.layers):
@@ -54,9 +60,19 @@ class MoD(Method):
 
     @routing.setter
     def routing(self, value: str) -> None:
+        value = ALIASES.get(value, value)
         if value not in ROUTING:
             raise ConfigError(f"MoD routing = {value!r}: expected one of {ROUTING}")
         self._routing = value
+
+    def active_routing(self, training: bool) -> str:
+        """"topk" or "causal": what a forward uses, in training or not."""
+        if self._routing == "auto":
+            return "topk" if training else "causal"
+        return "causal" if self._routing == "causal" else "topk"
+
+    def eval_routing(self) -> str:
+        return "causal" if self.active_routing(False) == "causal" else "topk-lookahead"
 
     @contextlib.contextmanager
     def routing_mode(self, value: str):
@@ -106,15 +122,21 @@ class MoD(Method):
             x = named.pop(next(iter(named)))
         valid = self.valid_mask(x)
         r, decide = self.scores(i, x)
-        causal = self.routing == "causal"
+        # an eval-mode base model routes causally even if the method module was left in train mode
+        causal = self.active_routing(self.training and block.training) == "causal"
         cache = named.get("past_key_values")
         if cache is not None and self.training and torch.is_grad_enabled():
             named["past_key_values"] = cache = None  # training never decodes: keep no subset K/V
         # top-k membership: the selection in topk mode, the target of the causal decision otherwise
         # (in causal mode only for statistics, and not in decoding steps, where a sequence's top-k is undefined)
         fresh = cache is None or i not in cache.__dict__.get(KEY, {})
-        topk = topk_membership(r.detach(), valid, self.config.capacity) if (not causal or fresh) else None
-        sel = (decide.detach() > 0) & valid if causal else topk
+        keep = self._first(i, valid, cache)
+        topk = topk_membership(r.detach(), valid, self.config.capacity, keep) if (not causal or fresh) else None
+        if causal:
+            sel = (decide.detach() > 0) & valid
+            sel = sel if keep is None else sel | keep
+        else:
+            sel = topk
         self._record(i, sel, valid, decide, topk)
         if self.training and torch.is_grad_enabled() and self.config.aux_weight > 0 and topk is not None:
             w = valid.to(decide.dtype)
@@ -152,6 +174,18 @@ class MoD(Method):
         kw["attention_mask"] = subset_mask(start, 1, int(start.max()) + 1, attn_impl(block), x.dtype, x.device)
         y = self._update(x, forward(x, **kw), self._weight(r))
         return y if x.shape[0] == 1 else torch.where(sel.unsqueeze(-1), y, x)
+
+    def _first(self, i, valid, cache):
+        """[B, S] the first real token of each row where config.keeps_first (else None). With a KV cache the
+        row's first real token may have come in an earlier call: it is here only while the row's store is empty
+        (the first real token always enters it)."""
+        if not self.config.keeps_first:
+            return None
+        first = first_real(valid)
+        if cache is not None:
+            empty = self._store(cache, i).start(valid.shape[0], valid.device) == 0
+            first = first & empty.unsqueeze(1)
+        return first
 
     def _store(self, cache, i):
         if self.layers[i] == 0:
