@@ -255,3 +255,65 @@ def test_cli_flags_build_the_config():
     assert not opts.lora and opts.use_dora
     assert depthmix.MoDEConfig.from_dict(opts.method_config) == depthmix.MoDEConfig(
         num_layers=4, router="static", temperature=2.0)
+
+
+@causal
+@pytest.mark.parametrize("head", ["frozen", "lora"])
+def test_sync_free_path_equals_the_naive_computation(family, head):
+    """The accelerator's path (every row, unlabelled rows weighted 0) gives the same loss and gradients."""
+    targets = LORA_TARGETS[family] + ["lm_head"] if head == "lora" else None
+    dm = mode(family, chunk_size=5, distill_weight=0.7, temperature=2.0, targets=targets).train()
+    dm.method.compact_on_cpu = False
+    batch_inputs = inputs(*batch(family))
+    output, ref_loss, _ = naive_reference(dm, family, batch_inputs)
+    torch.testing.assert_close(output.loss, ref_loss, rtol=1e-5, atol=1e-6)
+    params = [p for _, p in trainable(dm)]
+    got = torch.autograd.grad(output.loss, params, retain_graph=True)
+    want = torch.autograd.grad(ref_loss, params)
+    for (name, _), a, b in zip(trainable(dm), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_training_step_adds_no_host_sync_to_the_dense_model():
+    from syncs import count_syncs
+
+    def step(dm):
+        batch_inputs = inputs(*batch("llama"))
+        return lambda: dm(**batch_inputs).loss.backward()
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS["llama"])
+    dense = count_syncs(step(depthmix.apply(tiny("llama"), None, lora=lora).train()))
+    dm = mode("llama").train()
+    dm.method.compact_on_cpu = False
+    assert count_syncs(step(dm)) == dense
+    dm.method.compact_on_cpu = True  # the CPU path compacts the labelled rows: one nonzero, which the count sees
+    assert count_syncs(step(dm)) - dense == {"aten.nonzero": 1}
+
+
+@causal
+def test_mean_reduction_divides_the_distillation_by_the_shallower_layers(family):
+    batch_inputs = inputs(*batch(family))
+    losses = {}
+    for reduction in ("sum", "mean"):
+        for weight in (0.0, 1.0):
+            dm = mode(family, num_layers=3, distill_weight=weight, distill_reduction=reduction).train()
+            losses[reduction, weight] = dm(**batch_inputs).loss
+    kl_sum = losses["sum", 1.0] - losses["sum", 0.0]
+    assert kl_sum > 0
+    torch.testing.assert_close(losses["mean", 1.0] - losses["mean", 0.0], kl_sum / 2)
+
+
+@causal
+def test_distilling_into_the_norms_leaves_the_backbone_gradient_alone(family):
+    batch_inputs = inputs(*batch(family))
+    grads = {}
+    for weight in (0.0, 1.0):
+        dm = mode(family, distill_weight=weight, distill_into="norms").train()
+        dm(**batch_inputs).loss.backward()
+        grads[weight] = {n: p.grad.clone() for n, p in trainable(dm)}
+    lora = [n for n in grads[0.0] if "lora_" in n]
+    norms = [n for n in grads[0.0] if n.startswith("method.norms")]
+    assert lora and norms
+    for n in lora:
+        torch.testing.assert_close(grads[1.0][n], grads[0.0][n], msg=n)
+    assert any(not torch.allclose(grads[1.0][n], grads[0.0][n]) for n in norms)

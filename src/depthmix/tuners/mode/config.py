@@ -15,6 +15,10 @@ class MoDEConfig(MethodConfig):
     router: "token" (a float32 linear layer on the final normalised hidden state, weights per token) or
         "static" (k learnable logits shared by all tokens).
     distill_weight: lambda, weight of the distillation term (0 = off).
+    distill_reduction: "sum" (the paper: the KL terms of the shallower layers are added) or "mean" (averaged over
+        them, so the term's scale does not grow with num_layers).
+    distill_into: "backbone" (the KL's gradient reaches the shallower blocks, and LoRA in them) or "norms" (the
+        shallower hidden states are detached: distillation trains only their norms).
     temperature: tau of the distillation term.
     init_final_weight: routing weight of the final layer at initialisation (the rest is shared equally by the
         other layers); close to 1 keeps the untrained model close to the base model.
@@ -25,6 +29,8 @@ class MoDEConfig(MethodConfig):
     num_layers: int = 3
     router: str = "token"
     distill_weight: float = 1.0
+    distill_reduction: str = "sum"
+    distill_into: str = "backbone"
     temperature: float = 1.0
     init_final_weight: float = 0.98
     chunk_size: int = 256
@@ -33,6 +39,8 @@ class MoDEConfig(MethodConfig):
         self._check(_is_int(self.num_layers) and self.num_layers >= 2, "num_layers", "an integer >= 2")
         self._check(self.router in ("token", "static"), "router", "'token' or 'static'")
         self._check(_is_num(self.distill_weight) and self.distill_weight >= 0, "distill_weight", "a number >= 0")
+        self._check(self.distill_reduction in ("sum", "mean"), "distill_reduction", "'sum' or 'mean'")
+        self._check(self.distill_into in ("backbone", "norms"), "distill_into", "'backbone' or 'norms'")
         self._check(_is_num(self.temperature) and self.temperature > 0, "temperature", "a number > 0")
         self._check(_is_num(self.init_final_weight) and 0 < self.init_final_weight < 1, "init_final_weight",
                     "a number strictly between 0 and 1")

@@ -18,6 +18,8 @@ class MoDE(Method):
     """Ensembles blocks T-k .. T-1. Parameters: norms[i] for block T-k+i (i < k-1; the final block keeps the
     model's own frozen final norm) and the router, all float32."""
 
+    compact_on_cpu = True  # False: the accelerator's sync-free path (every row, masked) on a CPU too
+
     def __init__(self, config, arch, hidden_size: int):
         super().__init__(config, arch)
         if not arch.causal or arch.norm is None or arch.head_path != "lm_head":
@@ -74,6 +76,8 @@ class MoDE(Method):
         if self.recording and not self.training:
             self._record(w.detach(), final)
         if self.training and self.config.distill_weight > 0:
+            if self.config.distill_into == "norms":  # the KL's gradient stops at the norms
+                normed = [norm(h.detach().float()) for norm, h in zip(self.norms, hs)] + [final]
             self._distill(final, normed[:-1])
         return mixed.to(final.dtype)
 
@@ -82,18 +86,28 @@ class MoDE(Method):
         if keep is None:
             return
         width = final.shape[-1]
-        rows = keep.reshape(-1).nonzero().squeeze(1)
-        teacher = final.reshape(-1, width).index_select(0, rows)
-        students = [s.reshape(-1, width).index_select(0, rows) for s in students]
-        total = distill_sum(teacher, students, self.arch.head, self.config.temperature, self.config.chunk_size)
-        count = self.inputs.get("num_items_in_batch")  # the Trainer's count over the whole accumulated batch
-        if count is None:
+        teacher, students = final.reshape(-1, width), [s.reshape(-1, width) for s in students]
+        if final.is_cpu and self.compact_on_cpu:
+            # No device to wait for on a CPU: score the labelled rows only (a prompt is often most of a row).
+            rows = keep.reshape(-1).nonzero().squeeze(1)
+            teacher, students, weight = teacher[rows], [s[rows] for s in students], None
             count = rows.numel()
+        else:
+            # Static shapes on an accelerator: every row, unlabelled ones weighted 0 (no host sync for a count).
+            weight = keep.reshape(-1).to(torch.float32)
+            count = weight.sum()
+        total = distill_sum(teacher, students, self.arch.head, self.config.temperature, self.config.chunk_size,
+                            weight)
+        if self.config.distill_reduction == "mean":
+            total = total / len(students)
+        items = self.inputs.get("num_items_in_batch")  # the Trainer's count over the whole accumulated batch
+        count = count if items is None else items
         count = count.to(total.device).clamp(min=1) if torch.is_tensor(count) else max(count, 1)
         self.add_aux(self.config.distill_weight * total / count)
 
     def labelled(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """[B, S] bool: the positions whose logits are scored by the causal LM loss (label of the next token set)."""
+        """[B, S] bool: the positions whose logits are scored by the causal LM loss (label of the next token set);
+        None without labels."""
         target = self.inputs.get("shift_labels")
         if target is None:
             labels = self.inputs.get("labels")
@@ -103,8 +117,7 @@ class MoDE(Method):
         if target.shape != hidden.shape[:2]:
             raise RuntimeError(f"MoDE: labels of shape {tuple(target.shape)} do not match the hidden states "
                                f"{tuple(hidden.shape[:2])}")
-        keep = target.to(hidden.device) != -100
-        return keep if keep.any() else None
+        return target.to(hidden.device) != -100
 
     # -- routing statistics ----------------------------------------------------------------------------------
     def _record(self, w: torch.Tensor, final: torch.Tensor) -> None:
