@@ -35,22 +35,9 @@ class Method(nn.Module):
             del module._depthmix
         self._swapped.clear()
 
-    @contextlib.contextmanager
-    def bypassed(self):
-        """The wrapped modules run as they were (their original classes) for the duration of the block."""
-        classes = [(module, type(module)) for module in self._swapped]
-        for module, _ in classes:
-            restore_class(module)
-        try:
-            yield
-        finally:
-            for module, cls in classes:
-                module.__class__ = cls
-
     # -- per forward ----------------------------------------------------------------------------------
     def begin(self, inputs: dict) -> None:
         """Called before each forward of the base model with its named inputs."""
-        check_prompt_mask(inputs)
         self.inputs = inputs
         self.aux = []
 
