@@ -35,6 +35,18 @@ class Method(nn.Module):
             del module._depthmix
         self._swapped.clear()
 
+    @contextlib.contextmanager
+    def bypassed(self):
+        """The wrapped modules run as they were (their original classes) for the duration of the block."""
+        classes = [(module, type(module)) for module in self._swapped]
+        for module, _ in classes:
+            restore_class(module)
+        try:
+            yield
+        finally:
+            for module, cls in classes:
+                module.__class__ = cls
+
     # -- per forward ----------------------------------------------------------------------------------
     def begin(self, inputs: dict) -> None:
         """Called before each forward of the base model with its named inputs."""
@@ -74,6 +86,13 @@ class Method(nn.Module):
     def extra_state(self) -> dict:
         """Method-specific summaries a trainer may log (realized capacity, routing counts...)."""
         return {}
+
+
+def detach_all(model: nn.Module) -> None:
+    """Undo every wrap in `model`, also those of a method whose construction failed half-way."""
+    for module in model.modules():
+        restore_class(module)
+        module.__dict__.pop("_depthmix", None)
 
 
 def float32_linear(d_in: int, d_out: int, bias: bool = True, zero: bool = False) -> nn.Linear:
