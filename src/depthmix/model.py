@@ -1,6 +1,7 @@
 """The public entry point: apply a method (and optionally a PEFT LoRA/DoRA adapter) to a HF model."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -10,14 +11,17 @@ import torch
 from torch import nn
 
 from . import io
+from . import lora as lora_layers
 from .config import MethodConfig
 from .io import AdapterError
 from .registry import fingerprint, resolve
 from .tuners import METHODS
+from .tuners.base import detach_all
 
 CONFIG_NAME = "depthmix_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "depthmix-adapter/1"
+_ABSENT = object()
 
 
 class DepthMixModel(nn.Module):
@@ -31,22 +35,44 @@ class DepthMixModel(nn.Module):
             raise TypeError("this model already carries depthmix; apply to the plain base model")
         if config is not None and not isinstance(config, MethodConfig):
             raise TypeError(f"config must be a depthmix method config (MoLExConfig, ...), got {type(config).__name__}")
+        refuse_carried(model, lora)
         arch = resolve(model)
+        if lora is not None:
+            lora_layers.check(lora, model)
         self.fingerprint = fingerprint(model)
         self.method_config = config
         self.lora_config = lora
+        self.base_model = model
+        self.arch = arch
+        self.method = None
+        self._hooks = []
+        self._bypassed = False
+        # What teardown() puts back: every parameter's requires_grad, a trained head's weights, peft's model attribute
+        self._grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+        self._head_backup = []
+        self._peft_config = model.__dict__.get("peft_config", _ABSENT)
+        try:
+            self._attach(model, config, lora, train_head)
+        except BaseException:
+            self._teardown()
+            raise
+        self._base_signature = inspect.signature(model.forward)
+        # Trainer keeps the dataset columns that forward() names: show the base model's signature.
+        self.forward = _with_signature(self._forward, self._base_signature)
+
+    def _attach(self, model, config, lora, train_head) -> None:
+        arch = self.arch
         if lora is not None:
             from peft import inject_adapter_in_model
             inject_adapter_in_model(lora, model)
-            arch = resolve(model)  # LoRA may have wrapped the head or norm: find the modules as they are now
+            arch = self.arch = resolve(model)  # LoRA may have wrapped the head or norm: find the modules as they are now
         for name, p in model.named_parameters():
             p.requires_grad_(lora is not None and "lora_" in name)
         self.train_head = type(model).__name__.endswith("ForSequenceClassification") if train_head is None else train_head
         if self.train_head and arch.head is not None:
+            # The head is trained in place: keep its weights, for unload() and disable_adapter()
+            self._head_backup = [(p, p.detach().clone()) for p in arch.head.parameters()]
             arch.head.requires_grad_(True)
-        self.base_model = model
-        self.arch = arch
-        self.method = None
         if config is not None:
             method_cls = METHODS[config.method][1]
             self.method = method_cls(config, arch, self.fingerprint["hidden_size"])
@@ -54,25 +80,91 @@ class DepthMixModel(nn.Module):
         self.adapter_names = [n for n, p in self.named_parameters() if p.requires_grad]
         self._hooks = [model.register_forward_pre_hook(self._begin, with_kwargs=True),
                        model.register_forward_hook(self._finish, with_kwargs=True)]
-        self._base_signature = inspect.signature(model.forward)
-        # Trainer keeps the dataset columns that forward() names: show the base model's signature.
-        self.forward = _with_signature(self._forward, self._base_signature)
+
+    def _teardown(self, keep_head: bool = False, merge: bool = False) -> None:
+        """Undo _attach, whatever part of it was done: hooks, wrapped modules, LoRA layers, requires_grad flags."""
+        model = self.base_model
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self.method is not None:
+            self.method.detach()
+        detach_all(model)
+        if self.lora_config is not None:
+            lora_layers.remove(model, merge=merge)
+            if self._peft_config is not _ABSENT:
+                model.peft_config = self._peft_config
+        if not keep_head:
+            self._swap_head()
+        self._head_backup = []
+        for p, flag in self._grad_flags:
+            p.requires_grad_(flag)
+
+    def _swap_head(self) -> None:
+        """Exchange the head's weights with the saved ones (calling it twice puts them back)."""
+        with torch.no_grad():
+            for p, saved in self._head_backup:
+                current = p.detach().clone()
+                p.copy_(saved)
+                saved.copy_(current)
+
+    # -- a way back ---------------------------------------------------------------------------------------
+    def unload(self) -> nn.Module:
+        """Remove everything depthmix put into the base model (method, LoRA layers and their weights, hooks; a
+        trained head gets its original weights back) and return it, as it was before apply()."""
+        return self._release(merge=False)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the LoRA weights (and a trained head) into the base model and return it; for LoRA alone: a
+        method's routing has no merged form."""
+        if self.method is not None:
+            raise ValueError(f"merge_and_unload(): the {self.method_config.method} method cannot be merged into the "
+                             "base model's weights; use unload() to remove it with the LoRA")
+        return self._release(merge=True)
+
+    def _release(self, merge: bool) -> nn.Module:
+        model = self.base_model
+        self._teardown(keep_head=merge, merge=merge)
+        self.method = None
+        del self.base_model
+        self._unloaded = True
+        return model
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Runs the base model alone inside the block: the method bypassed, LoRA layers off, a trained head's
+        original weights in place; all restored on exit, also after an exception."""
+        flags = [(p, p.requires_grad) for p in self.parameters()]
+        bypassed, self._bypassed = self._bypassed, True
+        try:
+            with contextlib.ExitStack() as stack:
+                if self.method is not None:
+                    stack.enter_context(self.method.bypassed())
+                if self.lora_config is not None:
+                    stack.enter_context(lora_layers.disabled(self.base_model))
+                self._swap_head()
+                stack.callback(self._swap_head)
+                yield self
+        finally:
+            self._bypassed = bypassed
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     # -- forward ------------------------------------------------------------------------------------------
     def _forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)
 
     def _begin(self, module, args, kwargs):
-        if self.method is not None:
+        if self.method is not None and not self._bypassed:
             named = self._base_signature.bind_partial(*args, **kwargs).arguments
             named.update(named.pop("kwargs", {}))
             self.method.begin(named)
 
     def _finish(self, module, args, kwargs, output):
-        return self.method.finish(output) if self.method is not None else output
+        return self.method.finish(output) if self.method is not None and not self._bypassed else output
 
     def generate(self, *args, **kwargs):
-        if self.method is None:
+        if self.method is None or self._bypassed:
             return self.base_model.generate(*args, **kwargs)
         if not self.method.supports_cache:
             kwargs["use_cache"] = False
@@ -84,6 +176,8 @@ class DepthMixModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             if name == "base_model":
+                if self.__dict__.get("_unloaded"):
+                    raise AttributeError("this DepthMixModel was unloaded: use the model unload() returned") from None
                 raise
             return getattr(self.base_model, name)
 
@@ -155,7 +249,11 @@ class DepthMixModel(nn.Module):
         check_base(meta, model, path)  # everything is checked before anything touches the model
         tensors = read_weights(path, meta)
         wrapped = cls(model, method_config_from(meta, path), _lora_from_dict(meta["lora"]), meta["train_head"])
-        wrapped._copy_in(tensors, path)
+        try:
+            wrapped._copy_in(tensors, path)
+        except BaseException:
+            wrapped._teardown()  # the base model is left as it was, ready for the right adapter
+            raise
         if not is_trainable:
             wrapped.eval()
             for p in wrapped.parameters():
@@ -169,14 +267,40 @@ def apply(model: nn.Module, config: MethodConfig | None = None, lora=None, train
     return DepthMixModel(model, config, lora, train_head)
 
 
+def refuse_carried(model: nn.Module, lora) -> None:
+    """One depthmix model per base model: a second method (or LoRA) would silently stack on the first."""
+    name = type(model).__name__
+    for hook in [*model._forward_pre_hooks.values(), *model._forward_hooks.values()]:
+        if isinstance(getattr(hook, "__self__", None), DepthMixModel):
+            raise ValueError(f"{name} already carries a depthmix model ({_describe(hook.__self__)}); "
+                             "call its unload() first, or use it as it is: stacking methods is not supported")
+    for path, module in model.named_modules():
+        if getattr(type(module), "_depthmix_mixin_of", None) is not None or "_depthmix" in vars(module):
+            raise ValueError(f"{name} already carries a depthmix method at {path!r}; call unload() first")
+    carried = lora_layers.carried(model) if lora is not None else None
+    if carried is not None:
+        raise ValueError(f"{name} already carries PEFT adapter layers (at {carried!r}); merge or unload them "
+                         "before adding depthmix's LoRA")
+
+
+def _describe(dm: "DepthMixModel") -> str:
+    parts = [dm.method_config.method] if dm.method_config is not None else []
+    return " + ".join(parts + (["LoRA"] if dm.lora_config is not None else [])) or "nothing"
+
+
 def read_adapter_config(path) -> dict:
     file = Path(path) / CONFIG_NAME
     meta = io.read_json(file)
     if meta.get("format") != FORMAT:
         raise AdapterError(f"{file}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
-    for key in ("method", "config", "lora", "train_head", "base"):
+    for key in ("method", "config", "lora", "train_head", "base", "weights_sha256"):
         if key not in meta:
             raise AdapterError(f"{file}: missing field {key!r}")
+    if not isinstance(meta["weights_sha256"], str) or len(meta["weights_sha256"]) != 64:
+        raise AdapterError(f"{file}: field 'weights_sha256' is {meta['weights_sha256']!r}, expected the 64 hex "
+                           f"digits of the sha256 of {WEIGHTS_NAME}")
+    if not isinstance(meta["base"], dict):
+        raise AdapterError(f"{file}: field 'base' is {meta['base']!r}, expected the base model's fingerprint")
     return meta
 
 
@@ -184,7 +308,7 @@ def read_weights(path, meta: dict) -> dict[str, torch.Tensor]:
     weights = Path(path) / WEIGHTS_NAME
     if not weights.exists():
         raise AdapterError(f"{weights}: file not found")
-    if meta.get("weights_sha256") and io.sha256(weights) != meta["weights_sha256"]:
+    if io.sha256(weights) != meta["weights_sha256"]:
         raise AdapterError(f"{weights}: contents do not match {CONFIG_NAME} (sha256 differs); "
                            "the adapter folder holds files from two different saves")
     return io.load_tensors(weights)
@@ -199,12 +323,16 @@ def method_config_from(meta: dict, path) -> MethodConfig | None:
     return METHODS[meta["method"]][0].from_dict(meta["config"], source=str(Path(path) / CONFIG_NAME))
 
 
+BASE_KEYS = ("family", "model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size",
+             "vocab_size")
+
+
 def check_base(meta: dict, model: nn.Module, path) -> None:
     """Refuse an adapter made for another base model, before touching any weight."""
     have = fingerprint(model)
     want = meta["base"]
     diffs = [f"{k}: adapter {want.get(k)!r} vs model {have.get(k)!r}"
-             for k in ("family", "num_layers", "hidden_size", "vocab_size") if want.get(k) != have.get(k)]
+             for k in BASE_KEYS if want.get(k) != have.get(k)]
     if diffs:
         raise AdapterError(f"{path}: this adapter was saved for another base model ({want.get('model_class')}); "
                            + "; ".join(diffs))

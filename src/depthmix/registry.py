@@ -128,5 +128,12 @@ def fingerprint(model: nn.Module) -> dict:
         "model_class": type(model).__name__,
         "num_layers": arch.num_layers,
         "hidden_size": getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None),
+        "num_heads": _first(cfg, "num_attention_heads", "n_head"),
+        "num_kv_heads": _first(cfg, "num_key_value_heads"),
+        "intermediate_size": _first(cfg, "intermediate_size", "n_inner"),
         "vocab_size": getattr(cfg, "vocab_size", None),
     }
+
+
+def _first(cfg, *names):
+    return next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), None)
