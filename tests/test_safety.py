@@ -165,12 +165,20 @@ def test_layer_out_of_range_changes_nothing(family):
     assert_unchanged(base, family, before)
 
 
-def test_mod_on_bert_changes_nothing():
-    base = tiny("bert")
-    before = snapshot(base, "bert")
-    with pytest.raises(depthmix.ConfigError, match="MoD routes tokens of causal LMs; bert is an encoder"):
-        depthmix.apply(base, depthmix.MoDConfig(), lora=lora("bert", modules_to_save=["classifier"]))
-    assert_unchanged(base, "bert", before)
+@pytest.mark.parametrize("family,config,error,message", [
+    ("bert", depthmix.MoDConfig, depthmix.ConfigError, "MoD routes tokens of causal LMs; bert is an encoder"),
+    ("bert", depthmix.MoDEConfig, depthmix.UnsupportedModelError, "MoDE needs a causal LM with a final norm and an LM "
+                                                                  "head"),
+    ("llama", lambda: depthmix.MoDEConfig(num_layers=6), depthmix.ConfigError,
+     r"MoDEConfig.num_layers = 6: the model has only 4 blocks"),
+])
+def test_method_the_model_cannot_take_changes_nothing(family, config, error, message):
+    base = tiny(family)
+    before = snapshot(base, family)
+    extra = {"modules_to_save": ["classifier"]} if family == "bert" else {}
+    with pytest.raises(error, match=message):
+        depthmix.apply(base, config(), lora=lora(family, **extra))
+    assert_unchanged(base, family, before)
 
 
 def test_failure_half_way_through_wiring_is_undone(monkeypatch):
