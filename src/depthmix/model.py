@@ -245,8 +245,11 @@ class DepthMixModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = False) -> "DepthMixModel":
+        """Loads an adapter saved by save_pretrained onto `model`. The config, the base fingerprint and the weights'
+        sha256 are checked before anything touches the model; tensor names and shapes once the adapter is built,
+        and on a mismatch (or any other failure) the model is put back as it was (see unload())."""
         meta = read_adapter_config(path)
-        check_base(meta, model, path)  # everything is checked before anything touches the model
+        check_base(meta, model, path)
         tensors = read_weights(path, meta)
         wrapped = cls(model, method_config_from(meta, path), _lora_from_dict(meta["lora"]), meta["train_head"])
         try:
