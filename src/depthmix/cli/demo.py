@@ -29,6 +29,9 @@ def run_demo(args) -> int:
 
     out = Path(args.output_dir)
     summaries, histories = {}, {}
+    # a loss every 5 steps, but at least 4 points on a short run (one per step when it has fewer than 8)
+    steps = -(-len(get_task("pydoc/topics").load("train", max_samples=args.max_train_samples)) // 16) * args.epochs
+    logging_steps = max(1, min(5, int(steps) // 4))
     for method in ("lora", "molex"):
         run = out / method
         if (run / CONFIG_NAME).exists():  # the demo owns this folder: start it afresh
@@ -36,7 +39,7 @@ def run_demo(args) -> int:
         opts = TrainOptions(method=method, model=args.model, task="pydoc/topics", output_dir=str(run),
                             epochs=args.epochs, batch_size=16, lr=1e-3, max_length=64, seed=args.seed,
                             max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
-                            save_steps=10_000, logging_steps=5)
+                            save_steps=10_000, logging_steps=logging_steps)
         print(f"\n== {method}: {args.model} on pydoc/topics ==", flush=True)
         summaries[method] = train(opts)
         import json
