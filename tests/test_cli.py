@@ -1,5 +1,7 @@
 """End to end through the command line, on the embedded MiniLM-L6 and the pydoc/topics task (no download)."""
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -42,10 +44,14 @@ def test_eval_and_routing_plot(trained, capsys):
     assert (trained / "routing-pydoc_topics.png").stat().st_size > 1000
 
 
-def test_resume_continues_from_the_last_checkpoint(trained):
-    assert run("train", "--config", trained.parent / "train.yaml", "--output-dir", trained, "--max-steps", 6,
+def test_resume_continues_from_the_last_checkpoint(trained, tmp_path):
+    killed = tmp_path / "killed"  # the run as if killed after its last checkpoint (a finished run is not resumed)
+    shutil.copytree(trained, killed, ignore=lambda d, names: [] if Path(d) != trained else
+                    [n for n in names if not n.startswith("checkpoint-") and n != "run_options.json"])
+    assert run("train", "--config", trained.parent / "train.yaml", "--output-dir", killed, "--max-steps", 6,
                "--resume", "--no-progress") == 0
-    assert json.loads((trained / "metrics.json").read_text())["train_steps"] == 6
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert metrics["train_steps"] == 6 and metrics["options"]["method_config"]["alpha"] == 0.7  # from the record
 
 
 def test_refuses_to_overwrite_and_names_bad_options(trained, tmp_path, capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -15,7 +16,19 @@ class MethodConfig:
     method: ClassVar[str] = ""
 
     def __post_init__(self):
+        self._check_kinds()
         self.validate()
+
+    def _check_kinds(self) -> None:
+        """What every method's validate() would otherwise repeat: a boolean field holds a boolean (the string
+        'false' is truthy) and a number is finite (inf and nan pass comparisons such as `>= 0` or fail them
+        with a misleading message)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if str(f.type) == "bool":
+                self._check(isinstance(value, bool), f.name, "true or false")
+            elif isinstance(value, float):
+                self._check(math.isfinite(value), f.name, "a finite number")
 
     def validate(self) -> None:
         pass

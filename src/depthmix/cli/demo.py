@@ -22,7 +22,6 @@ def register(sub) -> None:
 
 def run_demo(args) -> int:
     from ..data.tasks import get_task
-    from ..model import CONFIG_NAME
     from ..plots import loss_curve, routing_heatmap
     from ..train import TrainOptions, train
     from .plot import routing_counts
@@ -34,7 +33,7 @@ def run_demo(args) -> int:
     logging_steps = max(1, min(5, int(steps) // 4))
     for method in ("lora", "molex"):
         run = out / method
-        if (run / CONFIG_NAME).exists():  # the demo owns this folder: start it afresh
+        if run.exists():  # the demo owns this folder: start it afresh (also after a demo that was killed)
             shutil.rmtree(run)
         opts = TrainOptions(method=method, model=args.model, task="pydoc/topics", output_dir=str(run),
                             epochs=args.epochs, batch_size=16, lr=1e-3, max_length=64, seed=args.seed,

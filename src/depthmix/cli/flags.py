@@ -28,6 +28,8 @@ def _kind(annotation: str):
     for name, fn in (("int", int), ("float", float)):
         if a.startswith(name):
             return fn
+    if a.replace(" ", "") == "str|None":  # a folder named `5` stays the string '5'
+        return str
     if a.startswith("str |") or a.startswith("str|"):
         return "value"
     return str if a.startswith("str") else "value"

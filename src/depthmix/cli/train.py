@@ -47,6 +47,7 @@ def train_options(args):
     from ..train.options import TrainOptions, load_options_file
     values = load_options_file(args.config) if args.config else {}
     values.update(pick(args, OPTION_NAMES))
+    values = resumed(values)
     method = values.get("method", "lora")
     method_config = dict(values.get("method_config") or {})
     given = {n for names in METHOD_FLAGS.values() for n in names if hasattr(args, n)}
@@ -57,6 +58,25 @@ def train_options(args):
     method_config.update({n: getattr(args, n) for n in given})
     values["method_config"] = method_config
     return TrainOptions(**values)
+
+
+def resumed(values: dict) -> dict:
+    """--resume continues a run as it started: options not given come from its record, not from the defaults
+    (given ones that change what the run is are refused by `train`)."""
+    from ..train.options import TrainOptions
+    from ..train.runs import recorded_options
+    if not values.get("resume"):
+        return values
+    default = next(f.default for f in dataclasses.fields(TrainOptions) if f.name == "output_dir")
+    old = recorded_options(values.get("output_dir", default))
+    if old is None:
+        return values
+    names = {f.name for f in dataclasses.fields(TrainOptions)} - {"output_dir"}  # the folder may have moved
+    merged = {**{k: v for k, v in old.items() if k in names}, **values}
+    same_method = merged.get("method") == old.get("method")
+    merged["method_config"] = {**(old.get("method_config") or {} if same_method else {}),
+                               **(values.get("method_config") or {})}
+    return merged
 
 
 def run_train(args) -> int:

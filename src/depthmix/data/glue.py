@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .tasks import DataError, Task, data_root, find_file, register, subsample
+from .tasks import DataError, Task, check_table, data_root, find_file, register, subsample
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class GlueTask(Task):
 
     def _read_tsv(self, path) -> datasets.Dataset:
         lay = self.layout
+        check_table(path, "\t", lay.header, quoted=False)
         try:
             raw = datasets.load_dataset("csv", data_files=str(path), delimiter="\t", quoting=csv.QUOTE_NONE,
                                         header=0 if lay.header else None, keep_default_na=False,

@@ -77,6 +77,39 @@ def find_file(root: Path, *candidates: str) -> Path | None:
     return None
 
 
+def read_text(path: Path) -> str:
+    """A data file's text; an empty or non-UTF-8 file is a DataError naming the file and the line."""
+    data = Path(path).read_bytes()
+    if not data.strip():
+        raise DataError(f"{path}: the file is empty")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as "
+                        "UTF-8") from None
+
+
+def check_table(path: Path, delimiter: str, header: bool, quoted: bool) -> None:
+    """Every line of a TSV/CSV file has as many fields as the first one (pandas reports a ragged line without
+    its file, or reads a missing field as empty), and a file with a header has a row under it."""
+    import csv
+    import io
+    text = read_text(path)
+    if quoted:
+        reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+        rows = [(reader.line_num, len(fields)) for fields in reader if fields]
+    else:
+        rows = [(n + 1, line.count(delimiter) + 1) for n, line in enumerate(text.splitlines()) if line.strip()]
+    first, width = rows[0]
+    for line, count in rows[1:]:
+        if count != width:
+            raise DataError(f"{path}: line {line}: {count} fields, but line {first} has {width}"
+                            f"{' (the header)' if header else ''}")
+    if header and len(rows) < 2:
+        raise DataError(f"{path}: only a header line, no rows")
+
+
 def subsample(ds: datasets.Dataset, max_samples: int | None, seed: int) -> datasets.Dataset:
     if max_samples is None or max_samples >= len(ds):
         return ds

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,19 +50,88 @@ class TrainOptions:
     bf16: bool = False
     progress: bool = True
 
-    def validate(self) -> None:
+    def validate(self, source: str = "") -> None:
+        """Types first (a config file can hold anything), then values; every message names the option."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, checked_type(f.name, getattr(self, f.name), f.type, source))
         if self.method not in METHOD_NAMES:
             raise ConfigError(f"method = {self.method!r}: expected one of {METHOD_NAMES}")
         if self.method == "lora" and not self.lora:
             raise ConfigError("method = 'lora' with lora = false trains nothing")
-        for name in ("batch_size", "eval_batch_size", "grad_accum", "max_length", "lora_r"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} = {getattr(self, name)!r}: expected an integer >= 1")
-        for name in ("lr", "epochs"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} = {getattr(self, name)!r}: expected a number > 0")
-        if not 0 <= self.warmup < 1:
-            raise ConfigError(f"warmup = {self.warmup!r}: expected a fraction in [0, 1)")
+        for name in ("batch_size", "eval_batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha",
+                     "save_steps", "save_total_limit", "logging_steps", "max_train_samples", "max_eval_samples",
+                     "eval_max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} = {value!r}: expected an integer >= 1")
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise ConfigError(f"max_steps = {self.max_steps!r}: expected -1 (train for `epochs`) or an integer >= 1")
+        for name in ("lr", "epochs", "router_lr"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} = {value!r}: expected a number > 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay = {self.weight_decay!r}: expected a number >= 0")
+        for name in ("warmup", "lora_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} = {getattr(self, name)!r}: expected a fraction in [0, 1)")
+        if self.eval_mode is not None and self.eval_mode not in EVAL_MODES:
+            raise ConfigError(f"eval_mode = {self.eval_mode!r}: expected one of {EVAL_MODES}")
+
+
+EVAL_MODES = ("loglik", "loglik-text", "generate")
+
+
+def checked_type(name: str, value, annotation, source: str):
+    """value if it has the field's type (ints are accepted for floats; YAML 1.1 reads `1e-4` as a string, so a
+    string holding a number is too), else a ConfigError naming the source, the option and the value."""
+    kind = str(annotation).replace(" ", "")
+    optional = kind.endswith("|None")
+    kind = kind.removesuffix("|None")
+    if value is None and optional:
+        return None
+    problem = None
+    if kind == "bool":
+        if not isinstance(value, bool):
+            problem = "true or false (a string such as 'false' is not a boolean)"
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            problem = "an integer"
+    elif kind == "float":
+        number = _number(value)
+        if number is None:
+            problem = "a number"
+        elif not math.isfinite(number):
+            problem = "a finite number"
+        else:
+            value = number
+    elif kind == "str":
+        if not isinstance(value, str):
+            problem = "a string (quote it in a YAML file)"
+    elif kind.startswith("list[str]"):
+        value = [value] if isinstance(value, str) else value
+        if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            problem = "a non-empty list of strings"
+    elif kind.startswith("dict"):
+        if not isinstance(value, dict):
+            problem = "a mapping"
+    if problem:
+        where = f"{source}: " if source else ""
+        raise ConfigError(f"{where}{name} = {value!r}: expected {problem}" + (" or null" if optional else ""))
+    return value
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def load_options_file(path: str | Path) -> dict[str, Any]:
@@ -84,4 +154,5 @@ def load_options_file(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown option(s) {unknown}; known: {sorted(known)}")
-    return data
+    types = {f.name: f.type for f in dataclasses.fields(TrainOptions)}
+    return {name: checked_type(name, value, types[name], str(path)) for name, value in data.items()}

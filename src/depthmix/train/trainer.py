@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from .. import io
 from ..config import ConfigError
@@ -16,8 +16,9 @@ from ..data.tasks import get_task
 from ..model import CONFIG_NAME, DepthMixModel, apply
 from ..models import load_model, load_tokenizer
 from ..registry import resolve
-from ..tuners import METHODS
 from .options import TrainOptions
+from .preflight import method_config, preflight
+from .runs import RunLock, begin, run_record
 
 # Gates, routers and alpha learn faster than LoRA weights (docs/design.md §1: 0.1 in the public MoLEx GLUE runs).
 ROUTER_LR = {"molex": 1e-2, "mod": 1e-3, "mode": 1e-3}
@@ -64,31 +65,13 @@ def build_model(opts: TrainOptions, head: str, num_labels: int | None):
         lora = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
                           target_modules=list(opts.lora_targets or arch.family.lora_targets),
                           use_dora=opts.use_dora, fan_in_fan_out=arch.family.name == "gpt2")
-    method_config = None
-    if opts.method != "lora":
-        method_config = METHODS[opts.method][0].from_dict(opts.method_config, source="method_config")
-    elif opts.method_config:
-        raise ConfigError(f"method_config {opts.method_config} given, but method is 'lora'")
-    return apply(model, method_config, lora), tokenizer
+    return apply(model, method_config(opts), lora), tokenizer
 
 
-def train(opts: TrainOptions) -> dict:
-    opts.validate()
-    out = Path(opts.output_dir)
-    resume = get_last_checkpoint(str(out)) if opts.resume and out.is_dir() else None
-    if opts.resume and resume is None:
-        raise ConfigError(f"--resume: no checkpoint-* folder in {out}")
-    if not opts.resume and (out / CONFIG_NAME).exists() and os.environ.get("LOCAL_RANK", "0") == "0":
-        raise ConfigError(f"{out} already holds a trained adapter; choose another --output-dir or delete it")
-    set_seed(opts.seed)
-    task = get_task(opts.task)
-    train_rows = task.load("train", opts.data_dir, opts.max_train_samples, opts.seed)
-    eval_rows = task.load("eval", opts.data_dir, opts.max_eval_samples, 0)
-    model, tokenizer = build_model(opts, task.head, task.num_labels)
-    train_ds = task.encode(train_rows, tokenizer, opts.max_length)
-
-    args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=opts.batch_size, gradient_accumulation_steps=opts.grad_accum,
+def training_arguments(opts: TrainOptions) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=opts.output_dir, per_device_train_batch_size=opts.batch_size,
+        gradient_accumulation_steps=opts.grad_accum,
         num_train_epochs=opts.epochs, max_steps=opts.max_steps, learning_rate=opts.lr, weight_decay=opts.weight_decay,
         warmup_steps=opts.warmup, lr_scheduler_type="linear", logging_steps=opts.logging_steps,
         save_steps=opts.save_steps, save_total_limit=opts.save_total_limit, seed=opts.seed, data_seed=opts.seed,
@@ -96,6 +79,43 @@ def train(opts: TrainOptions) -> dict:
         activation_checkpointing=opts.gradient_checkpointing, dataloader_num_workers=0,
         dataloader_pin_memory=torch.accelerator.is_available(),
         ddp_find_unused_parameters=False, use_cpu=not torch.accelerator.is_available())
+
+
+def train(opts: TrainOptions) -> dict:
+    task, method_config = preflight(opts)  # every mistake that can be found before loading anything
+    args = training_arguments(opts)  # before the lock: it sets up the processes (accelerate's PartialState)
+    lock = RunLock(opts.output_dir)
+    resume = on_main_process(lambda: begin(lock, opts, run_record(opts, method_config)))
+    try:
+        return _train(opts, task, args, resume)
+    finally:
+        lock.release()
+
+
+def on_main_process(fn):
+    """fn() on the main process only; its result, or its ConfigError, on every process (no rank goes on alone)."""
+    state = PartialState()
+    box = [None, None]
+    if state.is_main_process:
+        try:
+            box[0] = fn()
+        except ConfigError as e:
+            box[1] = str(e)
+    if state.num_processes > 1:
+        broadcast_object_list(box)
+    if box[1] is not None:
+        raise ConfigError(box[1])
+    return box[0]
+
+
+def _train(opts: TrainOptions, task, args: TrainingArguments, resume: str | None) -> dict:
+    out = Path(opts.output_dir)
+    set_seed(opts.seed)
+    train_rows = task.load("train", opts.data_dir, opts.max_train_samples, opts.seed)
+    eval_rows = task.load("eval", opts.data_dir, opts.max_eval_samples, 0)
+    model, tokenizer = build_model(opts, task.head, task.num_labels)
+    train_ds = task.encode(train_rows, tokenizer, opts.max_length)
+
     trainer = DepthMixTrainer(model=model, args=args, train_dataset=train_ds, data_collator=task.collator(tokenizer),
                               processing_class=tokenizer, router_lr=opts.router_lr or ROUTER_LR.get(opts.method))
     start = time.time()

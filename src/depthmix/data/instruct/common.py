@@ -11,7 +11,7 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from ..tasks import DataError, Task, data_root, find_file, subsample
+from ..tasks import DataError, Task, check_table, data_root, find_file, read_text, subsample
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,10 @@ def read_records(path, fields: list[str]) -> datasets.Dataset:
     """A JSON list / JSON lines / CSV file through `datasets`, every field present and not null."""
     path = Path(path)
     kind = "csv" if path.suffix == ".csv" else "json"
+    if kind == "csv":
+        check_table(path, ",", header=True, quoted=True)
+    else:
+        read_text(path)
     kwargs = {"keep_default_na": False} if kind == "csv" else {}
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)

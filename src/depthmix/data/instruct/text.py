@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..tasks import DataError, Task, register
+from ..tasks import DataError, Task, read_text, register
 from .common import LOGITS_BUDGET, CausalCollator, device_of, eval_mode, hub, locate
 
 HEADING = re.compile(r"^ = [^=].* = $")
@@ -36,7 +36,7 @@ def shakespeare(split, data_dir, task):
     if path is None:
         text = "\n".join(hub(task, "karpathy/tiny_shakespeare", None, "train" if split == "train" else "test")["text"])
         return _paragraphs(text)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     cut = int(0.9 * len(text))
     return _paragraphs(text[:cut] if split == "train" else text[cut:])
 
@@ -51,7 +51,7 @@ def wikitext(split, data_dir, task):
     if path is None:
         lines = hub(task, "Salesforce/wikitext", "wikitext-2-v1", "train" if split == "train" else "test")["text"]
     else:
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        lines = read_text(path).splitlines(keepends=True)
     articles: list[list[str]] = []
     for line in lines:
         if HEADING.match(line.rstrip("\n")) or not articles:

@@ -1,0 +1,104 @@
+"""What can be checked before a model or a data set is loaded, so that a mistake fails in a second."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from ..config import ConfigError
+from ..data.tasks import Task, data_root, get_task
+from ..models import EMBEDDED, cache_dir
+from ..registry import FAMILIES
+from ..tuners import METHODS
+from .options import TrainOptions
+
+
+def preflight(opts: TrainOptions) -> tuple[Task, dict]:
+    """Checks the options, the task, the data folder, the model name and the method config -> (task, the method
+    config in full)."""
+    opts.validate()
+    task = get_task(opts.task)
+    check_data_dir(opts.data_dir)
+    check_model(opts.model, task)
+    config = method_config(opts)
+    return task, config.to_dict() if config is not None else {}
+
+
+def method_config(opts: TrainOptions):
+    if opts.method == "lora":
+        if opts.method_config:
+            raise ConfigError(f"method_config {opts.method_config} given, but method is 'lora'")
+        return None
+    return METHODS[opts.method][0].from_dict(opts.method_config, source="method_config")
+
+
+def check_data_dir(data_dir) -> None:
+    root = data_root(data_dir)
+    if root is not None and not root.is_dir():
+        name = "data_dir" if data_dir else "DEPTHMIX_DATA"
+        raise ConfigError(f"{name} = {str(root)!r}: no such folder")
+
+
+def check_model(name: str, task: Task) -> None:
+    """An unknown name fails here, not after the Hub's retries; a causal LM task on an encoder too."""
+    config = model_config(name)
+    if config is None:
+        return
+    family = next((f for f in FAMILIES if config.get("model_type") in f.model_types), None)
+    if task.head == "causal_lm" and family is not None and not family.causal:
+        raise ConfigError(f"task {task.name!r} trains a causal language model, but model {name!r} is an encoder "
+                          f"(model_type {config.get('model_type')!r}): choose a decoder model")
+
+
+def model_config(name: str) -> dict | None:
+    """The config.json of an embedded model, a local folder or a cached Hub model (None: not found here, but
+    the Hub may have it)."""
+    if name in EMBEDDED:
+        path = embedded_config(name)
+    elif Path(name).expanduser().is_dir():
+        path = Path(name).expanduser() / "config.json"
+        if not path.exists():
+            raise ConfigError(f"model {name!r}: the folder has no config.json")
+    else:
+        path = hub_config(name)
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model {name!r}: cannot read {path} ({e})") from None
+
+
+def embedded_config(name: str) -> Path | None:
+    emb = EMBEDDED[name]
+    if emb.gguf_file:  # its config exists once the GGUF file has been converted (models._gguf_as_folder)
+        path = cache_dir() / "models" / name / "config.json"
+    else:
+        spec = importlib.util.find_spec(emb.module)
+        path = Path(spec.origin).parent / emb.subdir / "config.json" if spec and spec.origin else None
+    return path if path is not None and path.exists() else None
+
+
+def hub_config(name: str) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    known = f"embedded models: {', '.join(EMBEDDED)}"
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ConfigError(f"model {name!r}: not an embedded model ({known}), not a folder, and not a Hugging "
+                          "Face Hub id") from None
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return cached
+    if offline():
+        raise ConfigError(f"model {name!r}: not an embedded model ({known}), not a folder, and not in the local "
+                          "Hugging Face cache (HF_HUB_OFFLINE is set, so the Hub is not asked)")
+    return None
+
+
+def offline() -> bool:
+    from huggingface_hub import constants
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return constants.HF_HUB_OFFLINE or any(v.upper() in ("1", "ON", "YES", "TRUE") for v in flags)
