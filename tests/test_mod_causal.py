@@ -1,9 +1,14 @@
 """MoD outside training: no lookahead by default, and the first real token (attention sink) always processed."""
+import json
+
 import pytest
 import torch
 
 import depthmix
+import depthmix.train
 from conftest import CAUSAL, batch, tiny
+from depthmix.cli.main import main
+from depthmix.models import load_tokenizer
 from depthmix.tuners.mod.cache import KEY
 from depthmix.tuners.mod.layer import first_real, topk_membership
 from test_mod import inputs, mod
@@ -131,3 +136,18 @@ def test_one_token_prompt_decodes_through_every_routed_block(family):
     stores = out.past_key_values.__dict__[KEY]
     assert [stores[i].length.tolist() for i in range(2)] == [[1], [1]]  # the sink, and nothing else (zero routers)
     torch.testing.assert_close(out.logits[0], dense, rtol=0, atol=1e-6)
+
+
+def test_depthmix_eval_records_the_routing(family, tmp_path, monkeypatch):
+    tok = load_tokenizer("smollm2-135m")
+    model = tiny(family)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    dm = depthmix.apply(model, depthmix.MoDConfig(capacity=0.5)).eval()
+    dm.save_pretrained(tmp_path / "adapter", info={"task": "lm/pydoc"})
+    monkeypatch.setattr(depthmix.train, "load_trained", lambda *a, **k: (dm, tok, {}))
+    args = ["eval", "--adapter", str(tmp_path / "adapter"), "--max-eval-samples", "2", "--max-length", "32"]
+    for flags, want in (([], "causal"), (["--routing", "topk-lookahead"], "topk-lookahead")):
+        out = tmp_path / f"{want}.json"
+        assert main(args + flags + ["--output", str(out)]) == 0
+        record = json.loads(out.read_text())
+        assert record["routing"] == want and record["metrics"]["tokens"] > 0
