@@ -4,6 +4,7 @@ errors that name file, line and cause. Each probe asserts its message and that n
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -291,3 +292,43 @@ def test_data_errors_name_file_line_and_cause(tmp_path, task, file, content, say
     with pytest.raises(DataError) as e:
         get_task(task).load("train", str(tmp_path))
     assert str(e.value) == f"{path}: {says}" + ("; save the file as UTF-8" if "UTF-8" in says else "")
+
+
+RANK_SCRIPT = r"""
+import os, sys
+from depthmix.config import ConfigError
+from depthmix.train import TrainOptions, train
+try:
+    train(TrainOptions(output_dir=os.path.join(sys.argv[1], "run"), max_steps=1, progress=False))
+    said = "trained"
+except ConfigError as e:
+    said = str(e)
+from accelerate import PartialState
+with open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".txt"), "w") as f:
+    f.write(f"{PartialState().num_processes} {PartialState().is_main_process}\n{said}")
+"""
+
+
+def test_under_torchrun_every_rank_stops_when_the_folder_is_held(tmp_path):
+    """Only the main process takes the lock; the others learn its refusal from it instead of training alone
+    (and hanging at their first collective)."""
+    lock = RunLock(tmp_path / "run")
+    lock.acquire()
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    try:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(port), str(script), str(tmp_path)],
+                              env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        lock.release()
+    assert done.returncode == 0, done.stderr[-2000:]
+    for rank, main_process in ((0, True), (1, False)):
+        state, said = (tmp_path / f"rank{rank}.txt").read_text().split("\n", 1)
+        assert state == f"2 {main_process}"
+        assert said.startswith(f"{tmp_path / 'run'} is in use by another run (pid {os.getpid()} on "), said
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
