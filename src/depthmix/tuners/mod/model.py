@@ -127,16 +127,7 @@ class MoD(Method):
         cache = named.get("past_key_values")
         if cache is not None and self.training and torch.is_grad_enabled():
             named["past_key_values"] = cache = None  # training never decodes: keep no subset K/V
-        # top-k membership: the selection in topk mode, the target of the causal decision otherwise
-        # (in causal mode only for statistics, and not in decoding steps, where a sequence's top-k is undefined)
-        fresh = cache is None or i not in cache.__dict__.get(KEY, {})
-        keep = self._first(i, valid, cache)
-        topk = topk_membership(r.detach(), valid, self.config.capacity, keep) if (not causal or fresh) else None
-        if causal:
-            sel = (decide.detach() > 0) & valid
-            sel = sel if keep is None else sel | keep
-        else:
-            sel = topk
+        sel, topk = self._select(i, r, decide, valid, cache, causal)
         self._record(i, sel, valid, decide, topk)
         if self.training and torch.is_grad_enabled() and self.config.aux_weight > 0 and topk is not None:
             w = valid.to(decide.dtype)
@@ -174,6 +165,18 @@ class MoD(Method):
         kw["attention_mask"] = subset_mask(start, 1, int(start.max()) + 1, attn_impl(block), x.dtype, x.device)
         y = self._update(x, forward(x, **kw), self._weight(r))
         return y if x.shape[0] == 1 else torch.where(sel.unsqueeze(-1), y, x)
+
+    def _select(self, i, r, decide, valid, cache, causal: bool):
+        """[B, S] the tokens block i processes, and their top-k membership: the selection in topk mode, the target
+        of the causal decision otherwise (there only for statistics, and None in decoding steps, where a
+        sequence's top-k is undefined)."""
+        fresh = cache is None or i not in cache.__dict__.get(KEY, {})  # before _first creates the store
+        keep = self._first(i, valid, cache)
+        topk = topk_membership(r.detach(), valid, self.config.capacity, keep) if (not causal or fresh) else None
+        if not causal:
+            return topk, topk
+        sel = (decide.detach() > 0) & valid
+        return (sel if keep is None else sel | keep), topk
 
     def _first(self, i, valid, cache):
         """[B, S] the first real token of each row where config.keeps_first (else None). With a KV cache the
