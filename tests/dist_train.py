@@ -19,7 +19,8 @@ model, tok = build_model(opts, task.head, task.num_labels)
 data = task.encode(task.load("train", max_samples=64), tok, 32)
 args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, max_steps=6, learning_rate=1e-3,
                          report_to="none", save_strategy="no", disable_tqdm=True, label_names=["labels"],
-                         ddp_backend="gloo", ddp_find_unused_parameters=False, seed=0, use_cpu=True)
+                         ddp_backend="gloo", ddp_find_unused_parameters=False, seed=0, use_cpu=True,
+                         ddp_timeout=120)  # a collective waiting this long means a hang: fail
 trainer = DepthMixTrainer(model=model, args=args, train_dataset=data, data_collator=task.collator(tok),
                           router_lr=1e-2)
 trainer.train()

@@ -1,18 +1,63 @@
+"""Two-process training on CPU (gloo) under torchrun: DDP through the HF Trainer, and every method under FSDP2
+(`fully_shard`) and DDP with a plain loop. Every launch has a time limit, so a hang (ranks making different
+collectives) fails fast."""
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+import dist_methods
+
+HERE = Path(__file__).parent
+METHODS = list(dist_methods.CONFIGS)
+LIMIT = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: str, out: Path, *args) -> None:
+    """Run `script out *args` on 2 processes, stopping them after LIMIT seconds (a hang fails the test)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(HERE / script), str(out), *args]
+    # a file, not a pipe: a worker that outlives torchrun would hold a pipe open
+    with open(out / "torchrun.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=LIMIT)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            pytest.fail(f"{script} {args} did not finish in {LIMIT} s (a hang?):\n{tail(out)}")
+    assert proc.returncode == 0, tail(out)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM: torchrun stops its workers (they run in sessions of their own), then exits."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def tail(out: Path) -> str:
+    return (out / "torchrun.log").read_text()[-5000:]
+
 
 def test_two_process_ddp_training_ends_with_identical_weights(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(Path(__file__).with_name("dist_train.py")), str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun("dist_train.py", tmp_path)
     for rank in (0, 1):  # each rank trained its own half of the batches inside DistributedDataParallel
         assert (tmp_path / f"rank{rank}.txt").read_text() == f"rank {rank} of 2 done, steps=6 DistributedDataParallel"
     a, b = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
@@ -21,3 +66,43 @@ def test_two_process_ddp_training_ends_with_identical_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
     # and training moved them: LoRA B starts at zero
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+
+
+def reference(method: str):
+    """The same training in one process: each step's loss is the mean of the two ranks' losses."""
+    model = dist_methods.build(method)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=dist_methods.LR)
+    for ids0, ids1 in zip(dist_methods.batches(0), dist_methods.batches(1)):
+        ((dist_methods.loss_of(model, ids0) + dist_methods.loss_of(model, ids1)) / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        tokens = [dist_methods.generate(model, "none", dist_methods.batches(r)[1][:, :3]).tolist() for r in (0, 1)]
+    end = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return start, end, tokens
+
+
+@pytest.mark.parametrize("how", ["fsdp", "ddp"])
+def test_every_method_trains_on_two_processes(tmp_path, how):
+    torchrun("dist_methods.py", tmp_path, how, *METHODS)
+    for method in METHODS:
+        ranks = [json.loads((tmp_path / f"{how}-{method}-rank{r}.json").read_text()) for r in (0, 1)]
+        start, end, tokens = reference(method)
+        a, b = ({n: torch.tensor(w) for n, w in rank["weights"].items()} for rank in ranks)
+        assert a.keys() == b.keys() == end.keys(), method
+        for n in a:
+            assert torch.equal(a[n], b[n]), (method, n)  # the ranks agree
+            assert not torch.equal(a[n], start[n]), (method, n)  # training moved every trainable tensor
+            # and as one process on both ranks' data: right gradients, no expert's weights swapped for another's
+            torch.testing.assert_close(a[n], end[n], atol=1e-5, rtol=1e-4, msg=f"{method} {n}")
+        assert [rank["generated"] for rank in ranks] == tokens, method
+        if method.startswith("molex"):
+            assert ranks_differed(*(rank["choices"] for rank in ranks)), method
+
+
+def ranks_differed(a, b) -> bool:
+    """Whether at some step and layer t one rank called an expert (t's own block aside) that the other did not:
+    the case where the ranks would have gathered different blocks."""
+    return any(set(x) ^ set(y) - {t} for step_a, step_b in zip(a, b) for t, (x, y) in enumerate(zip(step_a, step_b)))

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from ...blocks import take_rows_all, unrecorded
 from ...config import pick_layers
 from ..base import Method, float32_linear
+from .dist import agree, distributed, keep
 from .layer import MoLExBlock, balance_loss, route
 
 
@@ -85,28 +86,49 @@ class MoLEx(Method):
         return torch.addcmul(out * a.to(out.dtype), expert, weight.to(out.dtype))
 
     def _by_sequence(self, t, z, out, named, choice, state):
-        groups = choice.unique().tolist()
+        groups = self._groups(choice.unique().tolist(), z)
         if len(groups) == 1:
             return out if groups[0] == t else self._expert(groups[0], z, named, None, state)
         expert = torch.empty_like(out)
+        spare = []
         for j in groups:
             r = (choice == j).nonzero(as_tuple=True)[0]
+            if j != t and len(r) == 0:
+                spare.append(self._spare(j, z, named))
+                continue
             expert.index_copy_(0, r, out.index_select(0, r) if j == t else self._expert(j, z, named, r, state))
-        return expert
+        return keep(expert, spare)
 
     def _by_token(self, t, z, out, named, choice):
         valid = self.valid_mask(z)
         expert = torch.zeros_like(out)
-        for j in choice[valid].unique().tolist():
+        spare = []
+        for j in self._groups(choice[valid].unique().tolist(), z):
             sel = choice == j
             r = sel.any(1).nonzero(as_tuple=True)[0]
             if j == t:
                 full = out
+            elif len(r) == 0:
+                spare.append(self._spare(j, z, named))
+                continue
             else:
                 part = self._expert(j, z, named, r if len(r) < len(choice) else None, None)
                 full = part if len(r) == len(choice) else torch.zeros_like(out).index_copy(0, r, part)
             expert = torch.where(sel.unsqueeze(-1), full, expert)
-        return expert
+        return keep(expert, spare)
+
+    def _groups(self, local, z):
+        """The experts to call, in order. Distributed: the union over the ranks, so that every rank calls the same
+        sharded blocks in the same order (FSDP/ZeRO-3 gather their weights with collectives)."""
+        return agree(local, self.arch.num_layers, z.device) if distributed() else local
+
+    def _spare(self, j, z, named):
+        """Expert j on row 0 alone, for a rank none of whose rows chose it; the caller throws the output away."""
+        kw = dict(named)
+        if kw.get("past_key_values") is not None:  # decoding: no cache to write into, so no mask over one either
+            kw.pop("past_key_values")
+            kw.pop("attention_mask", None)
+        return self._expert(j, z, kw, torch.zeros(1, dtype=torch.long, device=z.device), None)
 
     def _expert(self, j, z, named, rows, state):
         """Block j on z (rows of it), called through the module so FSDP/ZeRO-3 hooks gather its weights."""

@@ -1,0 +1,121 @@
+"""Run by tests/test_distributed.py under torchrun (gloo, CPU): every method trains a tiny Llama + LoRA for a few
+SGD steps, wrapped in FSDP2 (`fully_shard` on every block, then the root) or in DDP. Each rank trains on its own
+data and writes its trainable weights and, for MoLEx, the experts it picked at each step and layer.
+
+    dist_methods.py OUT fsdp|ddp METHOD...
+
+The functions without torch.distributed (build, batches, loss_of) are what the test's single-process reference
+run uses too."""
+import json
+import os
+import sys
+from datetime import timedelta
+
+import torch
+from peft import LoraConfig
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from depthmix import MoDConfig, MoDEConfig, MoLExConfig, apply
+
+STEPS = 3
+LR = 0.5
+CONFIGS = {
+    "molex-sequence": lambda: MoLExConfig(routing="sequence"),
+    "molex-token": lambda: MoLExConfig(routing="token"),
+    "mod": lambda: MoDConfig(capacity=0.5),
+    "mode": lambda: MoDEConfig(),
+}
+
+
+def build(method: str):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = apply(LlamaForCausalLM(cfg), CONFIGS[method](),
+                  lora=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    if method.startswith("molex"):
+        for gate in model.method.gates:  # sharper gates: the ranks' different tokens pick different experts
+            gate.weight.data.mul_(20)
+    return model.train()
+
+
+def batches(rank: int) -> list[torch.Tensor]:
+    """STEPS batches of 2 sequences of 6 tokens; each rank draws its own."""
+    g = torch.Generator().manual_seed(100 + rank)
+    return [torch.randint(3, 64, (2, 6), generator=g) for _ in range(STEPS)]
+
+
+def loss_of(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss
+
+
+def picked(method, before: torch.Tensor) -> list[list[int]]:
+    """Per mixed layer, the experts this rank's routing chose since `before` (a copy of method.counts)."""
+    return [torch.nonzero(row).flatten().tolist() for row in method.counts - before]
+
+
+def wrap(model, how: str):
+    if how == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+    for block in model.arch.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def full(p: torch.Tensor) -> torch.Tensor:
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+
+
+def run(method: str, how: str, rank: int, out: str) -> None:
+    model = build(method)
+    method_module = model.method
+    names = list(model.adapter_names)
+    wrapped = wrap(model, how)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    choices = []
+    if method.startswith("molex"):
+        method_module.recording = True
+    for ids in batches(rank):
+        before = method_module.counts.clone() if method.startswith("molex") else None
+        loss_of(wrapped, ids).backward()
+        opt.step()
+        opt.zero_grad()
+        if before is not None:
+            choices.append(picked(method_module, before))
+    with torch.no_grad():  # evaluation and generation must not hang either (MoD routes causally there)
+        wrapped.eval()
+        loss_of(wrapped, batches(rank)[0])
+        tokens = generate(model, how, batches(rank)[1][:, :3])
+    params = dict(model.named_parameters())
+    weights = {n: full(params[n]).tolist() for n in names}
+    with open(os.path.join(out, f"{how}-{method}-rank{rank}.json"), "w") as f:
+        json.dump({"weights": weights, "choices": choices, "generated": tokens.tolist()}, f)
+
+
+def generate(model, how: str, prompt: torch.Tensor) -> torch.Tensor:
+    """Greedy tokens; synced_gpus: a rank that is done keeps stepping while another is not (FSDP gathers)."""
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, synced_gpus=how != "none")
+    if how != "fsdp":
+        return model.generate(prompt, **kwargs)
+    model.unshard()  # generate() bypasses the root module's forward, where FSDP would gather the root's weights
+    try:
+        return model.generate(prompt, **kwargs)
+    finally:
+        model.reshard()
+
+
+def main() -> None:
+    out, how, methods = sys.argv[1], sys.argv[2], sys.argv[3:]
+    # a collective that waits this long means the ranks diverged: fail rather than hang
+    torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=120))
+    rank = torch.distributed.get_rank()
+    for method in methods:
+        run(method, how, rank, out)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
