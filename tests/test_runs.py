@@ -332,3 +332,29 @@ def test_under_torchrun_every_rank_stops_when_the_folder_is_held(tmp_path):
         assert state == f"2 {main_process}"
         assert said.startswith(f"{tmp_path / 'run'} is in use by another run (pid {os.getpid()} on "), said
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, says", [
+    (("--max-eval-samples", 0), "--max-eval-samples 0: expected an integer >= 1"),
+    (("--batch-size", -1), "--batch-size -1: expected an integer >= 1"),
+    (("--data-dir", "2024"), "data_dir = '2024': no such folder"),
+])
+def test_eval_refuses_bad_flags_before_loading(finished, capsys, flags, says):
+    before = snapshot(finished)
+    code, err = run(capsys, "eval", "--adapter", finished, *flags)
+    assert code == 2 and says in err
+    assert snapshot(finished) == before
+
+
+@pytest.mark.parametrize("flags, says", [
+    (("--lr", "nan"), "lr = nan: expected a finite number"),
+    (("--flops", "inf"), "flops = inf: expected a finite number"),
+    (("--max-steps", 0), "max_steps = 0: expected an integer >= 1"),
+    (("--warmup", 1.5), "warmup = 1.5: expected a fraction in [0, 1)"),
+])
+def test_pretrain_refuses_bad_flags_before_building(tmp_path, capsys, flags, says):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text " * 100)
+    code, err = run(capsys, "pretrain", "--corpus", corpus, *flags, "--output-dir", tmp_path / "out")
+    assert code == 2 and says in err
+    assert not (tmp_path / "out").exists()

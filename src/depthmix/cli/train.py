@@ -87,12 +87,23 @@ def run_train(args) -> int:
     return 0
 
 
+def check_eval_args(args) -> None:
+    """What can be refused before the model is loaded."""
+    from ..train.preflight import check_data_dir
+    for name in ("max_eval_samples", "batch_size", "max_length", "max_new_tokens"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: expected an integer >= 1")
+    check_data_dir(args.data_dir)
+
+
 def run_eval(args) -> int:
     from ..data.tasks import get_task
     from ..io import write_json
     from ..train import load_trained
     from ..train.trainer import CONFIG_NAME
     from .. import io
+    check_eval_args(args)
     info = io.read_json(Path(args.adapter) / CONFIG_NAME).get("info", {})
     task_name = args.task or info.get("task")
     if task_name is None:

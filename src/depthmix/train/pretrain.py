@@ -19,6 +19,7 @@ from .. import flops as flop_count
 from .. import io
 from ..config import ConfigError
 from ..model import apply
+from .options import checked_type
 
 ARCHS = ("llama", "gpt2")
 
@@ -48,6 +49,8 @@ class PretrainOptions:
     method_config: dict = field(default_factory=dict)
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, checked_type(f.name, getattr(self, f.name), f.type, ""))
         if self.arch not in ARCHS:
             raise ConfigError(f"arch = {self.arch!r}: expected one of {ARCHS}")
         if self.method not in ("dense", "mod"):
@@ -56,9 +59,16 @@ class PretrainOptions:
             raise ConfigError(f"corpus = {self.corpus!r}: not a file")
         if self.eval_corpus and not Path(self.eval_corpus).is_file():
             raise ConfigError(f"eval_corpus = {self.eval_corpus!r}: not a file")
-        for name in ("layers", "hidden", "seq_len", "batch_size", "eval_blocks"):
-            if getattr(self, name) < 1:
+        for name in ("layers", "hidden", "seq_len", "batch_size", "eval_blocks", "logging_steps", "heads",
+                     "max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} = {getattr(self, name)!r}: expected an integer >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"lr = {self.lr!r}: expected a number > 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay = {self.weight_decay!r}: expected a number >= 0")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"warmup = {self.warmup!r}: expected a fraction in [0, 1)")
         if self.hidden % self.num_heads:
             raise ConfigError(f"hidden = {self.hidden} is not divisible by heads = {self.num_heads}")
         if self.flops <= 0:
