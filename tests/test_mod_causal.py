@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import depthmix
+import depthmix.evaluation.lm_eval as harness
 import depthmix.train
 from conftest import CAUSAL, batch, tiny
 from depthmix.cli.main import main
@@ -151,3 +152,19 @@ def test_depthmix_eval_records_the_routing(family, tmp_path, monkeypatch):
         assert main(args + flags + ["--output", str(out)]) == 0
         record = json.loads(out.read_text())
         assert record["routing"] == want and record["metrics"]["tokens"] > 0
+
+
+def test_lm_eval_output_records_the_routing(family, tmp_path, monkeypatch):
+    dm = mod(family)
+    seen = {}
+
+    def fake_evaluate(model, *a, **k):  # what lm_eval would do: score the model as handed over
+        seen["routing"] = model.method.eval_routing()
+        return {"results": {"t": {"alias": "t", "acc,none": 0.5}}, "versions": {"t": 1}, "n-shot": {"t": 0},
+                "higher_is_better": {"t": {"acc": True}}}
+
+    monkeypatch.setattr(depthmix.train, "load_trained", lambda *a, **k: (dm, None, {}))
+    monkeypatch.setattr(harness, "evaluate", fake_evaluate)
+    out = tmp_path / "lm-eval.json"
+    assert main(["lm-eval", "--adapter", str(tmp_path), "--tasks", "t", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["routing"] == seen["routing"] == "causal"
