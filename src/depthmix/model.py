@@ -58,7 +58,7 @@ class DepthMixModel(nn.Module):
             raise
         self._base_signature = inspect.signature(model.forward)
         # Trainer keeps the dataset columns that forward() names: show the base model's signature.
-        self.forward = _with_signature(self._forward, self._base_signature)
+        self.forward = _with_signature(self._forward, _with_prompt_mask(self._base_signature))
 
     def _attach(self, model, config, lora, train_head) -> None:
         arch = self.arch
@@ -151,13 +151,22 @@ class DepthMixModel(nn.Module):
                 p.requires_grad_(flag)
 
     # -- forward ------------------------------------------------------------------------------------------
-    def _forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+    def _forward(self, *args, prompt_mask=None, **kwargs):
+        """prompt_mask: [batch, length] bool, True on each sequence's prompt (MoLEx sequence routing in a causal LM
+        decides on it); the leading run of marked real tokens counts. Without it: labels -100, else the first
+        token. It goes to the method only, never to the base model."""
+        self._prompt_mask = prompt_mask
+        try:
+            return self.base_model(*args, **kwargs)
+        finally:
+            self._prompt_mask = None
 
     def _begin(self, module, args, kwargs):
         if self.method is not None and not self._bypassed:
             named = self._base_signature.bind_partial(*args, **kwargs).arguments
             named.update(named.pop("kwargs", {}))
+            if getattr(self, "_prompt_mask", None) is not None:
+                named["prompt_mask"] = self._prompt_mask
             self.method.begin(named)
 
     def _finish(self, module, args, kwargs, output):
@@ -339,6 +348,14 @@ def check_base(meta: dict, model: nn.Module, path) -> None:
     if diffs:
         raise AdapterError(f"{path}: this adapter was saved for another base model ({want.get('model_class')}); "
                            + "; ".join(diffs))
+
+
+def _with_prompt_mask(signature):
+    """The base model's signature with the keyword-only `prompt_mask` (before **kwargs, if any)."""
+    params = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
+    extra = inspect.Parameter("prompt_mask", inspect.Parameter.KEYWORD_ONLY, default=None)
+    rest = [p for p in signature.parameters.values() if p.kind == p.VAR_KEYWORD]
+    return signature.replace(parameters=params + [extra] + rest)
 
 
 def _with_signature(fn, signature):

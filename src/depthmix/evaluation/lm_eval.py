@@ -5,10 +5,17 @@ lm_eval's HFLM takes an already-built model as `pretrained` and then uses only `
 them (attributes it lacks come from its base model), so it is passed itself, not its base model: scoring and
 generation then run through the method (ensembles, routing) and its generate() (no KV cache for methods
 that cannot use one). Plain HF models are passed as they are. See docs/lm-eval.md.
+
+HFLM scores a request by running context + continuation (less its last token) and calls the model with the
+token ids alone; a DepthMixModel is wrapped in `DepthMixLM`, which also passes where each row's context ends
+(`prompt_mask`), so that MoLEx's per-sequence routing is decided by the context, never by the continuation.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+
+import torch
 
 
 def hflm(model, tokenizer, batch_size: int | str = 8, max_length: int | None = None, **kwargs):
@@ -21,8 +28,62 @@ def hflm(model, tokenizer, batch_size: int | str = 8, max_length: int | None = N
     if not isinstance(base, PreTrainedModel):
         raise TypeError(f"expected a DepthMixModel or a transformers PreTrainedModel, got {type(model).__name__}")
     model.eval()
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+    cls = lm_class() if isinstance(model, DepthMixModel) else HFLM
+    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
                 backend="causal", **kwargs)
+
+
+@functools.cache
+def lm_class():
+    """HFLM that tells the model, per scored row, where the context ends (lm_eval is imported on first use)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class DepthMixLM(HFLM):
+        _prompts: dict = {}
+
+        def _loglikelihood_tokens(self, requests, *args, **kwargs):
+            self._prompts = prompt_lengths(requests, self.max_length)
+            try:
+                return super()._loglikelihood_tokens(requests, *args, **kwargs)
+            finally:
+                self._prompts = {}
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            if not self._prompts or attn_mask is not None or labels is not None:
+                return super()._model_call(inps, attn_mask, labels)
+            dtype = getattr(self, "mixed_precision_dtype", None)
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None):
+                return self.model(inps, prompt_mask=prompt_mask(inps, self._prompts)).logits
+
+    return DepthMixLM
+
+
+def prompt_lengths(requests, max_length: int) -> dict[tuple, int]:
+    """For each input row HFLM will build (context + continuation, cut as it cuts them, less the last token):
+    how many of its tokens precede the first scored position's target, i.e. the context the row may decide on.
+    A row built by two requests keeps the shorter context, which is safe for both."""
+    out: dict[tuple, int] = {}
+    for _, context, continuation in requests:
+        row = tuple((list(context) + list(continuation))[-(max_length + 1):][:-1])
+        n = len(row) - len(continuation) + 1
+        out[row] = min(n, out.get(row, n))
+    return out
+
+
+def prompt_mask(inps: torch.Tensor, prompts: dict[tuple, int]) -> torch.Tensor:
+    """[B, W] bool from HFLM's right-padded (with 0) batch: True on each row's context. The pad id may also be a
+    real token, so every length from the unpadded one up is looked up; a row found under several lengths keeps
+    the shortest context; a row not found gets none (the model then decides on its first token)."""
+    rows = inps.tolist()
+    width = inps.shape[1]
+    ends = []
+    for row in rows:
+        n = len(row)
+        while n > 0 and row[n - 1] == 0:
+            n -= 1
+        found = [prompts[key] for key in (tuple(row[:m]) for m in range(n, width + 1)) if key in prompts]
+        ends.append(min(found, default=0))
+    return torch.arange(width, device=inps.device)[None] < torch.tensor(ends, device=inps.device)[:, None]
 
 
 def task_manager(tasks: list[str], include_path: str | Path | list | None = None):

@@ -50,6 +50,7 @@ class Method(nn.Module):
     # -- per forward ----------------------------------------------------------------------------------
     def begin(self, inputs: dict) -> None:
         """Called before each forward of the base model with its named inputs."""
+        check_prompt_mask(inputs)
         self.inputs = inputs
         self.aux = []
 
@@ -93,6 +94,26 @@ def detach_all(model: nn.Module) -> None:
     for module in model.modules():
         restore_class(module)
         module.__dict__.pop("_depthmix", None)
+
+
+def check_prompt_mask(inputs: dict) -> None:
+    """`prompt_mask` (a keyword of DepthMixModel.forward): [batch, length], the length of the input or of the
+    attention mask (which also covers a KV cache's tokens)."""
+    mask = inputs.get("prompt_mask")
+    if mask is None:
+        return
+    ref = inputs.get("input_ids")
+    ref = inputs.get("inputs_embeds") if ref is None else ref
+    lengths = set() if ref is None else {ref.shape[1]}
+    att = inputs.get("attention_mask")
+    if att is not None and att.dim() == 2:
+        lengths.add(att.shape[1])
+    ok = torch.is_tensor(mask) and mask.dim() == 2 and (ref is None or mask.shape[0] == ref.shape[0]) \
+        and (not lengths or mask.shape[1] in lengths)
+    if not ok:
+        got = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
+        want = "?" if ref is None else f"({ref.shape[0]}, {' or '.join(map(str, sorted(lengths)))})"
+        raise ValueError(f"prompt_mask: expected a [batch, length] tensor of shape {want}, got {got}")
 
 
 def float32_linear(d_in: int, d_out: int, bias: bool = True, zero: bool = False) -> nn.Linear:

@@ -263,7 +263,9 @@ def loglik(model, tokenizer, prompts: list[str], continuations: list[str], batch
     Pairs whose token sequences differ only in the last token (the options of a question: "... answer1",
     "... answer2") share one forward pass, as lm_eval's logits cache does. Sequences are left-padded with
     position ids counted from the first real token, so padding does not change a score; only the last
-    positions' logits are asked for (logits_to_keep) when the model supports it."""
+    positions' logits are asked for (logits_to_keep) when the model supports it. A model that takes
+    `prompt_mask` (a DepthMixModel) is told where each prompt ends, so that routing decided per sequence
+    (MoLEx) sees the prompt only, never the continuation it scores."""
     ps, cs = pair_ids(tokenizer, prompts, continuations)
     seqs = []
     for p, c in zip(ps, cs):
@@ -277,7 +279,8 @@ def loglik(model, tokenizer, prompts: list[str], continuations: list[str], batch
     need = [max(len(cs[i]) for i in groups[key]) for key in keys]  # logits wanted at the end of each key
     order = sorted(range(len(keys)), key=lambda g: -len(keys[g]))
     device = device_of(model)
-    keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+    params = inspect.signature(model.forward).parameters
+    keep_arg, prompt_arg = "logits_to_keep" in params, "prompt_mask" in params
     vocab = model.get_output_embeddings().weight.shape[0]
     results: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
     with eval_mode(model):
@@ -290,6 +293,9 @@ def loglik(model, tokenizer, prompts: list[str], continuations: list[str], batch
             ids, mask = left_pad([list(keys[g]) for g in chunk], tokenizer.pad_token_id, device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             extra = {"logits_to_keep": k} if keep_arg else {}
+            if prompt_arg:  # a row's prompt runs through its first scored position, column width - need[g]
+                ends = ids.shape[1] + 1 - torch.tensor([need[g] for g in chunk], device=device)
+                extra["prompt_mask"] = mask.bool() & (torch.arange(ids.shape[1], device=device) < ends[:, None])
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra).logits[:, -k:]
             logp = torch.log_softmax(logits.float(), dim=-1)
             for row, g in enumerate(chunk):

@@ -10,8 +10,10 @@ class MoLExConfig(MethodConfig):
     """Mixture of Layer Experts (Teo & Nguyen, ICLR 2025): z' = a * u_t(z) + (1 - a) * u_j(z), j picked by a gate.
 
     alpha: initial value of a (learn_alpha=True, a = sigmoid of a per-layer scalar) or its fixed value.
+    learn_alpha: train a (one scalar per mixed layer) or keep it fixed at alpha.
     routing: "sequence" (one expert per sequence, from the mean gate logits over its valid tokens; for causal
-        LMs over the prompt tokens only) or "token" (one expert per token).
+        LMs over the prompt only: prompt_mask, labels -100, generate()'s prompt, else the first token) or
+        "token" (one expert per token).
     layers: "all" or a list of the layers that mix in an expert. Every layer can be picked as an expert.
     shared_gate: one gate for all mixed layers instead of one per layer.
     balance_weight: weight of the Switch-style load-balancing loss (0 = off; 0.001-0.01 is typical).

@@ -1,6 +1,7 @@
 """MoLEx wired into a model: gates and alpha, expert calls grouped by expert, KV-cache slots for experts."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -28,6 +29,7 @@ class MoLEx(Method):
         # tokens were never computed, so decoding recomputes the sequence instead of caching.
         self.supports_cache = not (arch.causal and config.routing == "token")
         self.recording = False
+        self._generating, self._generate_prompt = False, None  # see generating()
         self.counts = torch.zeros(len(self.layers), num, dtype=torch.long)
         for i, t in enumerate(self.layers):
             self.wrap(arch.blocks[t], MoLExBlock, i)
@@ -41,15 +43,54 @@ class MoLEx(Method):
         return self.gates[0 if self.config.shared_gate else i]
 
     def units(self, z: torch.Tensor) -> torch.Tensor:
-        """The tokens whose gate logits decide: valid ones; in a causal LM's sequence routing, the prompt only."""
+        """The tokens whose gate logits decide: the valid ones; in a causal LM's sequence routing, the prompt only
+        (so that no position's output depends on a later token): an explicit prompt_mask, else the prompt of the
+        generate() call, else the tokens before the first label, else the first token (the causal fallback)."""
         valid = self.valid_mask(z)
-        labels = self.inputs.get("labels")
-        if self.config.routing == "token" or not self.arch.causal or labels is None or labels.shape != valid.shape:
+        if self.config.routing == "token" or not self.arch.causal:
             return valid
-        prompt = valid & (labels.to(valid.device) == -100)
-        # No prompt marked (plain LM training): decide on the first token, so no position sees the future.
         first = valid & (valid.cumsum(1) == 1)
+        marked = self.prompt_marks(z)
+        if marked is None:
+            return first
+        # Only the leading run of marked real tokens: a mark after the prompt ended would let a later token vote.
+        prompt = valid & marked & ((valid & ~marked).cumsum(1) == 0)
         return torch.where(prompt.any(1, keepdim=True), prompt, first)
+
+    def prompt_marks(self, z: torch.Tensor) -> torch.Tensor | None:
+        """[B, S] bool marking the prompt of this call's tokens, or None where nothing says where it ends."""
+        b, s = z.shape[:2]
+        explicit = self.inputs.get("prompt_mask")
+        if explicit is not None:
+            return explicit[:, -s:].to(device=z.device, dtype=torch.bool)
+        if self._generate_prompt is not None:  # z covers columns total - s .. total of the generated sequence
+            mask = self.inputs.get("attention_mask")
+            total = mask.shape[1] if mask is not None and mask.dim() == 2 else s
+            return (torch.arange(total - s, total, device=z.device) < self._generate_prompt).expand(b, s)
+        labels = self.inputs.get("labels")
+        if labels is not None and labels.shape == (b, s):
+            return labels.to(z.device) == -100
+        shifted = self.inputs.get("shift_labels")  # shifted[:, j] is scored at j: the prompt runs through j
+        if shifted is not None and shifted.shape == (b, s):
+            scored = shifted.to(z.device) != -100
+            return (scored.cumsum(1) - scored.long()) == 0
+        return None
+
+    # -- generate(): the prompt is the input of the first forward, remembered until generate() returns ---------
+    @contextlib.contextmanager
+    def generating(self, kwargs: dict):
+        self._generating, self._generate_prompt = True, None
+        try:
+            yield
+        finally:
+            self._generating, self._generate_prompt = False, None
+
+    def begin(self, inputs: dict) -> None:
+        super().begin(inputs)
+        if self._generating and self._generate_prompt is None:
+            first = inputs.get("input_ids")
+            first = inputs.get("inputs_embeds") if first is None else first
+            self._generate_prompt = None if first is None else first.shape[1]
 
     # -- the mixed forward of block self.layers[i] ------------------------------------------------------------
     def mix(self, block, i: int, forward, args, kwargs):
