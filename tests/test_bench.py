@@ -7,21 +7,46 @@ from depthmix.cli.main import main
 def test_bench_molex_prints_ratios_last(tmp_path, capsys):
     tiny("llama").save_pretrained(tmp_path / "model")
     assert main(["bench", "molex", "--json", "--model", str(tmp_path / "model"), "--batch-size", "2",
-                 "--seq-len", "16", "--repeats", "2"]) == 0
+                 "--seq-len", "16", "--repeats", "2", "--budget", "0"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["method"] == "molex" and result["model"] == str(tmp_path / "model")
     # MoLEx runs at most two blocks per layer: between 1x and 2x the FLOPs of LoRA alone
     assert 1.0 < result["flop_ratio"] <= 2.0
     assert result["step_time_ratio"] > 0 and result["peak_mem_ratio"] > 0
     assert isinstance(result["target_met"], bool)
+    spread = result["step_time_ratio_spread"]  # paired per-round ratios: their median is the reported ratio
+    assert spread["n"] >= 2 and spread["median"] == result["step_time_ratio"]
+    assert spread["ci95"][0] <= spread["median"] <= spread["ci95"][1] and "rounds" in result["timing"]
 
 
 def test_bench_mode_prints_ratios_last(tmp_path, capsys):
     tiny("llama").save_pretrained(tmp_path / "model")
     assert main(["bench", "mode", "--json", "--model", str(tmp_path / "model"), "--batch-size", "2",
-                 "--seq-len", "16", "--repeats", "2", "--num-layers", "2"]) == 0
+                 "--seq-len", "16", "--repeats", "2", "--budget", "0", "--num-layers", "2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["method"] == "mode" and result["model"] == str(tmp_path / "model")
     assert result["trainable_params"]["mode+lora"] > result["trainable_params"]["lora"] > 0
     assert result["trainable_params_ratio"] > 1 and result["step_time_ratio"] > 0 and result["peak_mem_ratio"] > 0
-    assert isinstance(result["targets_met"], bool)
+    assert isinstance(result["targets_met"], bool) and "step_time_ratio <= 1.05 * flop_ratio" in result["targets"]
+    assert result["step_time_ratio_spread"]["median"] == result["step_time_ratio"]
+
+
+def test_spread_of_paired_ratios():
+    from depthmix.bench.common import spread
+    s = spread([float(v) for v in range(1, 21)])
+    assert s["median"] == 10.5 and s["iqr"] == [5.75, 15.25] and s["n"] == 20
+    assert s["ci95"] == [6.0, 15.0]  # order statistics 6 and 15 of 20 bracket the median with >= 95% confidence
+
+
+def test_timing_goes_on_until_the_ratio_is_tight_or_the_budget_ends():
+    import itertools
+
+    from depthmix.bench.common import interleaved_times
+    noisy = itertools.cycle([0.0, 0.02])  # every other call of b is slow: a wide ratio spread that never narrows
+    import time
+    r = interleaved_times({"a": lambda: None, "b": lambda: time.sleep(next(noisy))}, 3, warmup=0, progress=False,
+                          pairs=[("b", "a")], budget_s=0.3)
+    assert len(r.seconds["a"]) > 3 and "time budget" in r.stopped
+    r = interleaved_times({"a": lambda: time.sleep(0.01), "b": lambda: time.sleep(0.01)}, 3, warmup=0,
+                          progress=False, pairs=[("b", "a")], budget_s=5, max_rel_iqr=0.5)
+    assert len(r.seconds["a"]) == 3 and "within" in r.stopped

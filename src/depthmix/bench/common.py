@@ -17,20 +17,73 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_times(fns: dict, repeats: int, warmup: int = 2, device="cpu", progress=True) -> dict[str, float]:
-    """Median seconds per call of each fn, calling them in turn (A B A B ...) so drift hits all alike."""
+class Rounds:
+    """Seconds per call of each timed function, one list entry per round (every function once per round, in turn),
+    so a ratio is taken within a round: load that comes and goes hits both sides of it alike."""
+
+    def __init__(self, names):
+        self.seconds = {name: [] for name in names}
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.seconds[name])
+
+    def ratio(self, num, den) -> dict:
+        """Median, quartiles and a 95% confidence interval of the median of the per-round ratios num/den; num and
+        den are names or functions of one round's {name: seconds}."""
+        rounds = [dict(zip(self.seconds, values)) for values in zip(*self.seconds.values())]
+        pick = lambda f, r: r[f] if isinstance(f, str) else f(r)  # noqa: E731
+        return spread([pick(num, r) / pick(den, r) for r in rounds])
+
+
+def spread(values: list[float]) -> dict:
+    """Median, interquartile range and a distribution-free 95% CI of the median (order statistics)."""
+    from scipy.stats import binom
+    v = sorted(values)
+    n = len(v)
+    q1, _, q3 = statistics.quantiles(v, n=4, method="inclusive") if n > 1 else (v[0], v[0], v[0])
+    lo = max(int(binom.ppf(0.025, n, 0.5)) - 1, 0)  # ranks of the order statistics bracketing the median
+    hi = min(n - 1 - lo, n - 1)
+    med = statistics.median(v)
+    return {"median": round(med, 4), "iqr": [round(q1, 4), round(q3, 4)], "ci95": [round(v[lo], 4), round(v[hi], 4)],
+            "rel_iqr": round((q3 - q1) / med, 4) if med else None, "n": n}
+
+
+def interleaved_times(fns: dict, repeats: int, warmup: int = 2, device="cpu", progress=True,
+                      pairs=(), budget_s: float = 0.0, max_rel_iqr: float = 0.03) -> Rounds:
+    """Time each fn once per round, in turn (A B A B ...), for at least `repeats` rounds; then, while `budget_s`
+    seconds are left, go on until the per-round ratio of every (num, den) in `pairs` has an interquartile range
+    within `max_rel_iqr` of its median. `Rounds.stopped` says which ended it."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times = {name: [] for name in fns}
-    for _ in tqdm(range(repeats), desc="timing", disable=not progress):
+    rounds = Rounds(fns)
+    start = time.perf_counter()
+    bar = tqdm(desc="timing", unit="round", total=repeats, disable=not progress)
+    while True:
         for name, fn in fns.items():
             sync(device)
-            start = time.perf_counter()
+            t = time.perf_counter()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            rounds.seconds[name].append(time.perf_counter() - t)
+        bar.update()
+        n = len(rounds.seconds[next(iter(fns))])
+        if n < repeats:
+            continue
+        wide = [p for p in pairs if (rounds.ratio(*p)["rel_iqr"] or 0) > max_rel_iqr]
+        if not wide:
+            rounds.stopped = f"{n} rounds" + (f", ratio IQR within {max_rel_iqr:.0%} of the median" if pairs else "")
+            break
+        if time.perf_counter() - start > budget_s:
+            rounds.stopped = f"{n} rounds, time budget of {budget_s:.0f} s spent (IQR still wider than " \
+                             f"{max_rel_iqr:.0%} for {[f'{_label(a)}/{_label(b)}' for a, b in wide]})"
+            break
+    bar.close()
+    return rounds
+
+
+def _label(f) -> str:
+    return f if isinstance(f, str) else f.__name__
 
 
 def count_flops(fn) -> int:

@@ -24,7 +24,9 @@ def add_args(p) -> None:
     p.add_argument("--layers", default="every_other")
     p.add_argument("--batch-size", type=int, default=2, help="forward and training-step batch")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timing rounds at least, per measurement (default: %(default)s)")
+    p.add_argument("--budget", type=float, default=120.0, help="seconds, per measurement, to go on timing while a "
+                   "ratio's spread is wide (default: %(default)s)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=48, help="decoding speed: tokens per second of the decoding "
                    "steps (generate(new tokens) - generate(1 token), so prompt processing is left out); "
@@ -106,6 +108,20 @@ def fit_predictors(model, blocks, batches, batch, device, g, progress=True, epoc
             p.requires_grad_(False)
 
 
+def decode_ceiling(mod, realized: float | None) -> float:
+    """The decoding speed-up at batch 1 if a step took the time of reading the weights it uses (memory-bound): every
+    block, norm and the LM head for dense; for MoD the routed blocks only at their realized capacity, plus the
+    routers and predictors, read at every step."""
+    def nbytes(module):
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+    blocks = [nbytes(b) for b in mod.arch.blocks]
+    rest = nbytes(mod.arch.head) + (nbytes(mod.arch.norm) if mod.arch.norm is not None else 0)
+    routed = sum(blocks[t] for t in mod.method.layers)
+    dense = sum(blocks) + rest
+    sparse = dense - routed + (realized if realized is not None else 1.0) * routed + nbytes(mod.method)
+    return round(dense / sparse, 4)
+
+
 @torch.no_grad()
 def score(model, blocks, routing=None, batch=4):
     """Mean held-out NLL; for MoD also its routing statistics in the given mode."""
@@ -163,7 +179,8 @@ def run(args) -> dict:
         return fn
 
     mod.method.routing = "topk"
-    fwd = interleaved_times({"dense": forward(dense), "mod": forward(mod)}, args.repeats, device=dev)
+    fwd = interleaved_times({"dense": forward(dense), "mod": forward(mod)}, args.repeats, device=dev,
+                            pairs=[("mod", "dense")], budget_s=args.budget)
 
     # a full training step (every weight trains, AdamW), as when training from scratch
     steps, train_flops = {}, {}
@@ -180,7 +197,8 @@ def run(args) -> dict:
             opt.step()
         steps[name] = step
         train_flops[name] = flops.count(lambda: model(input_ids=ids, labels=ids, use_cache=False).loss.backward())
-    trn = interleaved_times(steps, max(2, args.repeats - 2), warmup=1, device=dev)
+    trn = interleaved_times(steps, max(2, args.repeats - 2), warmup=1, device=dev, pairs=[("mod", "dense")],
+                            budget_s=args.budget)
     for model in (dense, mod):
         model.zero_grad(set_to_none=True)
         for p in model.parameters():
@@ -206,32 +224,45 @@ def run(args) -> dict:
                 model.generate(prompt, **{**kw, "max_new_tokens": 1, "min_new_tokens": 1})
         return fn
 
+    def step_seconds(name):  # one round's seconds per decoding step, prompt processing left out
+        def fn(r):
+            return (r[name] - r[f"{name}_first"]) / (args.new_tokens - 1)
+        fn.__name__ = f"{name}_step"
+        return fn
+
     mod.method.reset_stats()
     dec = interleaved_times({"dense": decode(dense, "dense"), "mod": decode(mod, "mod"),
                              "dense_first": first(dense), "mod_first": first(mod)}, args.repeats, warmup=1,
-                            device=dev)
+                            device=dev, pairs=[(step_seconds("dense"), step_seconds("mod")), ("dense", "mod")],
+                            budget_s=args.budget)
     realized_decode = mod.method.extra_state().get("realized_capacity")
-    step = {k: (dec[k] - dec[f"{k}_first"]) / (args.new_tokens - 1) for k in ("dense", "mod")}
+    spreads = {"forward_time_ratio": fwd.ratio("mod", "dense"), "train_step_time_ratio": trn.ratio("mod", "dense"),
+               "decode_tokens_per_s_ratio": dec.ratio(step_seconds("dense"), step_seconds("mod")),
+               "generate_tokens_per_s_ratio": dec.ratio("dense", "mod")}
+    step = {k: (dec.median(k) - dec.median(f"{k}_first")) / (args.new_tokens - 1) for k in ("dense", "mod")}
+    ceiling = decode_ceiling(mod, realized_decode)
 
     flop_ratio = flop["mod"] / flop["dense"]
     result = {
         "method": "mod", "model": args.model, "device": dev, "capacity": args.capacity, "layers": mod.method.layers,
         "batch_size": args.batch_size, "seq_len": args.seq_len,
         "flop_ratio": round(flop_ratio, 4),
-        "forward_time_ratio": round(fwd["mod"] / fwd["dense"], 4),
-        "train_step_time_ratio": round(trn["mod"] / trn["dense"], 4),
+        **{name: spread["median"] for name, spread in spreads.items()},
         "train_flop_ratio": round(train_flops["mod"] / train_flops["dense"], 4),
-        "decode_tokens_per_s_ratio": round(step["dense"] / step["mod"], 4),
-        "generate_tokens_per_s_ratio": round(dec["dense"] / dec["mod"], 4),
+        "decode_ceiling": ceiling,
+        "decode_fraction_of_ceiling": round(spreads["decode_tokens_per_s_ratio"]["median"] / ceiling, 4),
+        "spreads": spreads,
+        "timing": {"forward": fwd.stopped, "train_step": trn.stopped, "decode": dec.stopped},
         "predictor_accuracy": quality["mod_causal"].get("predictor_accuracy"),
         "predictor_accuracy_topk_states": quality["mod_topk"].get("predictor_accuracy"),
         "realized_capacity_causal": quality["mod_causal"].get("realized_capacity"),
         "realized_capacity_decode": realized_decode,
         "analytic_flop_ratio": est["ratio"], "analytic_block_flop_ratio": est["block_ratio"],
         "forward_flops": flop, "train_flops": train_flops,
-        "seconds": {"forward": fwd, "train_step": trn, "decode": dec},
+        "seconds": {name: {k: round(r.median(k), 4) for k in r.seconds}
+                    for name, r in (("forward", fwd), ("train_step", trn), ("decode", dec))},
         "decode_tokens_per_s": {k: round(1 / v, 2) for k, v in step.items()},
-        "generate_tokens_per_s": {k: round(args.new_tokens / dec[k], 2) for k in ("dense", "mod")},
+        "generate_tokens_per_s": {k: round(args.new_tokens / dec.median(k), 2) for k in ("dense", "mod")},
         "heldout_nll": {k: round(v["nll"], 4) for k, v in quality.items()},
         "tuned": "adapter " + args.adapter if args.adapter else
                  f"{args.tune_steps} router+predictor steps, predictors fitted on {args.feature_batches} x 4 x "
@@ -245,5 +276,6 @@ def run(args) -> dict:
     }
     print(f"MoD / dense on {args.model} ({dev}): FLOPs {flop_ratio:.3f}x, forward {result['forward_time_ratio']:.3f}x, "
           f"train step {result['train_step_time_ratio']:.3f}x (FLOPs {result['train_flop_ratio']:.3f}x), decode "
-          f"{result['decode_tokens_per_s_ratio']:.2f}x tokens/s, predictor accuracy {result['predictor_accuracy']}")
+          f"{result['decode_tokens_per_s_ratio']:.2f}x tokens/s (ceiling {ceiling:.2f}x), "
+          f"predictor accuracy {result['predictor_accuracy']}")
     return result

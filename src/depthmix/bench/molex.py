@@ -15,7 +15,9 @@ def add_args(p) -> None:
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=10, help="timing rounds at least (default: %(default)s)")
+    p.add_argument("--budget", type=float, default=120.0,
+                   help="seconds to go on timing while the ratio's spread is wide (default: %(default)s)")
     p.add_argument("--routing", default="sequence", choices=["sequence", "token"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -68,16 +70,19 @@ def _is_causal(name) -> bool:
     return not any(mt in f.model_types and not f.causal for f in FAMILIES)
 
 
-def compare(models: dict, batch: dict, repeats: int, device) -> dict:
+def compare(models: dict, batch: dict, repeats: int, device, budget_s: float = 0.0) -> dict:
     steps = {k: training_step(m, batch) for k, m in models.items()}
-    times = interleaved_times(steps, repeats, device=device)
+    times = interleaved_times(steps, repeats, device=device, pairs=[("method", "lora")], budget_s=budget_s)
     flops = {k: count_flops(forward_backward(m, batch)) for k, m in models.items()}
     mem = {k: peak_memory(steps[k], device) for k in models}
+    step = times.ratio("method", "lora")
     return {
-        "step_time_ratio": round(times["method"] / times["lora"], 4),
+        "step_time_ratio": step["median"],
+        "step_time_ratio_spread": step,
+        "timing": times.stopped,
         "flop_ratio": round(flops["method"] / flops["lora"], 4),
         "peak_mem_ratio": round(mem["method"] / mem["lora"], 4),
-        "step_seconds": {k: round(v, 4) for k, v in times.items()},
+        "step_seconds": {k: round(times.median(k), 4) for k in steps},
         "train_flops": flops,
         "step_peak_bytes": mem,
     }
@@ -88,10 +93,10 @@ def run(args) -> dict:
     models = build_pair(args.model, args.device, MoLExConfig(routing=args.routing))
     batch = synthetic_batch(models["lora"], args.batch_size, args.seq_len, args.device)
     result = {"method": "molex", "model": args.model, "device": args.device, "batch_size": args.batch_size,
-              "seq_len": args.seq_len, "routing": args.routing, **compare(models, batch, args.repeats, args.device)}
+              "seq_len": args.seq_len, "routing": args.routing, **compare(models, batch, args.repeats, args.device, args.budget)}
     result["target"] = "step_time_ratio <= 1.05 * flop_ratio"
     result["target_met"] = result["step_time_ratio"] <= 1.05 * result["flop_ratio"]
     print(f"MoLEx+LoRA / LoRA on {args.model} (batch {args.batch_size} x {args.seq_len}, {args.device}): "
-          f"step time {result['step_time_ratio']:.3f}x, FLOPs {result['flop_ratio']:.3f}x, "
+          f"step time {result['step_time_ratio']:.3f}x (95% CI {result['step_time_ratio_spread']['ci95']}), FLOPs {result['flop_ratio']:.3f}x, "
           f"peak step memory {result['peak_mem_ratio']:.3f}x")
     return result
