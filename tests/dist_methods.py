@@ -25,14 +25,18 @@ CONFIGS = {
     "mod": lambda: MoDConfig(capacity=0.5),
     "mode": lambda: MoDEConfig(),
 }
+CHECKPOINTED = "+checkpointing"  # a method name ending so: with gradient checkpointing (blocks re-run in backward)
 
 
 def build(method: str):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = apply(LlamaForCausalLM(cfg), CONFIGS[method](),
-                  lora=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    base = LlamaForCausalLM(cfg)
+    if method.endswith(CHECKPOINTED):
+        method = method.removesuffix(CHECKPOINTED)
+        base.activation_checkpointing_enable({"use_reentrant": False})
+    model = apply(base, CONFIGS[method](), lora=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     if method.startswith("molex"):
         for gate in model.method.gates:  # sharper gates: the ranks' different tokens pick different experts
             gate.weight.data.mul_(20)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import dist_methods
 
 HERE = Path(__file__).parent
-METHODS = list(dist_methods.CONFIGS)
+METHODS = [*dist_methods.CONFIGS, "molex-sequence" + dist_methods.CHECKPOINTED]
 LIMIT = 240
 
 
