@@ -242,3 +242,14 @@ def test_lm_eval_loglikelihood_decides_on_the_context(tok):
     got = lm.loglikelihood(requests, disable_tqdm=True)
     torch.testing.assert_close(torch.tensor([s for s, _ in got]), torch.tensor(refs["context"]),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_lm_eval_rows_find_their_context_even_when_a_token_equals_the_padding():
+    from depthmix.evaluation.lm_eval import prompt_lengths, prompt_mask
+    # rows HFLM builds: context + continuation less its last token; 0 is both HFLM's padding and a real token
+    requests = [(None, [5, 6], [7, 9]), (None, [8], [0, 3]), (None, [4, 4, 4], [4])]
+    prompts = prompt_lengths(requests, max_length=16)
+    assert prompts == {(5, 6, 7): 2, (8, 0): 1, (4, 4, 4): 3}
+    inps = torch.tensor([[5, 6, 7, 0], [8, 0, 0, 0], [4, 4, 4, 0], [1, 2, 0, 0]])
+    want = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]]).bool()
+    assert torch.equal(prompt_mask(inps, prompts), want)  # an unknown row gets no context: the first token decides
