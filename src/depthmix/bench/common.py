@@ -6,10 +6,9 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from .. import flops as _flops  # noqa: F401  (registers a FLOP formula for the CPU SDPA kernel, else counted as 0)
+from ..flops import count as count_flops  # noqa: F401  (for the benches; it also counts the CPU SDPA kernel)
 
 
 def sync(device) -> None:
@@ -84,12 +83,6 @@ def interleaved_times(fns: dict, repeats: int, warmup: int = 2, device="cpu", pr
 
 def _label(f) -> str:
     return f if isinstance(f, str) else f.__name__
-
-
-def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def _rss(field: str) -> int:

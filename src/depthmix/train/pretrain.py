@@ -26,18 +26,43 @@ ARCHS = ("llama", "gpt2")
 
 @dataclass
 class PretrainOptions:
+    """Options of `depthmix pretrain` (each is also a --flag).
+
+    arch: llama or gpt2.
+    layers: transformer blocks.
+    hidden: hidden size.
+    heads: attention heads (default: hidden // 32).
+    method: dense or mod.
+    corpus: text file to train on.
+    eval_corpus: text file for the held-out loss (default: the last 10% of the corpus).
+    tokenizer: bytes, or a model name whose tokenizer to use (e.g. smollm2-135m).
+    seq_len: tokens per training sequence.
+    batch_size: sequences per step.
+    flops: training FLOP budget, spent in whole steps.
+    max_steps: a fixed number of steps instead of the FLOP budget.
+    lr: peak learning rate (AdamW, cosine decay).
+    warmup: fraction of the steps with a linear warmup, in [0, 1).
+    weight_decay: AdamW weight decay.
+    eval_blocks: held-out blocks of seq_len tokens scored at the end.
+    seed: seed of the initialisation and the data order.
+    output_dir: folder for the model, metrics and loss curve.
+    logging_steps: steps between logged losses.
+    progress: progress bars.
+    method_config: MoDConfig fields (the mod options below).
+    """
+
     arch: str = "llama"
     layers: int = 4
     hidden: int = 128
-    heads: int | None = None  # default hidden // 32
-    method: str = "dense"  # dense or mod
+    heads: int | None = None
+    method: str = "dense"
     corpus: str = ""
-    eval_corpus: str | None = None  # default: the last 10% of the corpus is held out
-    tokenizer: str = "bytes"  # bytes, or a model name whose tokenizer to use (smollm2-135m)
+    eval_corpus: str | None = None
+    tokenizer: str = "bytes"
     seq_len: int = 256
     batch_size: int = 8
-    flops: float = 1e13  # training FLOP budget
-    max_steps: int | None = None  # or a fixed number of steps
+    flops: float = 1e13
+    max_steps: int | None = None
     lr: float = 2e-3
     warmup: float = 0.05
     weight_decay: float = 0.1
@@ -157,7 +182,7 @@ def heldout_loss(model, blocks: torch.Tensor, batch_size: int, routing: str | No
     ctx = method.routing_mode(routing) if method is not None and routing else _null()
     with ctx:
         for start in range(0, len(blocks), batch_size):
-            ids = blocks[start:start + batch_size]
+            ids = blocks[start:start + batch_size].to(next(model.parameters()).device)
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                            reduction="sum"))
@@ -212,7 +237,8 @@ def pretrain(opts: PretrainOptions) -> dict:
         output_dir=str(out), per_device_train_batch_size=opts.batch_size, max_steps=steps, learning_rate=opts.lr,
         weight_decay=opts.weight_decay, warmup_steps=opts.warmup, lr_scheduler_type="cosine",
         logging_steps=opts.logging_steps, save_strategy="no", seed=opts.seed, data_seed=opts.seed, report_to="none",
-        disable_tqdm=not opts.progress, dataloader_num_workers=0, dataloader_pin_memory=False, use_cpu=True,
+        disable_tqdm=not opts.progress, dataloader_num_workers=0,
+        dataloader_pin_memory=torch.accelerator.is_available(), use_cpu=not torch.accelerator.is_available(),
         adam_beta2=0.95, max_grad_norm=1.0)
     trainer = DepthMixTrainer(model=model, args=args, train_dataset=ds, data_collator=_collate, router_lr=opts.lr)
     start = time.time()
