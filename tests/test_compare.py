@@ -1,0 +1,36 @@
+import pytest
+from depthmix.evaluation.compare import compare, paired_test, table
+
+
+def runs(base, arm):
+    return [{"arm": "lora", "seed": s, "value": v} for s, v in enumerate(base)] + \
+           [{"arm": "mode", "seed": s, "value": v} for s, v in enumerate(arm)]
+
+
+def test_schema_and_paired_differences():
+    r = compare("mode-math", "reasoning/math", "gold_nll", False, "lora",
+                runs([1.0, 1.2, 1.1], [0.9, 1.1, 0.95]), {"epochs": 2})
+    assert set(r) >= {"experiment", "task", "metric", "higher_is_better", "baseline", "runs", "summary", "paired",
+                      "setup"}
+    assert r["summary"]["lora"] == {"mean": pytest.approx(1.1), "std": pytest.approx(0.1), "n": 3}
+    p = r["paired"]["mode"]
+    assert p["mean_diff"] == pytest.approx(-0.1166667) and p["n"] == 3 and p["seeds"] == [0, 1, 2]
+    assert p["sd_diff"] == pytest.approx(0.0288675)
+    assert "lora" not in r["paired"]
+    # every difference favours mode and they agree closely: lower NLL wins, the CI excludes 0
+    assert r["verdicts"]["mode"].startswith("mode beats lora") and "smallest detectable" in r["verdicts"]["mode"]
+    assert "| mode |" in table(r)
+
+
+def test_noise_is_reported_as_undetectable_with_its_power():
+    r = compare("x", "t", "accuracy", True, "lora", runs([0.5, 0.6, 0.7], [0.52, 0.55, 0.72]), {})
+    assert "no difference detectable at this scale" in r["verdicts"]["mode"]
+    p = r["paired"]["mode"]
+    # (t_{0.975,2} + t_{0.8,2}) * sd / sqrt(3): more than the observed mean difference
+    assert p["min_detectable_diff"] > abs(p["mean_diff"])
+
+
+def test_only_seeds_both_arms_finished_are_paired():
+    r = compare("x", "t", "accuracy", True, "lora", runs([0.5, 0.6, 0.7], [0.52]), {})
+    assert r["paired"]["mode"]["n"] == 1 and "no test possible" in r["verdicts"]["mode"]
+    assert paired_test([0.1, 0.1])["p_value"] == 0.0  # identical non-zero differences: certain, not NaN
