@@ -73,3 +73,37 @@ def test_demo_prints_both_methods_and_draws(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "LoRA " in out and "MoLEx + LoRA" in out
     assert (tmp_path / "loss.png").exists() and (tmp_path / "routing.png").exists()
+
+
+def test_every_flag_has_a_help_line_with_its_default(capsys):
+    from depthmix.cli.main import build_parser, parsers
+    parser = build_parser()
+    bare, no_default = [], []
+    for p in parsers(parser):
+        if p.prog.startswith("depthmix bench"):  # its flags are declared in depthmix.bench, not by the CLI
+            continue
+        for action in p._actions:
+            if not action.option_strings or action.dest in ("help", "version"):
+                continue
+            text = p._get_formatter()._expand_help(action) if action.help else ""
+            if not text.strip() or text.lstrip().startswith("(default"):
+                bare.append(f"{p.prog} {action.option_strings[0]}")
+            elif action.default not in (None, False) and "default" not in text and "(required)" not in text:
+                no_default.append(f"{p.prog} {action.option_strings[0]}")
+    assert bare == [] and no_default == []
+
+
+def test_train_help_lists_methods_tasks_and_embedded_models(capsys):
+    with pytest.raises(SystemExit):
+        run("train", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "choices: lora, molex, mod, mode. (default: lora)" in text
+    assert "glue/sst2" in text and "gsm8k" in text and "pydoc/topics" in text and "lm/tinyshakespeare" in text
+    assert "choices: smollm2-135m, minilm-l6 (embedded: no Hub needed), or a folder or Hub id." in text
+    assert "--capacity CAPACITY fraction of each sequence's tokens that a routed block processes, in (0, 1]. " \
+           "(default: 0.125)" in text
+    assert "--lora, --no-lora train LoRA adapters" in text and "(default: true)" in text
+    with pytest.raises(SystemExit):
+        run("--version")
+    from depthmix import __version__
+    assert capsys.readouterr().out.strip() == f"depthmix {__version__}"

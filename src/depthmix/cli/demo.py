@@ -11,12 +11,12 @@ from pathlib import Path
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="LoRA vs MoLEx + LoRA on an embedded model and data (no download)")
-    p.add_argument("--model", default="minilm-l6")
-    p.add_argument("--output-dir", default="out/demo")
-    p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-train-samples", type=int)
-    p.add_argument("--max-eval-samples", type=int)
+    p.add_argument("--model", default="minilm-l6", help="base model (an embedded name, a folder or a Hub id)")
+    p.add_argument("--output-dir", default="out/demo", help="folder of both runs and the pictures (started afresh)")
+    p.add_argument("--epochs", type=float, default=2.0, help="training epochs of each run")
+    p.add_argument("--seed", type=int, default=0, help="seed of both runs")
+    p.add_argument("--max-train-samples", type=int, help="train on a random subset (default: all)")
+    p.add_argument("--max-eval-samples", type=int, help="evaluate on a random subset (default: all)")
     p.set_defaults(func=run_demo)
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 
 import yaml
 
@@ -35,9 +37,13 @@ def _kind(annotation: str):
     return str if a.startswith("str") else "value"
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), group: str | None = None) -> list[str]:
-    """One --flag per field (dashes for underscores), default SUPPRESS so that unset flags stay unset."""
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), group: str | None = None,
+                        choices: dict[str, str] | None = None) -> list[str]:
+    """One --flag per field (dashes for underscores), default SUPPRESS so that unset flags stay unset; its help
+    is the field's entry in the class docstring, its default and `choices[name]` (listed, not enforced here:
+    the dataclass's validation says what is wrong with a value)."""
     target = parser.add_argument_group(group) if group else parser
+    docs = field_docs(cls)
     names = []
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -47,14 +53,51 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), group: st
         if any(flag in a.option_strings for a in parser._actions):
             names.append(f.name)  # already declared by another dataclass (e.g. `layers`)
             continue
+        text = _help(docs.get(f.name, ""), f, (choices or {}).get(f.name))
         if kind == "bool":
-            target.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            target.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=text)
         elif kind == "value":
-            target.add_argument(flag, dest=f.name, type=parse_value, default=argparse.SUPPRESS, metavar="VALUE")
+            target.add_argument(flag, dest=f.name, type=parse_value, default=argparse.SUPPRESS, metavar="VALUE",
+                                help=text)
         else:
-            target.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS)
+            target.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=text)
         names.append(f.name)
     return names
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The `name: text` entries of a dataclass docstring (continuation lines indented under them)."""
+    docs: dict[str, str] = {}
+    current = None
+    for line in (inspect.getdoc(cls) or "").splitlines():
+        entry = re.match(r"(\w+): (.*)", line)
+        if entry:
+            current = entry.group(1)
+            docs[current] = entry.group(2).strip()
+        elif current and line.startswith(" ") and line.strip():
+            docs[current] += " " + line.strip()
+        else:
+            current = None
+    return docs
+
+
+def _help(text: str, f: dataclasses.Field, choices: str | None) -> str:
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        default = None
+    shown = str(default).lower() if isinstance(default, bool) or default is None else default
+    parts = [text.replace("%", "%%")] if text else []
+    if choices:
+        parts.append(f"choices: {choices}.".replace("%", "%%"))
+    if default == "":
+        parts.append("(required)")
+    elif "default:" not in text:
+        parts.append(f"(default: {shown})".replace("%", "%%"))
+    return " ".join(parts)
 
 
 def pick(args: argparse.Namespace, names) -> dict:

@@ -10,13 +10,13 @@ def register(sub) -> None:
     p = sub.add_parser("flops", help="count the FLOPs of a forward pass, dense vs a method (MoD)")
     p.add_argument("--model", default="smollm2-135m", help="a model name, folder, or 'shape:NAME' for its shape "
                    "with random weights (no weights loaded)")
-    p.add_argument("--method", default="mod", choices=["mod"])
+    p.add_argument("--method", default="mod", choices=["mod"], help="the method counted against the dense model")
     p.add_argument("--adapter", help="a trained MoD adapter for --model (its routers decide the causal count)")
     p.add_argument("--capacity", type=float, default=0.125, help="without --adapter")
     p.add_argument("--layers", type=parse_value, default="every_other", help="without --adapter")
     p.add_argument("--causal", default="predictor", choices=["predictor", "aux_loss"], help="without --adapter")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     p.set_defaults(func=run)
 

@@ -15,7 +15,7 @@ def register(sub) -> None:
     p.add_argument("--model", help="base model (default: the adapter's); alone: evaluate the base model")
     p.add_argument("--tasks", required=True, help="comma-separated lm_eval task or group names")
     p.add_argument("--include-path", help="folder of extra lm_eval task YAML files")
-    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
     p.add_argument("--limit", type=float, help="examples per task (a fraction when < 1)")
     p.add_argument("--batch-size", default="8", help="an integer, or 'auto'")
     p.add_argument("--max-length", type=int, help="context length (default: the model's)")

@@ -13,13 +13,37 @@ from ..registry import UnsupportedModelError
 COMMANDS = ("train", "plot", "bench", "demo", "lm_eval", "pretrain", "flops", "models")  # modules of depthmix.cli; train also registers eval
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds `(default: X)` to a flag's help, unless it has no default or its help already names it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or "default" in text or any(action.default is v for v in
+                                                                  (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
+    from .. import __version__
     parser = argparse.ArgumentParser(prog="depthmix", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"depthmix {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"depthmix.cli.{name}").register(sub)
+    for p in parsers(parser):
+        p.formatter_class = HelpFormatter
     return parser
+
+
+def parsers(parser: argparse.ArgumentParser):
+    """The parser and all its sub-command parsers, depth first."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                yield from parsers(child)
 
 
 def main(argv=None) -> int:

@@ -12,16 +12,16 @@ def register(sub) -> None:
     kinds = p.add_subparsers(dest="kind", required=True)
     r = kinds.add_parser("routing", help="what the routers learned: MoLEx layer-choice heat map (how often layer j "
                                          "is chosen at layer t) or MoDE mean routing weight per ensembled layer")
-    r.add_argument("adapter")
+    r.add_argument("adapter", help="folder written by `depthmix train`")
     r.add_argument("--task", help="task whose eval split is routed (default: the training task)")
-    r.add_argument("--data-dir")
-    r.add_argument("--max-samples", type=int, default=500)
-    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--data-dir", help="local data folder (default: $DEPTHMIX_DATA, else the Hub)")
+    r.add_argument("--max-samples", type=int, default=500, help="eval examples routed")
+    r.add_argument("--batch-size", type=int, default=32, help="examples per batch")
     r.add_argument("--output", help="PNG path (default: ADAPTER/routing-TASK.png)")
     r.set_defaults(func=run_routing)
     lo = kinds.add_parser("loss", help="training-loss curves of one or more runs")
     lo.add_argument("runs", nargs="+", help="output folders of `depthmix train`")
-    lo.add_argument("--output", required=True)
+    lo.add_argument("--output", required=True, help="PNG path")
     lo.set_defaults(func=run_loss)
 
 

@@ -19,7 +19,7 @@ def register(sub) -> None:
                        description="Options come from --config (YAML or JSON), then from flags. Method options "
                                    "(e.g. --alpha for molex) may also sit under `method_config` in the file.")
     p.add_argument("--config", help="YAML or JSON file of training options")
-    OPTION_NAMES[:] = add_dataclass_flags(p, TrainOptions, skip=("method_config",))
+    OPTION_NAMES[:] = add_dataclass_flags(p, TrainOptions, skip=("method_config",), choices=train_choices())
     for name, (cfg_cls, _) in METHODS.items():
         METHOD_FLAGS[name] = add_dataclass_flags(p, cfg_cls, group=f"{name} options")
     p.set_defaults(func=run_train)
@@ -28,10 +28,10 @@ def register(sub) -> None:
     e.add_argument("--adapter", required=True, help="folder written by `depthmix train`")
     e.add_argument("--task", help="task (default: the one it was trained on)")
     e.add_argument("--model", help="base model (default: the one it was trained on)")
-    e.add_argument("--data-dir")
-    e.add_argument("--max-eval-samples", type=int)
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--max-length", type=int, default=256)
+    e.add_argument("--data-dir", help="local data folder (default: $DEPTHMIX_DATA, else the Hub)")
+    e.add_argument("--max-eval-samples", type=int, help="score a random subset of this many examples (default: all)")
+    e.add_argument("--batch-size", type=int, default=32, help="examples per batch")
+    e.add_argument("--max-length", type=int, default=256, help="tokens per example; longer ones are cut")
     e.add_argument("--output", help="metrics JSON (default: ADAPTER/eval-TASK.json)")
     e.add_argument("--mode", choices=("loglik", "loglik-text", "generate"),
                    help="multiple-choice tasks: score options by log-likelihood (default) or generate an answer")
@@ -41,6 +41,15 @@ def register(sub) -> None:
                         "in generation) or topk-lookahead (top-k over the whole sequence, as in training: a "
                         "token's routing sees the tokens after it; for studies only)")
     e.set_defaults(func=run_eval)
+
+
+def train_choices() -> dict[str, str]:
+    from ..data.tasks import task_names
+    from ..models import EMBEDDED
+    from ..train.options import EVAL_MODES, METHOD_NAMES
+    return {"method": ", ".join(METHOD_NAMES), "task": ", ".join(task_names()),
+            "model": f"{', '.join(EMBEDDED)} (embedded: no Hub needed), or a folder or Hub id",
+            "eval_mode": ", ".join(EVAL_MODES)}
 
 
 def train_options(args):

@@ -51,12 +51,21 @@ def register(task: Task) -> Task:
     return task
 
 
-def get_task(name: str) -> Task:
+def task_names() -> list[str]:
+    _fill()
+    return sorted(TASKS)
+
+
+def _fill() -> None:
     from . import glue, pydoc_topics  # noqa: F401  (fill the registry)
     try:
         from . import instruct  # noqa: F401
     except ImportError:
         pass
+
+
+def get_task(name: str) -> Task:
+    _fill()
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name]

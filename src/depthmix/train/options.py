@@ -15,7 +15,45 @@ METHOD_NAMES = ("lora", "molex", "mod", "mode")
 
 @dataclass
 class TrainOptions:
-    method: str = "lora"  # lora (LoRA alone) or a depthmix method, on top of LoRA unless lora=False
+    """Options of `depthmix train` (each is also a --flag and a key of a --config file).
+
+    method: lora (LoRA alone) or a depth-mixing method, trained on top of LoRA unless lora is false.
+    model: an embedded model name, a local model folder, or a Hugging Face Hub id.
+    task: the task to train and evaluate on.
+    output_dir: folder of the run: adapter, metrics.json, checkpoints; one live run at a time.
+    data_dir: local data folder (else $DEPTHMIX_DATA, else the Hub).
+    max_train_samples: train on a seeded random subset of this many examples (default: all).
+    max_eval_samples: evaluate on a random subset of this many examples (default: all).
+    max_length: tokens per example; longer ones are cut.
+    epochs: passes over the training data (unless max_steps is set).
+    max_steps: optimizer steps; -1 trains for `epochs`.
+    batch_size: training examples per device and step.
+    eval_batch_size: examples per batch in the final evaluation.
+    eval_max_new_tokens: generation tasks: cap on generated tokens in the final evaluation (default: the task's).
+    eval_mode: multiple-choice tasks: loglik, loglik-text or generate (default: the task's).
+    grad_accum: gradient accumulation steps.
+    lr: learning rate of the adapter (LoRA) weights.
+    router_lr: learning rate of gates, routers and alpha (default: the method's).
+    weight_decay: AdamW weight decay of the adapter weights.
+    warmup: fraction of the steps with a linear learning-rate warmup, in [0, 1).
+    seed: seed of the initialisation, the data order and the training subset.
+    lora: train LoRA adapters (with the method, or alone for method lora).
+    lora_r: LoRA rank.
+    lora_alpha: LoRA scaling numerator (scale = lora_alpha / lora_r).
+    lora_dropout: dropout on the LoRA input, in [0, 1).
+    lora_targets: module names LoRA wraps, e.g. q_proj,v_proj (default: the architecture's).
+    use_dora: DoRA (weight-decomposed LoRA) instead of LoRA.
+    method_config: fields of the method's config (MoLExConfig, MoDConfig, MoDEConfig); in a --config file.
+    save_steps: steps between checkpoints.
+    save_total_limit: checkpoints kept.
+    logging_steps: steps between logged losses.
+    resume: continue an interrupted run in output_dir from its newest intact checkpoint.
+    gradient_checkpointing: recompute activations in the backward pass (less memory, slower).
+    bf16: bfloat16 mixed precision.
+    progress: progress bars.
+    """
+
+    method: str = "lora"
     model: str = "minilm-l6"
     task: str = "pydoc/topics"
     output_dir: str = "out/run"
@@ -27,21 +65,21 @@ class TrainOptions:
     max_steps: int = -1
     batch_size: int = 16
     eval_batch_size: int = 64
-    eval_max_new_tokens: int | None = None  # generation tasks: cap on generated tokens in the final eval
-    eval_mode: str | None = None  # multiple-choice tasks: loglik, loglik-text or generate
+    eval_max_new_tokens: int | None = None
+    eval_mode: str | None = None
     grad_accum: int = 1
     lr: float = 5e-4
-    router_lr: float | None = None  # gates/routers/alpha; None = the method's default
+    router_lr: float | None = None
     weight_decay: float = 0.0
-    warmup: float = 0.06  # fraction of the steps
+    warmup: float = 0.06
     seed: int = 0
     lora: bool = True
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    lora_targets: list[str] | None = None  # None = the architecture's defaults
+    lora_targets: list[str] | None = None
     use_dora: bool = False
-    method_config: dict[str, Any] = field(default_factory=dict)  # fields of MoLExConfig / MoDConfig / ...
+    method_config: dict[str, Any] = field(default_factory=dict)
     save_steps: int = 500
     save_total_limit: int = 2
     logging_steps: int = 10
