@@ -131,6 +131,23 @@ def test_the_tokens_that_decide():
         assert torch.equal(dm.method.units(z), want), sorted(extra)
 
 
+def test_prompt_mask_holds_when_gradient_checkpointing_reruns_the_blocks():
+    ids, mask = batch("llama", b=3, s=S, seed=5)
+    labels = ids.masked_fill(~mask.bool(), -100)
+
+    def gate_grads(checkpointing: bool, prompt: bool) -> torch.Tensor:
+        dm = make("llama", "molex-sequence").train()
+        if checkpointing:
+            dm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kw = inputs("prompt_mask" if prompt else "no_labels", ids, mask)
+        dm(**kw, labels=labels).loss.backward()
+        return torch.cat([p.grad.flatten() for p in dm.method.parameters()])
+
+    want = gate_grads(False, True)
+    assert (want - gate_grads(False, False)).abs().max() > 1e-4  # the prompt changes the decision
+    torch.testing.assert_close(gate_grads(True, True), want)
+
+
 def test_prompt_mask_is_refused_with_the_wrong_shape():
     dm = make("llama", "molex-sequence")
     ids, mask = batch("llama", b=3, s=S)
