@@ -51,6 +51,7 @@ class MethodConfig:
 
 def check_layers(cfg: MethodConfig, field: str, named: tuple[str, ...]) -> None:
     value = getattr(cfg, field)
+    named = (*named, "last_third") if "every_other" in named else named  # where blocks can be skipped
     ok = value in named or (isinstance(value, (list, tuple)) and value and
                             all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value))
     cfg._check(ok, field, f"one of {named} or a non-empty list of layer indices")
@@ -61,6 +62,8 @@ def pick_layers(value, num_layers: int, field: str) -> list[int]:
         return list(range(num_layers))
     if value == "every_other":
         return list(range(1, num_layers, 2))
+    if value == "last_third":
+        return list(range(num_layers - max(1, num_layers // 3), num_layers))
     bad = [i for i in value if i >= num_layers]
     if bad:
         raise ConfigError(f"{field}: layer indices {bad} out of range for a model with {num_layers} layers")

@@ -14,6 +14,7 @@ import torch
 from ..model import DepthMixModel, apply
 from ..models import load_model
 from ..tuners import MoDConfig
+from ..tuners.mod import retrofit
 from .common import interleaved_times
 
 
@@ -46,66 +47,6 @@ def text_blocks(task_name, split, tokenizer, size, data_dir, limit=None):
     rows = get_task(task_name).load(split, data_dir)
     out = [b for b in blocks(rows["text"], tokenizer, size) if len(b) == size]
     return torch.tensor(out[:limit] if limit else out)
-
-
-def tune(model, blocks, feature_blocks, steps, feature_batches, batch=4, device="cpu", progress=True):
-    """Routers (and predictors) on the LM loss for `steps` steps, then each predictor fitted to its block's top-k
-    membership on hidden states collected from `feature_batches` forward passes (top-k routing, no gradients):
-    the predictors see the same targets as in training, for a fraction of the cost of training steps."""
-    from tqdm.auto import tqdm
-    method = model.method
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for p in method.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(list(method.parameters()), lr=1e-2, weight_decay=0.0)
-    for _ in tqdm(range(steps), desc="tuning routers", disable=not progress):
-        ids = blocks[torch.randint(len(blocks), (batch,), generator=g)].to(device)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    for p in method.parameters():
-        p.requires_grad_(False)
-    fit_predictors(model, feature_blocks, feature_batches, batch, device, g, progress)
-    model.eval()
-
-
-def fit_predictors(model, blocks, batches, batch, device, g, progress=True, epochs=30, lr=3e-3):
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    from ..tuners.mod.layer import topk_membership
-    method = model.method
-    seen = {i: [] for i in range(len(method.layers))}
-    hooks = [model.arch.blocks[t].register_forward_pre_hook(
-        lambda m, a, kw, i=i: seen[i].append((a[0] if a else kw["hidden_states"]).detach()) and None,
-        with_kwargs=True) for i, t in enumerate(method.layers)]
-    model.eval()
-    with torch.no_grad(), method.routing_mode("topk"):
-        for _ in tqdm(range(batches), desc="collecting hidden states", disable=not progress):
-            model(input_ids=blocks[torch.randint(len(blocks), (batch,), generator=g)].to(device), use_cache=False)
-    for h in hooks:
-        h.remove()
-    for i in tqdm(range(len(method.layers)), desc="fitting predictors", disable=not progress):
-        x = torch.cat(seen.pop(i)).float()
-        with torch.no_grad():
-            r = method.routers[i](x).squeeze(-1)
-            y = topk_membership(r, torch.ones_like(r, dtype=torch.bool), method.config.capacity).float().flatten()
-        x = x.flatten(0, 1)
-        pred = method.predictors[i]
-        for p in pred.parameters():
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(pred.parameters(), lr=lr, weight_decay=0.0)
-        with torch.enable_grad():
-            for _ in range(epochs):
-                for idx in torch.randperm(len(x), generator=g).split(512):
-                    loss = F.binary_cross_entropy_with_logits(pred(x[idx]).squeeze(-1), y[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-        for p in pred.parameters():
-            p.requires_grad_(False)
 
 
 def decode_ceiling(mod, realized: float | None) -> dict:
@@ -160,9 +101,9 @@ def run(args) -> dict:
     else:
         mod = apply(base, MoDConfig(capacity=args.capacity, layers=parse_value(args.layers), update="retrofit"))
         mod = mod.to(dev)
-        tune(mod, text_blocks(args.task, "train", tok, 128, args.data_dir),
-             text_blocks(args.task, "train", tok, args.seq_len, args.data_dir), args.tune_steps,
-             args.feature_batches, device=dev)
+        retrofit.tune(mod, text_blocks(args.task, "train", tok, 128, args.data_dir), args.tune_steps, loss="lm")
+        retrofit.fit_predictors(mod, text_blocks(args.task, "train", tok, args.seq_len, args.data_dir),
+                                args.feature_batches)
     heldout = text_blocks(args.task, "eval", tok, args.seq_len, args.data_dir, args.eval_blocks)
     quality = {"dense": score(dense, heldout), "mod_causal": score(mod, heldout, "causal"),
                "mod_topk": score(mod, heldout, "topk")}

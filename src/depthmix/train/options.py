@@ -34,6 +34,7 @@ class TrainOptions:
     grad_accum: gradient accumulation steps.
     lr: learning rate of the adapter (LoRA) weights.
     router_lr: learning rate of gates, routers and alpha (default: the method's).
+    retrofit_loss: MoD router tuning (update retrofit): distill (KL from the same model with routing bypassed) or lm.
     weight_decay: AdamW weight decay of the adapter weights.
     warmup: fraction of the steps with a linear learning-rate warmup, in [0, 1).
     seed: seed of the initialisation, the data order and the training subset.
@@ -70,6 +71,7 @@ class TrainOptions:
     grad_accum: int = 1
     lr: float = 5e-4
     router_lr: float | None = None
+    retrofit_loss: str | None = None
     weight_decay: float = 0.0
     warmup: float = 0.06
     seed: int = 0

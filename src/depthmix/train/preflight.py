@@ -22,7 +22,18 @@ def preflight(opts: TrainOptions) -> tuple[Task, dict]:
     check_data_dir(opts.data_dir)
     check_model(opts.model, task)
     config = method_config(opts)
+    check_retrofit_loss(opts, config)
     return task, config.to_dict() if config is not None else {}
+
+
+def check_retrofit_loss(opts: TrainOptions, config) -> None:
+    from ..tuners.mod.retrofit import LOSSES
+    if opts.retrofit_loss is None:
+        return
+    if opts.retrofit_loss not in LOSSES:
+        raise ConfigError(f"retrofit_loss = {opts.retrofit_loss!r}: expected one of {LOSSES}")
+    if opts.method != "mod" or config.update != "retrofit":
+        raise ConfigError("retrofit_loss is for router tuning: method 'mod' with update 'retrofit'")
 
 
 def method_config(opts: TrainOptions):
