@@ -27,9 +27,19 @@ ROUTER_LR = {"molex": 1e-2, "mod": 1e-3, "mode": 1e-3}
 class DepthMixTrainer(Trainer):
     """Trainer that gives routers their own learning rate and checkpoints only the adapter."""
 
-    def __init__(self, *args, router_lr: float | None = None, **kwargs):
+    def __init__(self, *args, router_lr: float | None = None, retrofit_loss: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.router_lr = router_lr
+        self.retrofit_loss = retrofit_loss
+        if retrofit_loss:
+            self.loss_is_scaled_for_ga = False  # a mean per batch: the Trainer divides by the accumulation steps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.retrofit_loss:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from ..tuners.mod.retrofit import retrofit_loss
+        loss, outputs = retrofit_loss(model, inputs, self.retrofit_loss)
+        return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -117,7 +127,8 @@ def _train(opts: TrainOptions, task, args: TrainingArguments, resume: str | None
     train_ds = task.encode(train_rows, tokenizer, opts.max_length)
 
     trainer = DepthMixTrainer(model=model, args=args, train_dataset=train_ds, data_collator=task.collator(tokenizer),
-                              processing_class=tokenizer, router_lr=opts.router_lr or ROUTER_LR.get(opts.method))
+                              processing_class=tokenizer, router_lr=opts.router_lr or ROUTER_LR.get(opts.method),
+                              retrofit_loss=opts.retrofit_loss)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     train_time = time.time() - start
