@@ -1,11 +1,11 @@
 """Run by tests/test_distributed.py under torchrun (gloo, CPU): every method trains a tiny Llama + LoRA for a few
-SGD steps, wrapped in FSDP2 (`fully_shard` on every block, then the root) or in DDP. Each rank trains on its own
-data and writes its trainable weights and, for MoLEx, the experts it picked at each step and layer.
+SGD steps, wrapped in FSDP2, FSDP1 or DDP (see wrap). Each rank trains on its own data and writes its trainable
+weights, the tokens it generated and, for MoLEx, the experts it picked at each step and layer.
 
-    dist_methods.py OUT fsdp|ddp METHOD...
+    dist_methods.py OUT fsdp|fsdp1|ddp METHOD...
 
-The functions without torch.distributed (build, batches, loss_of) are what the test's single-process reference
-run uses too."""
+build, batches, loss_of and generate (how="none") are what the test's single-process reference run uses too."""
+import contextlib
 import json
 import os
 import sys
@@ -14,6 +14,7 @@ from datetime import timedelta
 import torch
 from peft import LoraConfig
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from depthmix import MoDConfig, MoDEConfig, MoLExConfig, apply
 
@@ -59,9 +60,15 @@ def picked(method, before: torch.Tensor) -> list[list[int]]:
 
 
 def wrap(model, how: str):
+    """DDP; FSDP2 (`fully_shard` on every block, then the root); or FSDP1 (a wrapper around every block)."""
     if how == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model)
+    if how == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+                                        use_orig_params=True, device_id=torch.device("cpu"))
     from torch.distributed.fsdp import fully_shard
     for block in model.arch.blocks:
         fully_shard(block)
@@ -69,46 +76,64 @@ def wrap(model, how: str):
     return model
 
 
-def full(p: torch.Tensor) -> torch.Tensor:
-    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+@contextlib.contextmanager
+def root_gathered(wrapped, how: str):
+    """The root module's own weights gathered, for generate(), which bypasses the root's forward (where FSDP
+    would gather them); the blocks still gather theirs at each call."""
+    if how == "fsdp":
+        wrapped.unshard()
+        try:
+            yield
+        finally:
+            wrapped.reshard()
+    elif how == "fsdp1":
+        with type(wrapped).summon_full_params(wrapped, recurse=False):
+            yield
+    else:
+        yield
+
+
+def full_weights(model, wrapped, how: str, names: list[str]) -> dict[str, list]:
+    gathered = type(wrapped).summon_full_params(wrapped) if how == "fsdp1" else contextlib.nullcontext()
+    with gathered:
+        params = {n.replace("_fsdp_wrapped_module.", ""): p for n, p in model.named_parameters()}
+        return {n: (params[n].full_tensor() if hasattr(params[n], "full_tensor") else params[n]).tolist()
+                for n in names}
 
 
 def run(method: str, how: str, rank: int, out: str) -> None:
     model = build(method)
-    method_module = model.method
+    mol = model.method if method.startswith("molex") else None
     names = list(model.adapter_names)
     wrapped = wrap(model, how)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    opt = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=LR)
     choices = []
-    if method.startswith("molex"):
-        method_module.recording = True
+    if mol is not None:
+        mol.recording = True
     for ids in batches(rank):
-        before = method_module.counts.clone() if method.startswith("molex") else None
+        before = None if mol is None else mol.counts.clone()
         loss_of(wrapped, ids).backward()
         opt.step()
         opt.zero_grad()
-        if before is not None:
-            choices.append(picked(method_module, before))
+        if mol is not None:
+            choices.append(picked(mol, before))
+    wrapped.eval()
     with torch.no_grad():  # evaluation and generation must not hang either (MoD routes causally there)
-        wrapped.eval()
         loss_of(wrapped, batches(rank)[0])
-        tokens = generate(model, how, batches(rank)[1][:, :3])
-    params = dict(model.named_parameters())
-    weights = {n: full(params[n]).tolist() for n in names}
+        with root_gathered(wrapped, how):
+            tokens = generate(model, how, batches(rank)[1][:, :3])
+        if how == "ddp":  # replicated blocks: one rank may run the model alone (sampling on rank 0, say)
+            if rank == 0:
+                loss_of(model, batches(rank)[0])
+            torch.distributed.barrier()
+    result = {"weights": full_weights(model, wrapped, how, names), "choices": choices, "generated": tokens.tolist()}
     with open(os.path.join(out, f"{how}-{method}-rank{rank}.json"), "w") as f:
-        json.dump({"weights": weights, "choices": choices, "generated": tokens.tolist()}, f)
+        json.dump(result, f)
 
 
 def generate(model, how: str, prompt: torch.Tensor) -> torch.Tensor:
     """Greedy tokens; synced_gpus: a rank that is done keeps stepping while another is not (FSDP gathers)."""
-    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, synced_gpus=how != "none")
-    if how != "fsdp":
-        return model.generate(prompt, **kwargs)
-    model.unshard()  # generate() bypasses the root module's forward, where FSDP would gather the root's weights
-    try:
-        return model.generate(prompt, **kwargs)
-    finally:
-        model.reshard()
+    return model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0, synced_gpus=how != "none")
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Two-process training on CPU (gloo) under torchrun: DDP through the HF Trainer, and every method under FSDP2
-(`fully_shard`) and DDP with a plain loop. Every launch has a time limit, so a hang (ranks making different
-collectives) fails fast."""
+(`fully_shard`), FSDP1 and DDP with a plain loop, against the same training in one process. Every launch has a
+time limit, so a hang (ranks making different collectives) fails fast."""
+import functools
 import json
 import os
 import signal
@@ -68,6 +69,7 @@ def test_two_process_ddp_training_ends_with_identical_weights(tmp_path):
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
 
 
+@functools.cache
 def reference(method: str):
     """The same training in one process: each step's loss is the mean of the two ranks' losses."""
     model = dist_methods.build(method)
@@ -84,7 +86,7 @@ def reference(method: str):
     return start, end, tokens
 
 
-@pytest.mark.parametrize("how", ["fsdp", "ddp"])
+@pytest.mark.parametrize("how", ["fsdp", "fsdp1", "ddp"])
 def test_every_method_trains_on_two_processes(tmp_path, how):
     torchrun("dist_methods.py", tmp_path, how, *METHODS)
     for method in METHODS:
@@ -105,4 +107,4 @@ def test_every_method_trains_on_two_processes(tmp_path, how):
 def ranks_differed(a, b) -> bool:
     """Whether at some step and layer t one rank called an expert (t's own block aside) that the other did not:
     the case where the ranks would have gathered different blocks."""
-    return any(set(x) ^ set(y) - {t} for step_a, step_b in zip(a, b) for t, (x, y) in enumerate(zip(step_a, step_b)))
+    return any((set(x) ^ set(y)) - {t} for step_a, step_b in zip(a, b) for t, (x, y) in enumerate(zip(step_a, step_b)))

@@ -10,8 +10,20 @@ import torch
 import torch.distributed as dist
 
 
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def must_agree(blocks) -> bool:
+    """Whether the ranks must call the same experts: distributed, with block weights gathered at each call.
+    Replicated blocks (DDP) need no agreement, so a forward on one rank alone (sampling on rank 0, say) still runs."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return any(_sharded(block) for block in blocks)
+
+
+def _sharded(block) -> bool:
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    if isinstance(block, (FSDPModule, FullyShardedDataParallel)):
+        return True
+    p = next(block.parameters(), None)
+    return p is not None and hasattr(p, "ds_id")  # DeepSpeed ZeRO-3 (a partitioned parameter)
 
 
 def agree(local: list[int], num: int, device) -> list[int]:
