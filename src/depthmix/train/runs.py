@@ -41,7 +41,7 @@ class RunLock:
                 os.close(fd)
                 raise ConfigError(f"{self.folder} is in use by another run ({self.holder()}); wait for it to "
                                   "end or choose another --output-dir") from None
-            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+            if _same_file(self.path, fd):
                 self.fd = fd
             else:  # the holder released (and unlinked) the file between our open and our flock: try again
                 os.close(fd)
@@ -62,6 +62,13 @@ class RunLock:
         os.unlink(self.path)  # before unlocking: a waiting process then sees a new file, not ours
         os.close(self.fd)
         self.fd = None
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def begin(lock: RunLock, opts, record: dict) -> str | None:

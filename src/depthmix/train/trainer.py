@@ -27,9 +27,11 @@ ROUTER_LR = {"molex": 1e-2, "mod": 1e-3, "mode": 1e-3}
 class DepthMixTrainer(Trainer):
     """Trainer that gives routers their own learning rate and checkpoints only the adapter."""
 
-    def __init__(self, *args, router_lr: float | None = None, retrofit_loss: str | None = None, **kwargs):
+    def __init__(self, *args, router_lr: float | None = None, router_weight_decay: float = 0.0,
+                 retrofit_loss: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.router_lr = router_lr
+        self.router_weight_decay = router_weight_decay
         self.retrofit_loss = retrofit_loss
         if retrofit_loss:
             self.loss_is_scaled_for_ga = False  # a mean per batch: the Trainer divides by the accumulation steps
@@ -43,14 +45,22 @@ class DepthMixTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            groups = self.model.param_groups()
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-            param_groups = [{"params": groups["adapter"], "weight_decay": self.args.weight_decay}]
-            if groups["router"]:
-                param_groups.append({"params": groups["router"], "weight_decay": 0.0,
-                                     "lr": self.router_lr or self.args.learning_rate})
-            self.optimizer = cls(param_groups, **kwargs)
+            self.optimizer = cls(self.optimizer_groups(), **kwargs)
         return self.optimizer
+
+    def optimizer_groups(self) -> list[dict]:
+        """Adapter weights with weight_decay (biases and norms without, as the HF Trainer does); gates, routers and
+        alpha with their own learning rate and weight decay."""
+        groups = self.model.param_groups()
+        decay = set(self.get_decay_parameter_names(self.model))
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        adapter = [{"params": [p for p in groups["adapter"] if names[id(p)] in decay],
+                    "weight_decay": self.args.weight_decay},
+                   {"params": [p for p in groups["adapter"] if names[id(p)] not in decay], "weight_decay": 0.0}]
+        router = [{"params": groups["router"], "weight_decay": self.router_weight_decay,
+                   "lr": self.router_lr or self.args.learning_rate}]
+        return [g for g in adapter + router if g["params"]]
 
     def _save(self, output_dir=None, state_dict=None):
         if not self.args.should_save:
@@ -75,7 +85,7 @@ def build_model(opts: TrainOptions, head: str, num_labels: int | None):
         lora = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
                           target_modules=list(opts.lora_targets or arch.family.lora_targets),
                           use_dora=opts.use_dora, fan_in_fan_out=arch.family.name == "gpt2")
-    return apply(model, method_config(opts), lora), tokenizer
+    return apply(model, method_config(opts), lora, train_pooler=opts.train_pooler), tokenizer
 
 
 def training_arguments(opts: TrainOptions) -> TrainingArguments:
@@ -105,14 +115,17 @@ def train(opts: TrainOptions) -> dict:
 def on_main_process(fn):
     """fn() on the main process only; its result, or its ConfigError, on every process (no rank goes on alone)."""
     state = PartialState()
-    box = [None, None]
+    box, error = [None, None], None
     if state.is_main_process:
         try:
             box[0] = fn()
-        except ConfigError as e:
-            box[1] = str(e)
+        except Exception as e:  # any failure: the other ranks must not wait for a result that never comes
+            error = e
+            box[1] = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
     if state.num_processes > 1:
         broadcast_object_list(box)
+    if error is not None:
+        raise error
     if box[1] is not None:
         raise ConfigError(box[1])
     return box[0]
@@ -128,6 +141,7 @@ def _train(opts: TrainOptions, task, args: TrainingArguments, resume: str | None
 
     trainer = DepthMixTrainer(model=model, args=args, train_dataset=train_ds, data_collator=task.collator(tokenizer),
                               processing_class=tokenizer, router_lr=opts.router_lr or ROUTER_LR.get(opts.method),
+                              router_weight_decay=opts.router_weight_decay,
                               retrofit_loss=opts.retrofit_loss)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
