@@ -35,9 +35,9 @@ def calibrate(dm):
     """Centre each causal decision (predictor, or router for aux_loss) on a sample, so that about half the tokens
     of a random model are processed: the tests then see both kinds of token."""
     method, seen = dm.method, {}
-    hooks = [dm.arch.blocks[t].register_forward_pre_hook(
+    hooks = [method.routed_module(i).register_forward_pre_hook(
         lambda m, a, kw, i=i: seen.update({i: a[0] if a else kw["hidden_states"]}) and None, with_kwargs=True)
-        for i, t in enumerate(method.layers)]
+        for i in range(len(method.layers))]
     ids, mask = batch("llama", b=4, s=16, seed=5)
     with torch.no_grad():
         dm(input_ids=ids, attention_mask=torch.ones_like(mask), use_cache=False)

@@ -1,4 +1,4 @@
-"""A routed block's own KV store: only the tokens the block processed, each sequence with its own length."""
+"""A routed block's (or attention sub-layer's) own KV store: only the tokens the block processed, each sequence with its own length."""
 from __future__ import annotations
 
 import torch
@@ -27,11 +27,12 @@ class BlockStore:
                                "(beam search and batch reordering are not supported with MoD caches)")
         return self.length
 
-    def view(self, count: torch.Tensor, q: int) -> "StoreView":
-        return StoreView(self, count, q)
+    def view(self, count: torch.Tensor, q: int, rows: torch.Tensor | None = None) -> "StoreView":
+        return StoreView(self, count, q, rows)
 
     def _ensure(self, like: torch.Tensor, need: int) -> None:
-        b, h, _, d = like.shape
+        _, h, _, d = like.shape
+        b = self.length.shape[0]
         have = 0 if self.keys is None else self.keys.shape[2]
         if need <= have:
             return
@@ -43,29 +44,35 @@ class BlockStore:
             values[:, :, :have] = self.values
         self.keys, self.values = keys, values
 
-    def write(self, key: torch.Tensor, value: torch.Tensor, count: torch.Tensor):
-        """Append q new slots per row at its current length (only the first count[b] are kept) and return the
-        keys/values of every row up to the longest one, new slots included."""
-        b, h, q, _ = key.shape
-        start = self.length
+    def write(self, key: torch.Tensor, value: torch.Tensor, count: torch.Tensor, rows: torch.Tensor | None = None):
+        """Append q new slots to each row at its current length (only the first count[b] are kept) and return the
+        keys/values up to the longest row, new slots included. rows: the store rows that key/value [r, H, q, D]
+        belong to (None: every row); the others are left as they are."""
+        r, _, q, _ = key.shape
+        every = rows is None
+        rows = torch.arange(r, device=key.device) if every else rows
+        start = self.length.index_select(0, rows)
         end = int((start + q).max())
         self._vdim = value.shape[-1]
         self._ensure(key, end)
-        pos = (start.unsqueeze(1) + torch.arange(q, device=key.device)).view(b, 1, q, 1)
-        self.keys.scatter_(2, pos.expand(b, h, q, key.shape[-1]), key)
-        self.values.scatter_(2, pos.expand(b, value.shape[1], q, value.shape[-1]), value)
-        self.length = start + count
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        pos = (start.unsqueeze(1) + torch.arange(q, device=key.device)).view(r, 1, q)
+        at = rows.view(r, 1, 1)
+        self.keys[at, torch.arange(key.shape[1], device=key.device).view(1, -1, 1), pos] = key
+        self.values[at, torch.arange(value.shape[1], device=key.device).view(1, -1, 1), pos] = value
+        self.length = self.length.index_add(0, rows, count)
+        if every:
+            return self.keys[:, :, :end], self.values[:, :, :end]
+        return self.keys[:, :, :end].index_select(0, rows), self.values[:, :, :end].index_select(0, rows)
 
 
 class StoreView:
     """Stands in for the HF cache inside one routed block call: the block's attention calls update()."""
 
-    def __init__(self, store: BlockStore, count: torch.Tensor, q: int):
-        self.store, self.count, self.q = store, count, q
+    def __init__(self, store: BlockStore, count: torch.Tensor, q: int, rows: torch.Tensor | None = None):
+        self.store, self.count, self.q, self.rows = store, count, q, rows
 
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        return self.store.write(key_states, value_states, self.count)
+        return self.store.write(key_states, value_states, self.count, self.rows)
 
     def get_seq_length(self, layer_idx=0) -> int:
         return int(self.store.length.max()) if self.store.length is not None else 0

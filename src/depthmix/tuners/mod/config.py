@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 from ...config import MethodConfig, check_layers
 
+SKIP = ("block", "attention", "mlp")
+
 
 @dataclass
 class MoDConfig(MethodConfig):
@@ -12,6 +14,11 @@ class MoDConfig(MethodConfig):
 
     capacity: fraction of each sequence's tokens that a routed block processes, in (0, 1].
     layers: "every_other" (blocks 1, 3, 5, ...), "all", or a list of block indices.
+    skip: what a token that is not routed skips in a routed block: "block" (the whole block, the paper),
+        "attention" (only the attention sub-layer: the token still goes through the MLP) or "mlp" (only the MLP
+        sub-layer). For a sub-layer the router reads the sub-layer's own (normed) input, and the routed update
+        applies to its residual branch f: f on processed tokens (retrofit; r * f for "paper"), 0 on the others.
+        Llama-like models (self_attn, mlp) and GPT-2 (attn, mlp).
     causal: how routing is decided where the future is unknown (generation, routing="causal"):
         "predictor" (a small MLP on stopgrad(x), trained with BCE against top-k membership) or
         "aux_loss" (BCE on the router logits themselves).
@@ -34,6 +41,7 @@ class MoDConfig(MethodConfig):
     method = "mod"
     capacity: float = 0.125
     layers: str | list[int] = "every_other"
+    skip: str = "block"
     causal: str = "predictor"
     update: str = "paper"
     aux_weight: float = 0.01
@@ -43,6 +51,7 @@ class MoDConfig(MethodConfig):
         self._check(isinstance(self.capacity, (int, float)) and not isinstance(self.capacity, bool)
                     and 0 < self.capacity <= 1, "capacity", "a number in (0, 1]")
         check_layers(self, "layers", ("every_other", "all"))
+        self._check(self.skip in SKIP, "skip", "'block', 'attention' or 'mlp'")
         self._check(self.causal in ("predictor", "aux_loss"), "causal", "'predictor' or 'aux_loss'")
         self._check(self.update in ("paper", "retrofit"), "update", "'paper' or 'retrofit'")
         self._check(isinstance(self.aux_weight, (int, float)) and not isinstance(self.aux_weight, bool)

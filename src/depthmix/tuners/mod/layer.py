@@ -27,21 +27,42 @@ def first_real(valid: torch.Tensor) -> torch.Tensor:
     return valid & (valid.cumsum(1) == 1)
 
 
-def topk_membership(scores: torch.Tensor, valid: torch.Tensor, capacity: float,
-                    keep: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, S] bool: the top-k tokens of each sequence by router score, padding never (it scores -inf). Tokens in
-    `keep` [B, S] always win one of the k slots. Equal scores go to the earlier position (a stable sort:
+def topk_slots(scores: torch.Tensor, valid: torch.Tensor, capacity: float, keep: torch.Tensor | None = None):
+    """Top-k routing with static shapes (no device->host sync): K = ceil(capacity * S) slots per row, S the padded
+    length (a Python int), whatever the rows' real lengths.
+
+    Returns idx [B, K], count [B] and K, as slots() does: slot j < count[b] holds the j-th selected position of row
+    b in increasing (causal) order, and the remaining slots hold unselected positions, after every selected one.
+    Row b selects its own k = ceil(capacity * its real length) best tokens, padding never (it scores -inf); tokens
+    in `keep` [B, S] always win one of the k slots; equal scores go to the earlier position (a stable sort:
     torch.topk leaves ties to the kernel, and on CPU it dropped the earliest ones)."""
-    k = capacity_k(valid, capacity)
-    top = int(k.max()) if k.numel() else 0
+    b, s = valid.shape
+    top = max(1, math.ceil(s * capacity - 1e-9)) if s else 0
+    count = capacity_k(valid, capacity)
     if top == 0:
-        return torch.zeros_like(valid)
+        return None, count, 0
     scores = scores.masked_fill(~valid, float("-inf"))
     if keep is not None:
         scores = scores.masked_fill(keep, float("inf"))
-    idx = scores.sort(dim=1, descending=True, stable=True).indices[:, :top]
-    take = torch.arange(top, device=valid.device) < k.unsqueeze(1)
-    return torch.zeros_like(valid).scatter(1, idx, take)
+    best = scores.sort(dim=1, descending=True, stable=True).indices[:, :top]
+    chosen = torch.arange(top, device=valid.device) < count.unsqueeze(1)
+    order = torch.where(chosen, best, best + s).sort(dim=1).indices  # selected first, each part by position
+    return best.gather(1, order), count, top
+
+
+def topk_membership(scores: torch.Tensor, valid: torch.Tensor, capacity: float,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, S] bool: the tokens topk_slots selects."""
+    idx, count, top = topk_slots(scores, valid, capacity, keep)
+    return membership(idx, count, top, valid)
+
+
+def membership(idx, count, top, like: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: the selected positions of slots idx [B, K] (those before count [B])."""
+    if top == 0:
+        return torch.zeros_like(like, dtype=torch.bool)
+    take = torch.arange(top, device=like.device) < count.unsqueeze(1)
+    return torch.zeros(like.shape[:2], dtype=torch.bool, device=like.device).scatter(1, idx, take)
 
 
 def slots(sel: torch.Tensor):
@@ -86,9 +107,10 @@ def subset_mask(start: torch.Tensor | None, q: int, kv: int, impl: str, dtype, d
     return allowed
 
 
-def attn_impl(block) -> str:
-    for name in ("self_attn", "attn", "attention"):
-        sub = getattr(block, name, None)
+def attn_impl(module) -> str:
+    """The attention implementation of a routed block, or of a routed attention sub-layer itself."""
+    for name in ("", "self_attn", "attn", "attention"):
+        sub = getattr(module, name, None) if name else module
         if sub is not None and getattr(sub, "config", None) is not None:
             return sub.config._attn_implementation or "eager"
     return "eager"

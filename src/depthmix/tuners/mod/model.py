@@ -1,4 +1,5 @@
-"""MoD wired into a model: routers, causal predictors, one gather -> block -> scatter per routed block."""
+"""MoD wired into a model: routers, causal predictors, one gather -> block (or sub-layer) -> scatter per routed
+block."""
 from __future__ import annotations
 
 import contextlib
@@ -10,9 +11,12 @@ from torch import nn
 from ...config import ConfigError, pick_layers
 from ..base import Method, float32_linear
 from .cache import KEY, store_for
-from .layer import (MoDBlock, attn_impl, first_real, gather_tokens, predictor_hidden, slots, subset_mask,
-                    topk_membership)
+from ...blocks import take_rows_all
+from .layer import (MoDBlock, attn_impl, first_real, gather_tokens, membership, predictor_hidden, slots,
+                    subset_mask, topk_membership, topk_slots)
 
+# the sub-layers of a block, by family: each called on the normed hidden state, returning its residual branch
+SUBLAYERS = {"llama": {"attention": "self_attn", "mlp": "mlp"}, "gpt2": {"attention": "attn", "mlp": "mlp"}}
 ROUTING = ("auto", "causal", "topk-lookahead")
 ALIASES = {"topk": "topk-lookahead"}  # the old name: explicit top-k, in training and out of it
 
@@ -41,7 +45,27 @@ class MoD(Method):
         self._valid = None
         self.reset_stats()
         for i, t in enumerate(self.layers):
-            self.wrap(arch.blocks[t], MoDBlock, i)
+            self.wrap(self._target(arch, t), MoDBlock, i)
+
+    def _target(self, arch, t: int) -> nn.Module:
+        """The module that routed block t routes: the block, or its attention or MLP sub-layer (config.skip)."""
+        block = arch.blocks[t]
+        if self.config.skip == "block":
+            return block
+        names = SUBLAYERS.get(arch.family.name)
+        if names is None:
+            raise ConfigError(f"MoDConfig.skip={self.config.skip!r}: routing a sub-layer is supported for the "
+                              f"families {sorted(SUBLAYERS)}, not {arch.family.name}")
+        name = names[self.config.skip]
+        sub = getattr(block, name, None)
+        if not isinstance(sub, nn.Module):
+            raise ConfigError(f"MoDConfig.skip={self.config.skip!r}: block {t} ({type(block).__name__}) of the "
+                              f"{arch.family.name} family has no `{name}` sub-layer")
+        return sub
+
+    def routed_module(self, i: int) -> nn.Module:
+        """The module routed as self.layers[i] (a block or one of its sub-layers)."""
+        return self._swapped[i]
 
     def begin(self, inputs: dict) -> None:
         super().begin(inputs)
@@ -89,10 +113,11 @@ class MoD(Method):
 
     def reset_stats(self) -> None:
         # per routed block: processed tokens, valid tokens, correct causal decisions, decisions scored
-        self.stats = torch.zeros(len(self.layers), 4, dtype=torch.float64)
+        device = self.stats.device if hasattr(self, "stats") else None
+        self.stats = torch.zeros(len(self.layers), 4, dtype=torch.float64, device=device)
 
     def extra_state(self) -> dict:
-        s = self.stats
+        s = self.stats.cpu()  # the one read of the device-side counts
         out = {}
         for i, t in enumerate(self.layers):
             if s[i, 1] > 0:
@@ -105,7 +130,7 @@ class MoD(Method):
             out["predictor_accuracy"] = round(float(s[:, 2].sum() / s[:, 3].sum()), 4)
         return out
 
-    # -- the routed forward of block self.layers[i] ------------------------------------------------------------
+    # -- the routed forward of block self.layers[i] (or of its sub-layer) -----------------------------------
     def scores(self, i: int, x: torch.Tensor):
         """Router logits r [B, S] and the causal decision logits [B, S] (predictor, or the router itself)."""
         xf = x.float()
@@ -114,69 +139,119 @@ class MoD(Method):
             return r, self.predictors[i](xf.detach()).squeeze(-1)
         return r, r
 
-    def route(self, block, i: int, forward, args, kwargs):
-        if len(args) == 1:  # block(hidden_states, **kwargs), as Llama calls it: no need for the (slow) signature bind
-            x, named = args[0], dict(kwargs)
-        else:
-            named = self.arch.bind(block, args, kwargs)
-            x = named.pop(next(iter(named)))
+    def route(self, module, i: int, forward, args, kwargs):
+        x, named = self._split(module, args, kwargs)
         valid = self.valid_mask(x)
         r, decide = self.scores(i, x)
         # an eval-mode base model routes causally even if the method module was left in train mode
-        causal = self.active_routing(self.training and block.training) == "causal"
+        causal = self.active_routing(self.training and module.training) == "causal"
         cache = named.get("past_key_values")
         if cache is not None and self.training and torch.is_grad_enabled():
             named["past_key_values"] = cache = None  # training never decodes: keep no subset K/V
-        sel, topk = self._select(i, r, decide, valid, cache, causal)
+        slots_, sel, topk = self._select(i, r, decide, valid, cache, causal)
         self._record(i, sel, valid, decide, topk)
         if self.training and torch.is_grad_enabled() and self.config.aux_weight > 0 and topk is not None:
             w = valid.to(decide.dtype)
             bce = F.binary_cross_entropy_with_logits(decide, topk.to(decide.dtype), reduction="none")
             self.add_aux(self.config.aux_weight * (bce * w).sum() / w.sum().clamp(min=1))
 
-        if cache is not None and x.shape[1] == 1:
-            return self._step(block, i, forward, x, named, sel, r, cache)
-        if cache is None and bool((sel == valid).all()):
+        if x.shape[1] == 1 and (cache is not None or (causal and self._continues(x))):
+            out = self._step(module, i, forward, x, named, sel, r, cache)
+        else:
+            out = self._subset(module, i, forward, x, named, sel, valid, r, cache, causal, slots_)
+        return (out, None) if self.config.skip == "attention" else out
+
+    def _split(self, module, args, kwargs):
+        """The routed module's hidden-state input and its other arguments, by name."""
+        if len(args) == 1:  # block(hidden_states, **kwargs), as Llama calls it: no need for the (slow) signature bind
+            return args[0], dict(kwargs)
+        if not args and "hidden_states" in kwargs:  # Llama's self_attn(hidden_states=...)
+            named = dict(kwargs)
+            return named.pop("hidden_states"), named
+        named = self.arch.bind(module, args, kwargs)
+        return named.pop(next(iter(named))), named
+
+    def _rest(self, x):
+        """What a token that is not processed gets: its input (a block) or nothing (a sub-layer's branch)."""
+        return x if self.config.skip == "block" else torch.zeros_like(x)
+
+    def _run(self, forward, x, kw):
+        y = forward(x, **kw)
+        return y[0] if isinstance(y, tuple) else y  # attention returns (output, weights)
+
+    def _subset(self, module, i, forward, x, named, sel, valid, r, cache, causal, slots_):
+        """Gather the selected tokens of each row, run the module on them, scatter the results back."""
+        if cache is None and (slots_[2] == x.shape[1] if slots_ is not None else bool((sel == valid).all())):
+            # every real token is selected (top-k: K = S gives k = n in every row): run the module as it was
             return self._dense(forward, x, named, sel, self._weight(r))
-        idx, count, top = slots(sel)
+        idx, count, top = slots_ if slots_ is not None else slots(sel)
         if top == 0:
             if cache is not None:
-                store_for(cache, i).start(x.shape[0], x.device)
-            return x
+                self._store(cache, i).start(x.shape[0], x.device)
+            return self._rest(x)
         weight = self._weight(r)
         xs = gather_tokens(x, idx)
-        kw = self._subset_kwargs(block, i, named, idx, count, top, xs)
-        ys = forward(xs, **kw)
-        new = self._update(xs, ys, None if weight is None else gather_tokens(weight, idx))
+        kw = self._subset_kwargs(module, i, named, idx, count, top, xs)
+        rest = None if self.config.skip != "block" else xs
+        new = self._update(rest, self._run(forward, xs, kw), None if weight is None else gather_tokens(weight, idx))
         keep = torch.arange(top, device=x.device).unsqueeze(0) < count.unsqueeze(1)
-        new = torch.where(keep.unsqueeze(-1), new, xs)
-        return x.scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), new)
+        new = torch.where(keep.unsqueeze(-1), new, xs if rest is not None else torch.zeros_like(new))
+        return self._rest(x).scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), new)
 
-    def _step(self, block, i, forward, x, named, sel, r, cache):
-        """A decoding step (one new token per sequence): nothing to gather or scatter; the block runs on every row
-        if any row routes its token (rows that do not keep their store's length and their hidden state)."""
-        store = self._store(cache, i)
-        start = store.start(x.shape[0], x.device)
-        if not bool(sel.any()):
-            return x
-        kw = dict(named)
+    def _step(self, module, i, forward, x, named, sel, r, cache):
+        """A decoding step (one new token per row): the module runs only on the rows that process their token
+        (those rows' KV stores gathered and scattered back); the other rows keep their store and skip it."""
+        b = x.shape[0]
+        if self._keeps_kv():
+            store = self._store(cache, i)
+            start = store.start(b, x.device)
+        rows = sel[:, 0].nonzero().squeeze(1)  # decoding is inference: this sync is allowed
+        n = rows.numel()
+        if n == 0:
+            return self._rest(x)
+        pick = None if n == b else rows
+        kw = take_rows_all(named, pick, b)
         kw.pop("cache_position", None)
-        kw["past_key_values"] = store.view(sel[:, 0].long(), 1)
-        kw["attention_mask"] = subset_mask(start, 1, int(start.max()) + 1, attn_impl(block), x.dtype, x.device)
-        y = self._update(x, forward(x, **kw), self._weight(r))
-        return y if x.shape[0] == 1 else torch.where(sel.unsqueeze(-1), y, x)
+        xr = x if pick is None else x.index_select(0, rows)
+        if self._keeps_kv():
+            begin = start if pick is None else start.index_select(0, rows)
+            kw["past_key_values"] = store.view(torch.ones_like(begin), 1, pick)
+            kw["attention_mask"] = subset_mask(begin, 1, int(begin.max()) + 1, attn_impl(module), x.dtype, x.device)
+        weight = self._weight(r)
+        if weight is not None and pick is not None:
+            weight = weight.index_select(0, rows)
+        y = self._update(xr if self.config.skip == "block" else None, self._run(forward, xr, kw), weight)
+        return y if pick is None else self._rest(x).index_copy(0, rows, y)
+
+    def _keeps_kv(self) -> bool:
+        """Whether the routed module attends (keeps K/V of the tokens it processed): not a routed MLP, which is
+        token-wise and is never handed the KV cache."""
+        return self.config.skip != "mlp"
+
+    def _continues(self, x) -> bool:
+        """Whether this call continues earlier tokens (a decoding step): the attention mask, which also covers a
+        KV cache's tokens, is longer than x. How a routed MLP, never handed the cache, knows."""
+        mask = self.inputs.get("attention_mask")
+        return mask is not None and mask.dim() == 2 and mask.shape[1] > x.shape[1]
 
     def _select(self, i, r, decide, valid, cache, causal: bool):
-        """[B, S] the tokens block i processes, and their top-k membership: the selection in topk mode, the target
-        of the causal decision otherwise (there only for statistics, and None in decoding steps, where a
-        sequence's top-k is undefined)."""
-        fresh = cache is None or i not in cache.__dict__.get(KEY, {})  # before _first creates the store
+        """The slots (idx, count, K) of the tokens block i processes, as a [B, S] selection, and their top-k
+        membership: the selection in top-k mode (static shapes, no host sync: what training runs), the target of
+        the causal decision otherwise (there only for statistics, and None in decoding steps, where a sequence's
+        top-k is undefined)."""
+        if cache is None:
+            fresh = self._keeps_kv() or not self._continues(valid)
+        else:
+            fresh = i not in cache.__dict__.get(KEY, {})  # before _first creates the store
         keep = self._first(i, valid, cache)
-        topk = topk_membership(r.detach(), valid, self.config.capacity, keep) if (not causal or fresh) else None
         if not causal:
-            return topk, topk
+            idx, count, top = topk_slots(r.detach(), valid, self.config.capacity, keep)
+            topk = membership(idx, count, top, valid)
+            return (idx, count, top), topk, topk
+        topk = topk_membership(r.detach(), valid, self.config.capacity, keep) if fresh else None
         sel = (decide.detach() > 0) & valid
-        return (sel if keep is None else sel | keep), topk
+        sel = sel if keep is None else sel | keep
+        return None, sel, topk
 
     def _first(self, i, valid, cache):
         """[B, S] the first real token of each row where config.keeps_first (else None). With a KV cache the
@@ -185,19 +260,22 @@ class MoD(Method):
         if not self.config.keeps_first:
             return None
         first = first_real(valid)
+        mask = self.inputs.get("attention_mask")
+        if cache is None and self._continues(valid):  # a routed MLP while decoding: the row's whole mask says
+            first = first_real(mask.to(device=valid.device, dtype=torch.bool))[:, -valid.shape[1]:]
         if cache is not None:
             empty = self._store(cache, i).start(valid.shape[0], valid.device) == 0
             first = first & empty.unsqueeze(1)
         return first
 
     def _store(self, cache, i):
-        if self.layers[i] == 0:
-            raise ConfigError("MoDConfig.layers: block 0 cannot be routed when decoding with a KV cache "
-                              "(the model reads its cache length from block 0)")
+        if self.layers[i] == 0 and self._keeps_kv():
+            raise ConfigError(f"MoDConfig.layers: block 0 cannot be routed (skip={self.config.skip!r}) when "
+                              "decoding with a KV cache (the model reads its cache length from block 0)")
         return store_for(cache, i)
 
     def _weight(self, r):
-        """[B, S, 1] weight of f(x): the raw router logit (paper) or g - 1 = s - stopgrad(s) (retrofit: zero in
+        """[B, S, 1] weight of f: the raw router logit (paper) or g - 1 = s - stopgrad(s) (retrofit: zero in
         the forward pass, the gradient of s = sigmoid(r) in the backward pass; None where nothing needs it)."""
         if self.config.update == "paper":
             return r.unsqueeze(-1)
@@ -207,17 +285,23 @@ class MoD(Method):
         return (s - s.detach()).unsqueeze(-1)
 
     def _update(self, x, y, weight):
-        """The routed output of block input x and block output y, given _weight's [.., 1] weight."""
+        """The routed output, given _weight's [.., 1] weight: of a block (input x, output y, so f = y - x), or of a
+        sub-layer's residual branch (x None, f = y)."""
         if weight is None:
             return y
         w = weight.to(y.dtype)
-        return y + w * (y - x) if self.config.update == "retrofit" else x + w * (y - x)
+        f = y if x is None else y - x
+        if self.config.update == "retrofit":
+            return y + w * f
+        return w * f if x is None else x + w * f
 
     def _dense(self, forward, x, named, sel, weight):
-        """Every real token is selected (capacity 1.0): the block runs as it was, bit for bit."""
-        return torch.where(sel.unsqueeze(-1), self._update(x, forward(x, **named), weight), x)
+        """Every real token is selected (capacity 1.0): the module runs as it was, bit for bit."""
+        y = self._run(forward, x, named)
+        return torch.where(sel.unsqueeze(-1), self._update(x if self.config.skip == "block" else None, y, weight),
+                           self._rest(x))
 
-    def _subset_kwargs(self, block, i, named, idx, count, top, xs):
+    def _subset_kwargs(self, module, i, named, idx, count, top, xs):
         kw = dict(named)
         pe = kw.get("position_embeddings")
         if pe is not None:
@@ -226,8 +310,10 @@ class MoD(Method):
         if isinstance(pos, torch.Tensor) and pos.dim() == 2:
             kw["position_ids"] = gather_tokens(pos, idx)
         kw.pop("cache_position", None)
-        impl = attn_impl(block)
         cache = kw.get("past_key_values")
+        if not self._keeps_kv():  # an MLP: token-wise, no mask, no K/V
+            return kw
+        impl = attn_impl(module)
         if cache is not None:
             store = self._store(cache, i)
             start = store.start(idx.shape[0], idx.device)
@@ -239,7 +325,10 @@ class MoD(Method):
         return kw
 
     def _record(self, i, sel, valid, decide, topk):
+        """Statistics stay on the device (no host sync per step); extra_state() reads them when asked."""
         with torch.no_grad():
+            if self.stats.device != sel.device:
+                self.stats = self.stats.to(sel.device)
             n = valid.sum()
             right = (((decide > 0) == topk) & valid).sum() if topk is not None else torch.zeros_like(n)
             self.stats[i] += torch.stack([sel.sum(), n, right, n if topk is not None else right]).to(self.stats)

@@ -1,0 +1,155 @@
+"""MoD routing a sub-layer (skip="attention" or "mlp") instead of the whole block, and decoding at batch > 1."""
+import pytest
+import torch
+
+import depthmix
+from conftest import CAUSAL, batch, tiny
+from test_mod import inputs, logits, mod
+
+pytestmark = pytest.mark.parametrize("family", CAUSAL)
+SKIPS = ("block", "attention", "mlp")
+
+
+def generate(dm, ids, mask, n=6, **kw):
+    with torch.no_grad():
+        return dm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                           eos_token_id=None, **kw)
+
+
+@pytest.mark.parametrize("skip", SKIPS)
+def test_retrofit_capacity_one_is_the_dense_model_exactly(family, skip):
+    ids, mask = batch(family, b=3, s=10)
+    dense = tiny(family)
+    with torch.no_grad():
+        want = dense(**inputs(ids, mask)).logits
+        torch.manual_seed(3)  # GPT-2 has dropout in train mode: the same draws for both models
+        want_train = dense.train()(**inputs(ids, mask)).logits
+    dm = mod(family, update="retrofit", capacity=1.0, layers="all", skip=skip)
+    keep = mask.bool()
+    assert torch.equal(logits(dm, ids, mask)[keep], want[keep])
+    dm.train()  # top-k with gradients: g = 1 + s - stopgrad(s) is exactly 1 in the forward pass
+    torch.manual_seed(3)
+    got = dm(**inputs(ids, mask)).logits
+    assert got.requires_grad and torch.equal(got[keep], want_train[keep])
+
+
+@pytest.mark.parametrize("skip", ["attention", "mlp"])
+def test_routed_sublayer_runs_on_the_selected_tokens_only(family, skip):
+    """The routed branch against a reference by hand: f of the selected tokens alone (attention: at their true
+    positions, causal among themselves) times r, and 0 for every other token."""
+    dm = mod(family, capacity=0.4, layers=[1], skip=skip)
+    sub = dm.method.routed_module(0)
+    seen = {}
+    sub.register_forward_pre_hook(lambda m, a, kw: seen.update(x=a[0] if a else kw["hidden_states"]) and None,
+                                  with_kwargs=True)
+    sub.register_forward_hook(lambda m, a, kw, out: seen.update(out=out) and None, with_kwargs=True)
+    ids = torch.randint(3, 60, (1, 15))
+    logits(dm, ids, torch.ones_like(ids))
+    x = seen["x"][0]
+    r = dm.method.routers[0](x.float()).squeeze(-1)
+    idx = r.topk(6).indices.sort().values  # ceil(0.4 * 15)
+    kw = {}
+    if skip == "attention":
+        kw["attention_mask"] = None
+        if family == "llama":
+            kw["position_embeddings"] = dm.base_model.model.rotary_emb(x[None], idx[None])
+    with torch.no_grad():
+        f = type(sub)._depthmix_mixin_of.forward(sub, x[idx][None], **kw)
+    f = (f[0] if isinstance(f, tuple) else f)[0]
+    want = torch.zeros_like(x)
+    want[idx] = r[idx, None] * f
+    out = seen["out"][0] if skip == "attention" else seen["out"]
+    torch.testing.assert_close(out[0], want, rtol=1e-5, atol=1e-6)
+    assert (out[0].abs().sum(-1) > 0).sum() == len(idx)
+
+
+@pytest.mark.parametrize("skip", ["attention", "mlp"])
+def test_eval_routing_of_a_sublayer_never_sees_the_future(family, skip):
+    dm = mod(family, capacity=0.4, skip=skip)
+    ids, mask = batch(family, b=3, s=12)
+    with torch.no_grad():
+        base = dm(**inputs(ids, mask), use_cache=False).logits
+        assert 0 < dm.method.extra_state()["realized_capacity"] < 1
+        for t in (4, 8):
+            other = ids.clone()
+            other[:, t + 1:] = (other[:, t + 1:] + 7) % 60 + 3
+            got = dm(**inputs(other, mask), use_cache=False).logits
+            torch.testing.assert_close(got[:, :t + 1], base[:, :t + 1], rtol=0, atol=0)
+            assert not torch.equal(got[:, t + 1:], base[:, t + 1:])
+
+
+@pytest.mark.parametrize("skip", ["attention", "mlp"])
+@pytest.mark.parametrize("update", ["paper", "retrofit"])
+def test_cached_generate_of_a_routed_sublayer_equals_uncached(family, skip, update):
+    # the MLP keeps no K/V, so block 0's MLP may be routed while decoding with a cache
+    layers = [0, 1, 3] if skip == "mlp" else "every_other"
+    dm = mod(family, capacity=0.3, skip=skip, update=update, layers=layers)
+    ids, mask = batch(family, b=3, s=8)
+    dm.method.reset_stats()
+    cached = generate(dm, ids, mask)
+    assert 0 < dm.method.extra_state()["realized_capacity"] < 1  # tokens did skip the sub-layers
+    assert torch.equal(cached, generate(dm, ids, mask, use_cache=False))
+
+
+@pytest.mark.parametrize("skip", ["attention", "mlp"])
+@pytest.mark.parametrize("update", ["paper", "retrofit"])
+def test_routers_of_a_sublayer_get_gradients(family, skip, update):
+    dm = mod(family, capacity=0.5, skip=skip, update=update).train()
+    ids, mask = batch(family, b=3, s=12)
+    dm(**inputs(ids, mask), labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    for i, router in enumerate(dm.method.routers):
+        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0, i
+
+
+def test_skip_is_checked_and_saved(family, tmp_path):
+    with pytest.raises(depthmix.ConfigError, match="MoDConfig.skip"):
+        depthmix.MoDConfig(skip="ffn")
+    dm = mod(family, skip="attention")
+    ids, mask = batch(family)
+    before = logits(dm, ids, mask, "causal")
+    dm.save_pretrained(tmp_path)
+    again = depthmix.DepthMixModel.from_pretrained(tiny(family), tmp_path)
+    assert again.method.config.skip == "attention"
+    assert torch.equal(logits(again, ids, mask, "causal"), before)
+
+
+def projection(module):
+    """A projection inside a routed module, called once per run of it, on the rows that run."""
+    return next(m for n, m in module.named_modules() if n.endswith(("o_proj", "down_proj", "c_proj")))
+
+
+@pytest.mark.parametrize("skip", SKIPS)
+def test_decoding_runs_a_routed_module_only_on_the_rows_that_route(family, skip):
+    """Batch 3 with mixed decisions: each decoding step runs a routed module on the rows that process their
+    token only (their K/V stores gathered), and the tokens equal an uncached recompute."""
+    dm = mod(family, capacity=0.5, skip=skip, layers=[1, 3])
+    calls = {0: [], 1: []}
+    for i in range(2):
+        projection(dm.method.routed_module(i)).register_forward_pre_hook(
+            lambda m, a, i=i: calls[i].append(tuple(a[0].shape[:2])) and None)
+    ids, mask = batch(family, b=3, s=8)
+    dm.method.reset_stats()
+    generate(dm, ids, mask, n=1)  # the prompt alone
+    prompt = dm.method.stats[:, 0].tolist()
+    dm.method.reset_stats()
+    calls = {0: [], 1: []}
+    out = generate(dm, ids, mask, n=7)
+    for i in range(2):
+        assert calls[i][0][1] > 1  # the prompt
+        steps = [b for b, q in calls[i][1:] if q == 1]
+        assert len(steps) == len(calls[i]) - 1
+        assert any(0 < b < 3 for b in steps), steps  # some steps ran on some rows only
+        assert sum(steps) == dm.method.stats[i, 0].item() - prompt[i]  # one row per token processed, no more
+    assert torch.equal(out, generate(dm, ids, mask, n=7, use_cache=False))
+
+
+@pytest.mark.parametrize("skip", ["attention", "mlp"])
+def test_untrained_retrofit_decodes_only_the_sink_through_a_routed_sublayer(family, skip):
+    """Zero routers decide "skip" everywhere: only each row's first real token goes through the routed
+    sub-layers, in the prompt and in every decoding step (a routed MLP never sees the cache: it must still know
+    that a decoding step's token is not the first)."""
+    dm = depthmix.apply(tiny(family), depthmix.MoDConfig(update="retrofit", causal="aux_loss", skip=skip)).eval()
+    ids, mask = batch(family, b=3, s=8)
+    cached = generate(dm, ids, mask, n=4)
+    assert dm.method.stats[:, 0].tolist() == [3.0, 3.0]
+    assert torch.equal(cached, generate(dm, ids, mask, n=4, use_cache=False))
