@@ -103,6 +103,7 @@ def test_train_help_lists_methods_tasks_and_embedded_models(capsys):
     assert "--capacity CAPACITY fraction of each sequence's tokens that a routed block processes, in (0, 1]. " \
            "(default: 0.125)" in text
     assert "--lora, --no-lora train LoRA adapters" in text and "(default: true)" in text
+    assert '--layers VALUE molex options: "all" or a list' in text and 'mod options: "every_other"' in text  # shared
     with pytest.raises(SystemExit):
         run("--version")
     from depthmix import __version__

@@ -50,10 +50,15 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), group: st
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = _kind(f.type)
-        if any(flag in a.option_strings for a in parser._actions):
-            names.append(f.name)  # already declared by another dataclass (e.g. `layers`)
-            continue
         text = _help(docs.get(f.name, ""), f, (choices or {}).get(f.name))
+        shared = next((a for a in parser._actions if flag in a.option_strings), None)
+        if shared is not None:  # already declared by another dataclass (e.g. `layers`): one flag, both meanings
+            first = next((g.title for g in parser._action_groups if shared in g._group_actions), "")
+            if not shared.help.startswith(f"{first}: "):
+                shared.help = f"{first}: {shared.help}"
+            shared.help = f"{shared.help} {group or cls.__name__}: {text}"
+            names.append(f.name)
+            continue
         if kind == "bool":
             target.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=text)
