@@ -18,7 +18,8 @@ from ..model import CONFIG_NAME, WEIGHTS_NAME
 LOCK_NAME = "train.lock"
 RUN_NAME = "run_options.json"  # the options a run started with; a --resume must keep its IDENTITY
 METRICS_NAME = "metrics.json"
-IDENTITY = ("model", "task", "method", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "use_dora")
+IDENTITY = ("model", "task", "method", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "use_dora",
+            "train_pooler")
 
 
 class RunLock:
@@ -168,7 +169,7 @@ def check_same_run(out: Path, record: dict) -> None:
               "started with", file=sys.stderr)
         return
     new = record["options"]
-    diffs = [f"{k} was {old.get(k)!r}, now {new[k]!r}" for k in IDENTITY if old.get(k) != new[k]]
+    diffs = [f"{k} was {old[k]!r}, now {new.get(k)!r}" for k in IDENTITY if k in old and old[k] != new.get(k)]
     if old.get("method") == new["method"]:
         a, b = old.get("method_config") or {}, new["method_config"]
         diffs += [f"{new['method']} option {k} was {a.get(k)!r}, now {b.get(k)!r}"
