@@ -24,6 +24,7 @@ CONFIGS = {
     "molex-sequence": lambda: MoLExConfig(routing="sequence"),
     "molex-token": lambda: MoLExConfig(routing="token"),
     "mod": lambda: MoDConfig(capacity=0.5),
+    "mod-attention": lambda: MoDConfig(capacity=0.5, skip="attention"),
     "mode": lambda: MoDEConfig(),
 }
 CHECKPOINTED = "+checkpointing"  # a method name ending so: with gradient checkpointing (blocks re-run in backward)
