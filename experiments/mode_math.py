@@ -1,0 +1,186 @@
+"""MoDE on arithmetic reasoning, as a fair test of the paper's claim (issue 11, item 2), on the embedded SmolLM2-135M.
+
+Data: LLM-Adapters' reasoning/math_train.json (3,260 worked problems), split once with a fixed seed into a
+validation set (200, for choosing options), a held-out set (500, the primary metric) and a training pool; every run
+trains on the same --train-size problems of the pool for --epochs epochs (seeds change the initialisation and the
+order). The arithmetic test sets stay unseen until the secondary metric (SingleEq accuracy, greedy generation).
+
+Phase 1 (seed 0, validation gold NLL): the learning rate of each arm (LoRA, MoDE + LoRA) and MoDE's distillation
+options (lambda in {0, 0.1, 1}, summed or averaged over the shallower layers, into the backbone or the norms only).
+Phase 2 (paired seeds): LoRA vs MoDE + LoRA at its best options vs MoDE alone (norms + router), each at its own
+best learning rate; primary metric the gold-response NLL on the 500 held-out problems, secondary SingleEq accuracy.
+
+    OMP_NUM_THREADS=2 nice python experiments/mode_math.py --data-dir ../shared/data --out runs/mode_math
+
+Cost (estimated from a smoke run on the shared 2-core CPU): a training step of batch 8 x <= 256 tokens takes a few
+seconds on a quiet machine, so one run of 1,000 problems x 2 epochs (250 steps) is ~10-20 min, plus ~1 min for
+the gold NLL and ~10 min for 300 SingleEq generations; phase 1 is 12 runs, phase 2 nine: ~6-8 hours in all.
+
+Resumable: a finished run (metrics.json + nll.json) is skipped, so the script can be stopped at any time and run
+again. Writes docs/results/mode-math.json (primary) and docs/results/mode-math-singleeq.json (secondary), both from
+the runs, with paired differences and the smallest detectable difference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODEL = "smollm2-135m"
+COMMON = ["--model", MODEL, "--task", "singleeq", "--batch-size", "8", "--max-length", "256", "--lora-r", "8",
+          "--lora-alpha", "16", "--eval-batch-size", "32", "--logging-steps", "10", "--save-steps", "100000",
+          "--no-progress"]
+LRS = {"lora": ["5e-4", "1e-3", "2e-3"], "mode+lora": ["5e-4", "1e-3", "2e-3"], "mode": ["1e-3"]}
+DISTILL = {  # MoDE options swept on the validation set at the MoDE + LoRA arm's best learning rate
+    "kl0": ["--distill-weight", "0"],
+    "kl0.1-mean": ["--distill-weight", "0.1", "--distill-reduction", "mean"],
+    "kl1-mean": ["--distill-weight", "1", "--distill-reduction", "mean"],
+    "kl1-sum": ["--distill-weight", "1", "--distill-reduction", "sum"],  # the paper's
+    "kl0.1-mean-norms": ["--distill-weight", "0.1", "--distill-reduction", "mean", "--distill-into", "norms"],
+}
+ARMS = {"lora": ["--method", "lora"], "mode+lora": ["--method", "mode"],
+        "mode": ["--method", "mode", "--no-lora", "--router-lr", "1e-2"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--out", default="runs/mode_math")
+    p.add_argument("--results", default="docs/results")
+    p.add_argument("--train-size", type=int, default=1000)
+    p.add_argument("--epochs", default="2")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--eval-samples", type=int, default=300, help="SingleEq problems scored (secondary metric)")
+    p.add_argument("--validation-size", type=int, default=200)
+    p.add_argument("--heldout-size", type=int, default=500)
+    p.add_argument("--summary-only", action="store_true")
+    args = p.parse_args()
+    out = Path(args.out)
+    splits = prepare(Path(args.data_dir), out / "data", args.train_size, args.validation_size, args.heldout_size)
+    if not args.summary_only:
+        best = sweep(args, out, splits)
+        for seed in args.seeds:
+            for arm in ARMS:
+                run(args, out / "final" / f"{arm}-s{seed}", seed, final_flags(arm, best), splits, "heldout",
+                    args.eval_samples)
+    summarize(args, out)
+
+
+def prepare(data: Path, root: Path, train_size: int, validation_size: int, heldout_size: int) -> dict:
+    """Three data folders, each with a reasoning/math_train.json as the task reads it: train, validation, held-out."""
+    rows = json.loads((data / "reasoning" / "math_train.json").read_text())
+    order = list(range(len(rows)))
+    random.Random(1234).shuffle(order)
+    a, b = validation_size, validation_size + heldout_size
+    parts = {"validation": order[:a], "heldout": order[a:b], "train": order[b:b + train_size]}
+    folders = {}
+    for name, idx in parts.items():
+        folder = root / name
+        file = folder / "reasoning" / "math_train.json"
+        if not file.exists():
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps([rows[i] for i in idx]))
+            # the evaluation task (SingleEq) reads its test set from the same folder as the training file
+            (file.parent / "SingleEq_test.json").symlink_to((data / "reasoning" / "SingleEq_test.json").resolve())
+        folders[name] = folder
+    return folders
+
+
+def run(args, folder: Path, seed: int, flags: list[str], splits: dict, nll_split: str, eval_samples: int) -> dict:
+    if not (folder / "metrics.json").exists():
+        cmd = [sys.executable, "-m", "depthmix.cli.main", "train", *COMMON, "--data-dir", str(splits["train"]),
+               "--epochs", args.epochs, "--seed", str(seed), "--max-eval-samples", str(eval_samples),
+               "--eval-max-new-tokens", "160", "--output-dir", str(folder), *flags]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    nll_file = folder / f"nll-{nll_split}.json"
+    if not nll_file.exists():
+        gold_nll(folder, splits[nll_split], nll_file)
+    return {**json.loads((folder / "metrics.json").read_text()), **json.loads(nll_file.read_text())}
+
+
+def gold_nll(folder: Path, split_dir: Path, file: Path) -> None:
+    """Mean NLL per token of the gold worked answers (prompt masked, teacher forced, eval mode: no lookahead)."""
+    import torch
+
+    from depthmix.data.tasks import get_task
+    from depthmix.io import write_json
+    from depthmix.train import load_trained
+    model, tokenizer, _ = load_trained(str(folder))
+    model.eval()
+    task = get_task("singleeq")
+    enc = task.encode(task.load("train", str(split_dir)), tokenizer, 256)
+    collate = task.collator(tokenizer)
+    total, count, start = 0.0, 0, time.time()
+    with torch.no_grad():
+        for i in range(0, len(enc), 16):
+            batch = collate([enc[j] for j in range(i, min(i + 16, len(enc)))])
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += model(**batch).loss.item() * n
+            count += n
+    write_json(file, {"gold_nll": total / count, "tokens": count, "rows": len(enc), "split": split_dir.name,
+                      "seconds": round(time.time() - start, 1)})
+    print(f"{folder.name}: gold NLL {total / count:.4f} on {split_dir.name}", flush=True)
+
+
+def sweep(args, out: Path, splits: dict) -> dict:
+    """Phase 1 on seed 0: the best learning rate per arm, then the best distillation options for MoDE + LoRA."""
+    best = {}
+    for arm, lrs in LRS.items():
+        scores = {lr: run(args, out / "sweep" / f"{arm}-lr{lr}", 0, [*ARMS[arm], "--lr", lr], splits, "validation",
+                          8)["gold_nll"] for lr in lrs}
+        best[arm] = {"lr": min(scores, key=scores.get), "validation_nll": scores}
+    lr = best["mode+lora"]["lr"]
+    scores = {name: run(args, out / "sweep" / f"mode+lora-lr{lr}-{name}", 0, [*ARMS["mode+lora"], "--lr", lr, *flags],
+                        splits, "validation", 8)["gold_nll"] for name, flags in DISTILL.items()}
+    best["distill"] = {"options": min(scores, key=scores.get), "validation_nll": scores}
+    (out / "sweep.json").write_text(json.dumps(best, indent=2))
+    print(f"phase 1: {json.dumps(best)}", flush=True)
+    return best
+
+
+def final_flags(arm: str, best: dict) -> list[str]:
+    flags = [*ARMS[arm], "--lr", best[arm]["lr"]]
+    return flags + DISTILL[best["distill"]["options"]] if arm == "mode+lora" else flags
+
+
+def summarize(args, out: Path) -> None:
+    from depthmix.evaluation.compare import compare, table
+    from depthmix.io import write_json
+    sweep_file = out / "sweep.json"
+    if not sweep_file.exists():
+        print("phase 1 not finished: nothing to summarise")
+        return
+    best = json.loads(sweep_file.read_text())
+    runs_nll, runs_acc = [], []
+    for folder in sorted((out / "final").glob("*-s*")):
+        nll = folder / "nll-heldout.json"
+        if not (folder / "metrics.json").exists() or not nll.exists():
+            continue
+        arm, seed = folder.name.rsplit("-s", 1)
+        m, n = json.loads((folder / "metrics.json").read_text()), json.loads(nll.read_text())
+        common = {"arm": arm, "seed": int(seed), "trainable_params": m["trainable_params"],
+                  "train_seconds": m["train_seconds"], "train_steps": m["train_steps"]}
+        runs_nll.append({**common, "value": n["gold_nll"], "tokens": n["tokens"], "rows": n["rows"]})
+        runs_acc.append({**common, "value": m["metrics"]["accuracy"], "rows": args.eval_samples})
+    setup = {"model": MODEL, "train": f"{args.train_size} problems of reasoning/math_train.json, {args.epochs} epochs, "
+             "batch 8, LoRA r 8 on q_proj/v_proj", "validation": f"{args.validation_size} problems of math_train (phase 1)",
+             "heldout": f"{args.heldout_size} problems of math_train, never trained on", "phase1": best,
+             "arms": {arm: final_flags(arm, best) for arm in ARMS}}
+    results = Path(args.results)
+    primary = compare("mode-math", "reasoning/math (held-out worked answers)", "gold_nll", False, "lora", runs_nll,
+                      setup)
+    secondary = compare("mode-math-singleeq", "singleeq", "accuracy", True, "lora", runs_acc, setup)
+    write_json(results / "mode-math.json", primary)
+    write_json(results / "mode-math-singleeq.json", secondary)
+    for r in (primary, secondary):
+        print(table(r))
+        print("\n".join(r["verdicts"].values()))
+
+
+if __name__ == "__main__":
+    main()
