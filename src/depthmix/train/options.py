@@ -127,38 +127,46 @@ def checked_type(name: str, value, annotation, source: str):
     string holding a number is too), else a ConfigError naming the source, the option and the value."""
     kind = str(annotation).replace(" ", "")
     optional = kind.endswith("|None")
-    kind = kind.removesuffix("|None")
     if value is None and optional:
         return None
-    problem = None
-    if kind == "bool":
-        if not isinstance(value, bool):
-            problem = "true or false (a string such as 'false' is not a boolean)"
-    elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            problem = "an integer"
-    elif kind == "float":
-        number = _number(value)
-        if number is None:
-            problem = "a number"
-        elif not math.isfinite(number):
-            problem = "a finite number"
-        else:
-            value = number
-    elif kind == "str":
-        if not isinstance(value, str):
-            problem = "a string (quote it in a YAML file)"
-    elif kind.startswith("list[str]"):
-        value = [value] if isinstance(value, str) else value
-        if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
-            problem = "a non-empty list of strings"
-    elif kind.startswith("dict"):
-        if not isinstance(value, dict):
-            problem = "a mapping"
+    check = TYPE_CHECKS.get(kind.removesuffix("|None").split("[")[0], lambda v: (v, None))
+    value, problem = check(value)
     if problem:
         where = f"{source}: " if source else ""
         raise ConfigError(f"{where}{name} = {value!r}: expected {problem}" + (" or null" if optional else ""))
     return value
+
+
+def _bool(value):
+    return value, None if isinstance(value, bool) else "true or false (a string such as 'false' is not a boolean)"
+
+
+def _int(value):
+    return value, None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+
+
+def _float(value):
+    number = _number(value)
+    if number is None:
+        return value, "a number"
+    return (number, None) if math.isfinite(number) else (value, "a finite number")
+
+
+def _str(value):
+    return value, None if isinstance(value, str) else "a string (quote it in a YAML file)"
+
+
+def _list_of_str(value):
+    value = [value] if isinstance(value, str) else value
+    ok = isinstance(value, list) and value and all(isinstance(v, str) for v in value)
+    return value, None if ok else "a non-empty list of strings"
+
+
+def _dict(value):
+    return value, None if isinstance(value, dict) else "a mapping"
+
+
+TYPE_CHECKS = {"bool": _bool, "int": _int, "float": _float, "str": _str, "list": _list_of_str, "dict": _dict}
 
 
 def _number(value) -> float | None:
