@@ -1,5 +1,9 @@
 """MoD vs dense from scratch at equal training FLOPs (isoFLOP), byte-level, tiny Llama models, on a CPU.
 
+SUPERSEDED by experiments/mod_isoflop_sizes.py (issue 11): this study has one seed and two shapes per family,
+3-12x larger than compute-optimal for its budgets (sqrt(C/120) is about 0.3M parameters at 1e13), so the cheapest
+model per step won by construction. Kept to reproduce the first table of docs/results-mod.md.
+
     OMP_NUM_THREADS=1 nice -n 5 python experiments/mod_isoflop.py --data ../shared/data --out runs/mod_isoflop
 
 Runs one after the other; finished runs (metrics.json present) are skipped. Writes summary.json and a Markdown

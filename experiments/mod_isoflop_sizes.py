@@ -1,0 +1,437 @@
+r"""MoD vs dense from scratch, isoFLOP at fair sizes (issue 11, item 3): a size sweep per family at each budget.
+
+    export DEPTHMIX_DATA=/work/shared/data
+    OMP_NUM_THREADS=1 nice -n 10 python experiments/mod_isoflop_sizes.py --budgets 1e12       # one budget
+    OMP_NUM_THREADS=1 nice -n 10 python experiments/mod_isoflop_sizes.py                      # everything
+    python experiments/mod_isoflop_sizes.py --summarize     # results JSON + PNGs from what has finished
+    python experiments/mod_isoflop_sizes.py --table         # the Markdown of docs/results-mod.md
+    python experiments/mod_isoflop_sizes.py --plan          # the size grid, nothing run
+
+Supersedes experiments/mod_isoflop.py, whose two shapes per family were 3-12x larger than compute-optimal for
+its budgets, so the cheapest model per step won by construction.
+
+Setup. Each run is `depthmix pretrain`: a Llama-style model from random init (RoPE, SwiGLU MLP of
+64*ceil(8d/3/64), head size 32, tied input/output embedding), byte tokens (vocab 256), sequences of 512 (so
+capacity 12.5% keeps 64 tokens per routed block), batch 8, AdamW lr 2e-3 (not tuned per size), cosine, 5% warmup.
+The training budget is counted by FlopCounterMode on one real training step of the model as built (attention
+scores included: at T = 512 and d <= 128 they are a large share, so a budget buys fewer tokens than 6ND says).
+Families: dense, and MoD on every other block (1, 3, ...) at capacity 0.125, paper update, predictor for causal
+routing; the held-out loss of MoD is taken with causal routing (what generation runs). Both families use the
+same shapes.
+
+Sizes. Parameters are counted WITHOUT the embedding (the tied 256 x d table; RoPE has no position table); MoD's
+routers and predictors are counted. The compute-optimal size for a budget C is taken Chinchilla-like as
+N_opt = sqrt(C / 120) (C = 6 N D with D = 20 N tokens): 91k at 1e12, 158k at 3e12, 289k at 1e13. The shapes form
+a ladder of about 2x steps (non-embedding parameters, dense):
+
+    L2 d32 33k | L2 d48 55k | L4 d48 111k | L4 d64 213k | L4 d96 443k | L8 d96 885k | L8 d128 1.70M
+
+and each budget gets the 5 consecutive rungs centred on the rung nearest N_opt:
+1e12: L2d32 .. L4d96 (0.36x-4.8x N_opt); 3e12 and 1e13: L2d48 .. L8d96 (0.35x-5.6x and 0.19x-3.1x).
+If a family's minimum lands on the edge of its sweep, the results say "not bracketed" (add rungs with --shapes).
+
+Analysis, per corpus and budget: the isoFLOP curve of each family (held-out loss vs non-embedding parameters,
+mean over seeds); its minimum from a parabola in log10(params) through the best mean point and its two
+neighbours (the best point itself where it is on an edge or the parabola does not open upwards, and the
+results say which); forward FLOPs per 512-byte sequence (counted on held-out text, causal routing) at the best
+measured size and interpolated (log-log) at the fitted minimum. Paired test (depthmix.evaluation.compare): for
+each seed, the loss at the best size of each family's sweep for that seed (the same seeds drive the init and data
+order of both families); arm mod vs baseline dense, with the smallest detectable difference. Per-size paired
+differences (mod - dense at the same shape and seed) are also in the JSON. Only seeds whose sweep is complete for
+a family enter the minimum comparison; the JSON says "partial" while runs are missing.
+
+Writes docs/results/mod-isoflop-<corpus>-<budget>.json (issue 11 schema, one comparison per file) and
+docs/img/mod-isoflop-<corpus>-<budget>.png. Runs go to runs/mod_isoflop_sizes/<corpus>/<budget>/<family>-L<l>-d<d>/
+s<seed>/; a run with metrics.json is skipped, so the script can be stopped at any time and restarted.
+
+Time. Smoke test (2026-11-24, shared 2-core CPU at load average ~9, OMP_NUM_THREADS=1, nice 10):
+    python experiments/mod_isoflop_sizes.py --budgets 2e10 --shapes 2x32,2x48,4x48,4x64,4x96 --seeds 0 \
+        --corpora tinyshakespeare --out /tmp/smoke/runs --results /tmp/smoke/results --img /tmp/smoke/img
+ran the five 1e12 shapes x both families (10 runs) in 4.5 min: 20-36 s a run, almost all of it fixed cost
+(start-up, FLOP count, held-out evaluation, saving). The first real 1e12 runs train at ~5.5e-11 s per FLOP
+(dense L2 d32: 346 steps, 55 s of training, 95 s in all). Expected: ~45 min per corpus at 1e12 (20 runs),
+~2 h at 3e12, ~6 h at 1e13; the full sweep (3 budgets x 5 sizes x 2 families x 2 seeds x 2 corpora = 120 runs,
+5.6e14 training FLOPs) about 12-18 hours of one core at this load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CORPORA = {  # name: (train file, held-out file or None = last 10% of the train file)
+    "tinyshakespeare": ("lm/tinyshakespeare.txt", None),
+    "wikitext-2": ("lm/wikitext-2/valid.txt", "lm/wikitext-2/test.txt"),
+}
+LADDER = [(2, 32), (2, 48), (4, 48), (4, 64), (4, 96), (8, 96), (8, 128)]  # (layers, hidden), ~2x steps
+BUDGETS = [1e12, 3e12, 1e13]
+FAMILIES = {
+    "dense": ["--method", "dense"],
+    "mod": ["--method", "mod", "--mod-layers", "every_other", "--capacity", "0.125"],
+}
+COMMON = ["--arch", "llama", "--seq-len", "512", "--batch-size", "8", "--lr", "2e-3", "--tokenizer", "bytes",
+          "--no-progress", "--logging-steps", "10"]
+VOCAB = 256
+SWEEP = 5
+
+
+def label(budget: float) -> str:
+    """1e12 -> '1e12', 3e12 -> '3e12', 2.5e10 -> '2.5e10'."""
+    mant, exp = f"{budget:e}".split("e")
+    return f"{float(mant):g}e{int(exp)}"
+
+
+def llama_nonembedding(layers: int, hidden: int) -> int:
+    """Non-embedding parameters of the dense Llama that `depthmix pretrain` builds (for planning; the results use
+    the count of the model as built)."""
+    inner = 64 * math.ceil(8 * hidden / 3 / 64)
+    return layers * (4 * hidden * hidden + 3 * hidden * inner + 2 * hidden) + hidden
+
+
+def n_opt(budget: float) -> float:
+    return math.sqrt(budget / 120)
+
+
+def grid(budget: float, shapes: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """The SWEEP consecutive ladder rungs centred on the rung nearest N_opt (or the given shapes)."""
+    if shapes:
+        return shapes
+    logs = [abs(math.log(llama_nonembedding(*s) / n_opt(budget))) for s in LADDER]
+    i = min(range(len(LADDER)), key=logs.__getitem__)
+    lo = min(max(0, i - SWEEP // 2), len(LADDER) - SWEEP)
+    return LADDER[lo:lo + SWEEP]
+
+
+def run_dir(out: Path, corpus: str, budget: float, family: str, shape, seed: int) -> Path:
+    return out / corpus / label(budget) / f"{family}-L{shape[0]}-d{shape[1]}" / f"s{seed}"
+
+
+def plan(args):
+    """(corpus, budget, family, shape, seed) in run order: budget, then seed (a whole curve per seed first), then
+    size, the two families side by side."""
+    for budget in args.budgets:
+        for corpus in args.corpora:
+            for seed in args.seeds:
+                for shape in grid(budget, args.shapes):
+                    for family in args.families:
+                        yield corpus, budget, family, shape, seed
+
+
+def train(args) -> None:
+    out = Path(args.out)
+    for corpus, budget, family, shape, seed in plan(args):
+        run = run_dir(out, corpus, budget, family, shape, seed)
+        if (run / "metrics.json").exists():
+            continue
+        train_file, held = CORPORA[corpus]
+        cmd = [sys.executable, "-m", "depthmix.cli.main", "pretrain", *COMMON, *FAMILIES[family],
+               "--layers", str(shape[0]), "--hidden", str(shape[1]), "--flops", repr(budget), "--seed", str(seed),
+               "--eval-blocks", str(args.eval_blocks), "--corpus", str(Path(args.data) / train_file),
+               "--output-dir", str(run)]
+        if held:
+            cmd += ["--eval-corpus", str(Path(args.data) / held)]
+        print(f"[{time.strftime('%H:%M:%S')}] {corpus} {label(budget)} {family} L{shape[0]} d{shape[1]} s{seed}",
+              flush=True)
+        run.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        with open(run / "log.txt", "w") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        print(f"    rc {rc}, {time.time() - start:.0f} s", flush=True)
+        if rc:
+            print((run / "log.txt").read_text()[-3000:], flush=True)
+            raise SystemExit(rc)
+        (run / "wall_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
+
+
+# ---------------------------------------------------------------------------------------------------- analysis
+
+def record(run: Path, family: str, shape, seed: int) -> dict:
+    m = json.loads((run / "metrics.json").read_text())
+    held = m["heldout"]
+    main = held.get("causal", held.get("dense"))
+    fwd = m["forward_flops_heldout"]
+    wall = run / "wall_seconds.txt"
+    return {"arm": family, "seed": seed, "value": main["loss"], "layers": shape[0], "hidden": shape[1],
+            "params": m["params"], "params_nonembedding": m["params"] - VOCAB * shape[1],
+            "heldout_loss_topk": held.get("topk", {}).get("loss"),
+            "forward_flops": fwd.get("causal", fwd.get("dense")), "forward_flops_topk": fwd.get("topk"),
+            "train_steps": m["train_steps"], "train_tokens": m["train_tokens"], "train_flops": m["train_flops"],
+            "train_step_flops": m["train_step_flops"], "train_seconds": m["train_seconds"],
+            "wall_seconds": float(wall.read_text()) if wall.exists() else None,
+            "realized_capacity": main.get("realized_capacity"), "predictor_accuracy": main.get("predictor_accuracy")}
+
+
+def parabola_min(points: list[tuple[float, float]]) -> dict:
+    """points: (params, mean loss) sorted by params. A parabola in log10(params) through the best point and its
+    two neighbours; the best point itself where that is not possible."""
+    import numpy as np
+    i = min(range(len(points)), key=lambda j: points[j][1])
+    best = {"params": points[i][0], "loss": points[i][1], "index": i}
+    if len(points) < 3:
+        return {**best, "method": "best point (fewer than 3 sizes)", "bracketed": False}
+    if i in (0, len(points) - 1):
+        return {**best, "method": "best point (on the edge of the sweep: minimum not bracketed)", "bracketed": False}
+    x = np.log10([points[j][0] for j in (i - 1, i, i + 1)])
+    y = [points[j][1] for j in (i - 1, i, i + 1)]
+    a, b, c = np.polyfit(x, y, 2)
+    if a <= 0:
+        return {**best, "method": "best point (parabola does not open upwards)", "bracketed": True}
+    xv = -b / (2 * a)
+    return {"params": float(10 ** xv), "loss": float(c - b * b / (4 * a)), "index": i, "bracketed": True,
+            "method": "parabola in log10(params) through the best point and its neighbours"}
+
+
+def loglog_interp(xs: list[float], ys: list[float], x: float) -> float:
+    """y at x, linear in log-log between the measured neighbours (clamped to the ends)."""
+    lx = [math.log(v) for v in xs]
+    t = math.log(x)
+    if t <= lx[0]:
+        return ys[0]
+    for j in range(1, len(xs)):
+        if t <= lx[j]:
+            w = (t - lx[j - 1]) / (lx[j] - lx[j - 1])
+            return math.exp((1 - w) * math.log(ys[j - 1]) + w * math.log(ys[j]))
+    return ys[-1]
+
+
+def analyse(args, corpus: str, budget: float) -> dict | None:
+    from depthmix.evaluation.compare import compare, paired_test, verdict
+    out = Path(args.out)
+    shapes = grid(budget, args.shapes)
+    runs, missing = [], []
+    for family in args.families:
+        for shape in shapes:
+            for seed in args.seeds:
+                run = run_dir(out, corpus, budget, family, shape, seed)
+                if (run / "metrics.json").exists():
+                    runs.append(record(run, family, shape, seed))
+                else:
+                    missing.append(f"{family}-L{shape[0]}-d{shape[1]} s{seed}")
+    if not runs:
+        return None
+    curves, minima = {}, {}
+    for family in args.families:
+        pts = []
+        for shape in shapes:
+            rs = [r for r in runs if r["arm"] == family and (r["layers"], r["hidden"]) == shape]
+            if not rs:
+                continue
+            vals = [r["value"] for r in rs]
+            mean = sum(vals) / len(vals)
+            sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else None
+            pts.append({"shape": f"L{shape[0]} d{shape[1]}", "layers": shape[0], "hidden": shape[1],
+                        "params_nonembedding": rs[0]["params_nonembedding"], "loss_mean": mean, "loss_std": sd,
+                        "n": len(vals), "seeds": [r["seed"] for r in rs], "forward_flops": rs[0]["forward_flops"],
+                        "train_tokens": rs[0]["train_tokens"], "train_steps": rs[0]["train_steps"]})
+        if not pts:
+            continue
+        curves[family] = pts
+        fit = parabola_min([(p["params_nonembedding"], p["loss_mean"]) for p in pts])
+        best = pts[fit.pop("index")]
+        xs = [p["params_nonembedding"] for p in pts]
+        # forward FLOPs of one sequence depend on the run (causal routing on text); the mean over seeds
+        fwd = [sum(r["forward_flops"] for r in runs if r["arm"] == family and r["layers"] == p["layers"]
+                   and r["hidden"] == p["hidden"]) / p["n"] for p in pts]
+        minima[family] = {"fit": fit, "best_measured": {k: best[k] for k in ("shape", "params_nonembedding",
+                                                                              "loss_mean", "loss_std", "n")},
+                          "forward_flops_at_best": fwd[pts.index(best)],
+                          "forward_flops_at_fit": loglog_interp(xs, fwd, fit["params"]),
+                          "sizes": len(pts), "complete": all(p["n"] == len(args.seeds) for p in pts)
+                          and len(pts) == len(shapes)}
+    # per seed: the best size of each family's complete sweep for that seed
+    best_runs = []
+    for family in args.families:
+        for seed in args.seeds:
+            rs = [r for r in runs if r["arm"] == family and r["seed"] == seed]
+            if len(rs) < len(shapes):
+                continue
+            b = min(rs, key=lambda r: r["value"])
+            best_runs.append({**{k: b[k] for k in ("arm", "seed", "value", "layers", "hidden",
+                                                   "params_nonembedding", "forward_flops", "train_tokens")},
+                              "shape": f"L{b['layers']} d{b['hidden']}"})
+    per_size = {}
+    for shape in shapes:
+        d = {r["seed"]: r["value"] for r in runs if r["arm"] == "dense" and (r["layers"], r["hidden"]) == shape}
+        m = {r["seed"]: r["value"] for r in runs if r["arm"] == "mod" and (r["layers"], r["hidden"]) == shape}
+        seeds = sorted(set(d) & set(m))
+        if seeds:
+            p = {**paired_test([m[s] - d[s] for s in seeds]), "seeds": seeds}
+            per_size[f"L{shape[0]} d{shape[1]}"] = {**p, "verdict": verdict("mod", "dense", p, False)}
+    setup = {
+        "budget_flops": budget, "budget_label": label(budget), "corpus": corpus,
+        "corpus_files": list(filter(None, CORPORA[corpus])),
+        "model": "Llama-style from random init (RoPE, SwiGLU 64*ceil(8d/3/64), head size 32, tied embedding), "
+                 "byte tokens (vocab 256)",
+        "training": "seq 512, batch 8, AdamW lr 2e-3 cosine, 5% warmup, weight decay 0.1, beta2 0.95; budget "
+                    "counted by FlopCounterMode on one real training step, spent in whole steps",
+        "families": {"dense": "all blocks", "mod": "every other block (1, 3, ...) routed, capacity 0.125, paper "
+                     "update, predictor; held-out loss with causal routing"},
+        "params": "non-embedding: total minus the tied 256 x d embedding (RoPE: no position table); MoD routers "
+                  "and predictors included",
+        "n_opt": n_opt(budget), "n_opt_rule": "sqrt(C / 120) (Chinchilla-like, C = 6 N D, D = 20 N)",
+        "sizes": [{"shape": f"L{s[0]} d{s[1]}", "params_nonembedding_dense": llama_nonembedding(*s),
+                   "x_n_opt": round(llama_nonembedding(*s) / n_opt(budget), 2)} for s in shapes],
+        "seeds": args.seeds, "eval": f"{args.eval_blocks} held-out blocks of 512 bytes, mean next-byte NLL (nats)",
+        "pairing": "per seed, the held-out loss at the best size of each family's sweep for that seed (only "
+                   "seeds whose sweep is complete); per-size pairs (same shape and seed) under per_size",
+        "minimum": "parabola in log10(non-embedding params) through the best mean point and its neighbours; the "
+                   "best point where it is on an edge (not bracketed)",
+        "forward_flops": "one forward pass of a 512-byte held-out sequence, causal routing, mean over 8 blocks",
+        "partial": bool(missing), "missing_runs": missing,
+    }
+    result = compare(f"mod-isoflop-{corpus}-{label(budget)}", corpus,
+                     "held-out loss at the isoFLOP minimum (nats/byte, causal routing)", False, "dense",
+                     best_runs, setup)
+    result.update(curves=curves, minima=minima, per_size=per_size, all_runs=runs)
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.ticker
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = {"dense": "tab:blue", "mod": "tab:orange"}
+    for family, pts in result["curves"].items():
+        xs = [p["params_nonembedding"] for p in pts]
+        ax.plot(xs, [p["loss_mean"] for p in pts], "o-", color=colors.get(family), label=f"{family} (mean)")
+        seeds = [r for r in result["all_runs"] if r["arm"] == family]
+        ax.scatter([r["params_nonembedding"] for r in seeds], [r["value"] for r in seeds], s=10, alpha=0.4,
+                   color=colors.get(family))
+        m = result["minima"][family]
+        fit = m["fit"]
+        if fit["method"].startswith("parabola"):
+            i = [p["params_nonembedding"] for p in pts].index(m["best_measured"]["params_nonembedding"])
+            x3 = np.log10(xs[i - 1:i + 2])
+            coef = np.polyfit(x3, [p["loss_mean"] for p in pts[i - 1:i + 2]], 2)
+            xx = np.linspace(x3[0], x3[-1], 50)
+            ax.plot(10 ** xx, np.polyval(coef, xx), "--", color=colors.get(family), lw=1)
+        ax.plot([fit["params"]], [fit["loss"]], "*", ms=12, color=colors.get(family))
+    s = result["setup"]
+    ax.axvline(s["n_opt"], color="gray", ls=":", lw=1, label="sqrt(C/120)")
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("non-embedding parameters")
+    ax.set_ylabel("held-out loss (nats/byte, causal)")
+    ax.set_title(f"isoFLOP {s['budget_label']} FLOPs, {s['corpus']}" + (" (partial)" if s["partial"] else ""))
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summarize(args) -> list[Path]:
+    from depthmix.io import write_json
+    written = []
+    for budget in args.budgets:
+        for corpus in args.corpora:
+            result = analyse(args, corpus, budget)
+            if result is None:
+                continue
+            name = f"mod-isoflop-{corpus}-{label(budget)}"
+            write_json(Path(args.results) / f"{name}.json", result)
+            plot(result, Path(args.img) / f"{name}.png")
+            written.append(Path(args.results) / f"{name}.json")
+            print(f"wrote {args.results}/{name}.json, {args.img}/{name}.png", flush=True)
+    return written
+
+
+def markdown(files: list[Path]) -> str:
+    from depthmix.evaluation.compare import table
+    out = []
+    for f in files:
+        r = json.loads(f.read_text())
+        s = r["setup"]
+        out.append(f"**{s['corpus']}, {s['budget_label']} training FLOPs** (N_opt = sqrt(C/120) = "
+                   f"{s['n_opt'] / 1e3:.0f}k non-embedding parameters; seeds {s['seeds']}"
+                   + ("; **partial: " + ", ".join(s["missing_runs"]) + " missing**" if s["partial"] else "") + ")")
+        out.append("")
+        out.append("| size | non-emb. params (dense / MoD) | steps (dense / MoD) | dense loss | MoD loss (causal) | "
+                   "MoD - dense, paired (95% CI) | FLOPs / forward, dense / MoD |")
+        out.append("| --- | --- | --- | --- | --- | --- | --- |")
+        by = {fam: {p["shape"]: p for p in pts} for fam, pts in r["curves"].items()}
+        for size in [x["shape"] for x in s["sizes"]]:
+            d, m = by.get("dense", {}).get(size), by.get("mod", {}).get(size)
+
+            def loss(p):
+                if not p:
+                    return "—"
+                sd = f" ± {p['loss_std']:.4f}" if p["loss_std"] is not None else ""
+                return f"{p['loss_mean']:.4f}{sd} (n={p['n']})"
+            ps = r["per_size"].get(size)
+            diff = "—"
+            if ps and ps["n"]:
+                diff = f"{ps['mean_diff']:+.4f}" + (f" [{ps['ci95'][0]:+.4f}, {ps['ci95'][1]:+.4f}]"
+                                                   if ps["ci95"] else " (1 seed)")
+            out.append(f"| {size} | {d['params_nonembedding'] if d else '—':,} / "
+                       f"{m['params_nonembedding'] if m else '—':,} | {d['train_steps'] if d else '—'} / "
+                       f"{m['train_steps'] if m else '—'} | {loss(d)} | {loss(m)} | {diff} | "
+                       f"{d['forward_flops'] / 1e6 if d else float('nan'):.1f}M / "
+                       f"{m['forward_flops'] / 1e6 if m else float('nan'):.1f}M |")
+        out.append("")
+        for fam, mn in r["minima"].items():
+            fit = mn["fit"]
+            out.append(f"- {fam} minimum: {fit['loss']:.4f} at {fit['params'] / 1e3:.0f}k params ({fit['method']}); "
+                       f"best measured {mn['best_measured']['shape']} ({mn['best_measured']['loss_mean']:.4f}); "
+                       f"forward FLOPs per sequence {mn['forward_flops_at_best'] / 1e6:.1f}M at the best size, "
+                       f"{mn['forward_flops_at_fit'] / 1e6:.1f}M at the fitted minimum"
+                       + ("" if mn["complete"] else " (curve incomplete)"))
+        if "dense" in r["minima"] and "mod" in r["minima"]:
+            a, b = r["minima"]["mod"], r["minima"]["dense"]
+            out.append(f"- MoD / dense at the minima: loss {a['fit']['loss'] - b['fit']['loss']:+.4f}, forward FLOPs "
+                       f"{a['forward_flops_at_fit'] / b['forward_flops_at_fit']:.2f}x (fitted), "
+                       f"{a['forward_flops_at_best'] / b['forward_flops_at_best']:.2f}x (best measured)")
+        out.append("")
+        out.append("Loss at each family's best size per seed (paired by seed):")
+        out.append("")
+        out.append(table(r))
+        for v in r["verdicts"].values():
+            out.append(f"\n{v}.")
+        out.append("")
+        out.append(f"![{s['corpus']} {s['budget_label']}](img/mod-isoflop-{s['corpus']}-{s['budget_label']}.png)")
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=os.environ.get("DEPTHMIX_DATA", "../shared/data"))
+    p.add_argument("--out", default="runs/mod_isoflop_sizes")
+    p.add_argument("--budgets", type=float, nargs="+", default=BUDGETS)
+    p.add_argument("--corpora", nargs="+", default=list(CORPORA), choices=list(CORPORA))
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--shapes", help="override the grid, e.g. 2x32,2x48 (layers x hidden), for every budget")
+    p.add_argument("--eval-blocks", type=int, default=100, help="held-out blocks of 512 bytes")
+    p.add_argument("--results", default="docs/results")
+    p.add_argument("--img", default="docs/img")
+    p.add_argument("--plan", action="store_true", help="print the size grid and stop")
+    p.add_argument("--summarize", action="store_true", help="only write the results from finished runs")
+    p.add_argument("--table", action="store_true", help="print the Markdown of the results files and stop")
+    args = p.parse_args()
+    args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
+    if args.plan:
+        for budget in args.budgets:
+            sizes = ", ".join(f"L{s[0]} d{s[1]} {llama_nonembedding(*s) / 1e3:.0f}k "
+                              f"({llama_nonembedding(*s) / n_opt(budget):.2f}x)" for s in grid(budget, args.shapes))
+            print(f"{label(budget)}: N_opt {n_opt(budget) / 1e3:.0f}k: {sizes}")
+        return
+    if args.table:
+        files = [Path(args.results) / f"mod-isoflop-{c}-{label(b)}.json" for b in args.budgets for c in args.corpora]
+        print(markdown([f for f in files if f.exists()]))
+        return
+    if not args.summarize:
+        train(args)
+    summarize(args)
+
+
+if __name__ == "__main__":
+    main()
