@@ -153,3 +153,35 @@ def test_untrained_retrofit_decodes_only_the_sink_through_a_routed_sublayer(fami
     cached = generate(dm, ids, mask, n=4)
     assert dm.method.stats[:, 0].tolist() == [3.0, 3.0]
     assert torch.equal(cached, generate(dm, ids, mask, n=4, use_cache=False))
+
+
+@pytest.mark.parametrize("skip", SKIPS)
+def test_causal_routing_packs_the_rows_it_processes(family, skip, monkeypatch):
+    """Causal routing at batch 4, rows processing 5, 3, 2 and 2 of their tokens: one packed row of 12 tokens runs
+    through each routed module (padding every row to the busiest would run 4 x 5), and each row's logits equal
+    the row alone."""
+    dm = depthmix.apply(tiny(family), depthmix.MoDConfig(update="retrofit", causal="aux_loss", skip=skip,
+                                                         layers=[1, 3])).eval()
+
+    def by_token(i, x):  # decisions by token id (multiples of 4 processed), the same in a row alone
+        d = torch.where(dm.method.inputs["input_ids"] % 4 == 0, 5.0, -5.0)[:, -x.shape[1]:]
+        return d, d
+
+    monkeypatch.setattr(dm.method, "scores", by_token)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 15, (4, 12), generator=g) * 4 + torch.randint(1, 4, (4, 12), generator=g)  # none
+    for row, picks in enumerate(([0, 2, 5, 8, 11], [0, 7, 10], [0, 9], [11])):
+        ids[row, picks] = 4 * (row + 3)  # each row's first real token (its sink, kept: keep_first) and more
+    mask = torch.ones_like(ids)
+    mask[3, :5] = 0  # left padding: row 3's first real token is at 5
+    ids[3, :5] = 0
+    ids[3, 5] = 1
+    calls = []
+    projection(dm.method.routed_module(0)).register_forward_pre_hook(
+        lambda m, a: calls.append(tuple(a[0].shape[:2])) and None)
+    full = logits(dm, ids, mask, "causal")
+    assert calls == [(1, 12)] and dm.method.stats[0, 0] == 12
+    for row in range(4):
+        keep = mask[row].bool()
+        alone = logits(dm, ids[row, keep][None], mask[row, keep][None], "causal")
+        torch.testing.assert_close(full[row][keep], alone[0], rtol=1e-4, atol=1e-5)

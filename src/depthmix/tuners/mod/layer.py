@@ -80,6 +80,57 @@ def slots(sel: torch.Tensor):
     return order, count, top
 
 
+def pack(sel: torch.Tensor):
+    """The selected tokens of every row packed into G rows of at most S slots each (whole rows placed in order,
+    a new packed row started when the next one does not fit), instead of every row padded to the busiest: the
+    work follows the realized capacity. Causal routing at inference only (the row counts are read on the host).
+
+    Returns None where nothing is selected, else idx [G, T] (positions in the flattened [B * S]), seg [G, T] (the
+    row each slot belongs to, -1 for unused slots), flat [N] (the flattened positions of the selected tokens, row
+    by row, in order) and slot [N] (where each of them sits in the flattened [G * T])."""
+    b, s = sel.shape
+    counts = sel.sum(1)
+    group, offset, fill = [], [], []
+    for c in counts.tolist():
+        if not fill or fill[-1] + c > s:
+            fill.append(0)
+        group.append(len(fill) - 1)
+        offset.append(fill[-1])
+        fill[-1] += c
+    t = max(fill)
+    if t == 0:
+        return None
+    dev = sel.device
+    flat = sel.reshape(-1).nonzero().squeeze(1)
+    row = flat // s
+    first = counts.cumsum(0) - counts  # each row's first index in flat
+    rank = torch.arange(flat.numel(), device=dev) - first[row]
+    slot = (torch.tensor(group, device=dev) * t + torch.tensor(offset, device=dev))[row] + rank
+    idx = torch.zeros(len(fill) * t, dtype=torch.long, device=dev).index_copy(0, slot, flat)
+    seg = torch.full((len(fill) * t,), -1, dtype=torch.long, device=dev).index_copy(0, slot, row)
+    return idx.view(-1, t), seg.view(-1, t), flat, slot
+
+
+def packed_mask(seg: torch.Tensor, impl: str, dtype):
+    """[G, 1, T, T] attention mask of packed rows: causal within each original row, nothing across rows (unused
+    slots see only unused slots, themselves included, so no query row is fully masked). None where SDPA's own
+    causal rule is exactly that (one row, no unused slot)."""
+    t = seg.shape[1]
+    if impl != "eager" and seg.shape[0] == 1 and bool((seg == seg[0, 0]).all()):
+        return None
+    causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
+    allowed = ((seg.unsqueeze(2) == seg.unsqueeze(1)) & causal).unsqueeze(1)
+    if impl == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+def take_packed(t: torch.Tensor, idx: torch.Tensor, batch: int) -> torch.Tensor:
+    """t [B or 1, S, ...] -> [G, T, ...] at the flattened positions idx [G, T]."""
+    t = t.expand(batch, *t.shape[1:])
+    return t.reshape(-1, *t.shape[2:])[idx]
+
+
 def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """t [B or 1, S, ...] -> [B, K, ...] at positions idx [B, K]."""
     b = idx.shape[0]

@@ -12,8 +12,8 @@ from ...config import ConfigError, pick_layers
 from ..base import Method, float32_linear
 from .cache import KEY, store_for
 from ...blocks import take_rows_all
-from .layer import (MoDBlock, attn_impl, first_real, gather_tokens, membership, predictor_hidden, slots,
-                    subset_mask, topk_membership, topk_slots)
+from .layer import (MoDBlock, attn_impl, first_real, gather_tokens, membership, pack, packed_mask,
+                    predictor_hidden, slots, subset_mask, take_packed, topk_membership, topk_slots)
 
 # the sub-layers of a block, by family: each called on the normed hidden state, returning its residual branch
 SUBLAYERS = {"llama": {"attention": "self_attn", "mlp": "mlp"}, "gpt2": {"attention": "attn", "mlp": "mlp"}}
@@ -29,6 +29,8 @@ class MoD(Method):
     - "topk-lookahead": top-k even outside training, for studies only: a token's routing then depends on the
       tokens after it, so teacher-forced scores see the future ("topk" is accepted as its old name).
     generate() always routes causally."""
+
+    routings = ROUTING
 
     def __init__(self, config, arch, hidden_size: int):
         super().__init__(config, arch)
@@ -184,6 +186,8 @@ class MoD(Method):
         if cache is None and (slots_[2] == x.shape[1] if slots_ is not None else bool((sel == valid).all())):
             # every real token is selected (top-k: K = S gives k = n in every row): run the module as it was
             return self._dense(forward, x, named, sel, self._weight(r))
+        if slots_ is None and cache is None and x.shape[0] > 1:
+            return self._packed(module, forward, x, named, sel, r)
         idx, count, top = slots_ if slots_ is not None else slots(sel)
         if top == 0:
             if cache is not None:
@@ -197,6 +201,31 @@ class MoD(Method):
         keep = torch.arange(top, device=x.device).unsqueeze(0) < count.unsqueeze(1)
         new = torch.where(keep.unsqueeze(-1), new, xs if rest is not None else torch.zeros_like(new))
         return self._rest(x).scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), new)
+
+    def _packed(self, module, forward, x, named, sel, r):
+        """Causal routing without a cache at batch > 1: the processed tokens of all rows packed together (each row
+        causal and apart from the others), so the module's work follows what the rows really route."""
+        packed = pack(sel)
+        if packed is None:
+            return self._rest(x)
+        idx, seg, flat, slot = packed
+        b, s, d = x.shape
+        xs = take_packed(x, idx, b)
+        kw = dict(named)
+        kw.pop("cache_position", None)
+        pe = kw.get("position_embeddings")
+        if pe is not None:
+            kw["position_embeddings"] = tuple(take_packed(t, idx, b) for t in pe)
+        pos = kw.get("position_ids")
+        if isinstance(pos, torch.Tensor) and pos.dim() == 2:
+            kw["position_ids"] = take_packed(pos, idx, b)
+        if self._keeps_kv():
+            kw["attention_mask"] = packed_mask(seg, attn_impl(module), x.dtype)
+        weight = self._weight(r)
+        weight = None if weight is None else take_packed(weight, idx, b)
+        new = self._update(xs if self.config.skip == "block" else None, self._run(forward, xs, kw), weight)
+        out = self._rest(x).reshape(b * s, d).index_copy(0, flat, new.reshape(-1, d).index_select(0, slot))
+        return out.view(b, s, d)
 
     def _step(self, module, i, forward, x, named, sel, r, cache):
         """A decoding step (one new token per row): the module runs only on the rows that process their token
