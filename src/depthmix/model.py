@@ -29,7 +29,7 @@ class DepthMixModel(nn.Module):
     base model's; auxiliary losses are added to `outputs.loss`."""
 
     def __init__(self, model: nn.Module, config: MethodConfig | None = None, lora=None,
-                 train_head: bool | None = None):
+                 train_head: bool | None = None, train_pooler: bool = False):
         super().__init__()
         if isinstance(model, DepthMixModel):
             raise TypeError("this model already carries depthmix; apply to the plain base model")
@@ -52,7 +52,7 @@ class DepthMixModel(nn.Module):
         self._head_backup = []
         self._peft_config = model.__dict__.get("peft_config", _ABSENT)
         try:
-            self._attach(model, config, lora, train_head)
+            self._attach(model, config, lora, train_head, train_pooler)
         except BaseException:
             self._teardown()
             raise
@@ -60,7 +60,7 @@ class DepthMixModel(nn.Module):
         # Trainer keeps the dataset columns that forward() names: show the base model's signature.
         self.forward = _with_signature(self._forward, _with_prompt_mask(self._base_signature))
 
-    def _attach(self, model, config, lora, train_head) -> None:
+    def _attach(self, model, config, lora, train_head, train_pooler) -> None:
         arch = self.arch
         if lora is not None:
             from peft import inject_adapter_in_model
@@ -73,13 +73,26 @@ class DepthMixModel(nn.Module):
             # The head is trained in place: keep its weights, for unload() and disable_adapter()
             self._head_backup = [(p, p.detach().clone()) for p in arch.head.parameters()]
             arch.head.requires_grad_(True)
+        self.train_pooler = train_pooler
+        if train_pooler:
+            self._train_pooler(model)
         if config is not None:
             method_cls = METHODS[config.method][1]
             self.method = method_cls(config, arch, self.fingerprint["hidden_size"])
             self.method.to(next(model.parameters()).device)
-        self.adapter_names = [n for n, p in self.named_parameters() if p.requires_grad]
+        # the method's own tensors always belong to the adapter, also frozen ones (MoLEx's frozen-gate control)
+        self.adapter_names = [n for n, p in self.named_parameters() if p.requires_grad or n.startswith("method.")]
         self._hooks = [model.register_forward_pre_hook(self._begin, with_kwargs=True),
                        model.register_forward_hook(self._finish, with_kwargs=True)]
+
+    def _train_pooler(self, model) -> None:
+        """The encoder's pooler (BERT: dense + tanh on [CLS]) trains with the head, and is restored like it."""
+        pooler = find_pooler(model)
+        if pooler is None:
+            raise ValueError(f"train_pooler=True: {type(model).__name__} has no pooler (only BERT-style sequence "
+                             "classifiers pool through one; RoBERTa's head has its own dense layer)")
+        self._head_backup += [(p, p.detach().clone()) for p in pooler.parameters()]
+        pooler.requires_grad_(True)
 
     def _teardown(self, keep_head: bool = False, merge: bool = False) -> None:
         """Undo _attach, whatever part of it was done: hooks, wrapped modules, LoRA layers, requires_grad flags."""
@@ -227,6 +240,7 @@ class DepthMixModel(nn.Module):
             "config": self.method_config.to_dict() if self.method_config else None,
             "lora": _lora_to_dict(self.lora_config),
             "train_head": self.train_head,
+            "train_pooler": self.train_pooler,
             "base": self.fingerprint,
             "weights_sha256": digest,
             "info": info or {},
@@ -260,7 +274,8 @@ class DepthMixModel(nn.Module):
         meta = read_adapter_config(path)
         check_base(meta, model, path)
         tensors = read_weights(path, meta)
-        wrapped = cls(model, method_config_from(meta, path), _lora_from_dict(meta["lora"]), meta["train_head"])
+        wrapped = cls(model, method_config_from(meta, path), _lora_from_dict(meta["lora"]), meta["train_head"],
+                      bool(meta.get("train_pooler", False)))
         try:
             wrapped._copy_in(tensors, path)
         except BaseException:
@@ -273,10 +288,20 @@ class DepthMixModel(nn.Module):
         return wrapped
 
 
-def apply(model: nn.Module, config: MethodConfig | None = None, lora=None, train_head: bool | None = None):
+def apply(model: nn.Module, config: MethodConfig | None = None, lora=None, train_head: bool | None = None,
+          train_pooler: bool = False):
     """Like `peft.get_peft_model`: `config` is a depthmix method config (or None for LoRA alone),
-    `lora` a `peft.LoraConfig` (or None for the method alone)."""
-    return DepthMixModel(model, config, lora, train_head)
+    `lora` a `peft.LoraConfig` (or None for the method alone). train_head: train the classifier head (default: for
+    sequence classifiers); train_pooler: train the encoder's pooler with it (a sentence-embedding model such as
+    all-MiniLM-L6-v2 was trained mean-pooled: its BERT pooler never was)."""
+    return DepthMixModel(model, config, lora, train_head, train_pooler)
+
+
+def find_pooler(model: nn.Module) -> nn.Module | None:
+    """The pooler of a BERT-style model (model.bert.pooler), or None."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    pooler = getattr(base, "pooler", None)
+    return pooler if isinstance(pooler, nn.Module) else None
 
 
 def refuse_carried(model: nn.Module, lora) -> None:

@@ -34,10 +34,13 @@ class TrainOptions:
     grad_accum: gradient accumulation steps.
     lr: learning rate of the adapter (LoRA) weights.
     router_lr: learning rate of gates, routers and alpha (default: the method's).
+    router_weight_decay: AdamW weight decay of gates, routers and alpha (the public MoLEx GLUE runs: 0.1).
     retrofit_loss: MoD router tuning (update retrofit): distill (KL from the same model with routing bypassed) or lm.
-    weight_decay: AdamW weight decay of the adapter weights.
+    weight_decay: AdamW weight decay of the adapter weights (not of biases and norms, as in the HF Trainer).
     warmup: fraction of the steps with a linear learning-rate warmup, in [0, 1).
     seed: seed of the initialisation, the data order and the training subset.
+    train_pooler: sequence classification: train the encoder's pooler (BERT: dense + tanh on [CLS]) with the head;
+        sentence-embedding models (minilm-l6 was trained mean-pooled) never trained theirs.
     lora: train LoRA adapters (with the method, or alone for method lora).
     lora_r: LoRA rank.
     lora_alpha: LoRA scaling numerator (scale = lora_alpha / lora_r).
@@ -71,10 +74,12 @@ class TrainOptions:
     grad_accum: int = 1
     lr: float = 5e-4
     router_lr: float | None = None
+    router_weight_decay: float = 0.0
     retrofit_loss: str | None = None
     weight_decay: float = 0.0
     warmup: float = 0.06
     seed: int = 0
+    train_pooler: bool = False
     lora: bool = True
     lora_r: int = 8
     lora_alpha: int = 16
@@ -110,8 +115,9 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} = {value!r}: expected a number > 0")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay = {self.weight_decay!r}: expected a number >= 0")
+        for name in ("weight_decay", "router_weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} = {getattr(self, name)!r}: expected a number >= 0")
         for name in ("warmup", "lora_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} = {getattr(self, name)!r}: expected a fraction in [0, 1)")

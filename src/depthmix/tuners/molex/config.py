@@ -5,6 +5,9 @@ from dataclasses import dataclass
 from ...config import MethodConfig, check_layers
 
 
+GATE_GRADS = ("straight_through", "balance", "frozen")
+
+
 @dataclass
 class MoLExConfig(MethodConfig):
     """Mixture of Layer Experts (Teo & Nguyen, ICLR 2025): z' = a * u_t(z) + (1 - a) * u_j(z), j picked by a gate.
@@ -17,6 +20,9 @@ class MoLExConfig(MethodConfig):
     layers: "all" or a list of the layers that mix in an expert. Every layer can be picked as an expert.
     shared_gate: one gate for all mixed layers instead of one per layer.
     balance_weight: weight of the Switch-style load-balancing loss (0 = off; 0.001-0.01 is typical).
+    gate_grad: how the gate learns: "straight_through" (the task loss, through p_j / stopgrad(p_j) on the expert
+        branch), "balance" (the authors' code: the load-balancing loss alone; needs balance_weight > 0) or
+        "frozen" (a control: the gates keep their random start and are not trained; saved with the adapter).
     """
 
     method = "molex"
@@ -26,6 +32,7 @@ class MoLExConfig(MethodConfig):
     layers: str | list[int] = "all"
     shared_gate: bool = False
     balance_weight: float = 0.0
+    gate_grad: str = "straight_through"
 
     def validate(self) -> None:
         if self.learn_alpha:
@@ -37,3 +44,9 @@ class MoLExConfig(MethodConfig):
         check_layers(self, "layers", ("all",))
         self._check(isinstance(self.balance_weight, (int, float)) and self.balance_weight >= 0, "balance_weight",
                     "a number >= 0")
+        self._check(self.gate_grad in GATE_GRADS, "gate_grad", f"one of {GATE_GRADS}")
+        self._check(self.gate_grad != "balance" or self.balance_weight > 0, "gate_grad",
+                    "balance_weight > 0 with it (the gate learns from the load-balancing loss alone, so with "
+                    "balance_weight 0 it would never train; 0.001-0.01 is typical)")
+        self._check(self.gate_grad != "frozen" or self.balance_weight == 0, "balance_weight",
+                    "0 with gate_grad 'frozen' (a frozen gate has nothing for the balance loss to train)")

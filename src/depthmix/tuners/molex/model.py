@@ -22,6 +22,8 @@ class MoLEx(Method):
         self.layers = pick_layers(config.layers, num, "MoLExConfig.layers")
         self.gates = nn.ModuleList(float32_linear(hidden_size, num)
                                    for _ in range(1 if config.shared_gate else len(self.layers)))
+        if config.gate_grad == "frozen":  # the control: random gates, kept as they start (and saved with the adapter)
+            self.gates.requires_grad_(False)
         if config.learn_alpha:
             init = math.log(config.alpha / (1 - config.alpha))
             self.alpha_logit = nn.Parameter(torch.full((len(self.layers),), init, dtype=torch.float32))
@@ -109,6 +111,8 @@ class MoLEx(Method):
         else:
             units = self.units(z)
             choice, factor, probs = route(self.gate(i)(z.float()), units, self.config.routing)
+            if self.config.gate_grad != "straight_through":  # the gate learns from the balance loss alone, or not
+                factor = None
             if state is not None:
                 state["choice"] = choice
             if self.training and self.config.balance_weight > 0:
