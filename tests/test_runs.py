@@ -358,3 +358,11 @@ def test_pretrain_refuses_bad_flags_before_building(tmp_path, capsys, flags, say
     code, err = run(capsys, "pretrain", "--corpus", corpus, *flags, "--output-dir", tmp_path / "out")
     assert code == 2 and says in err
     assert not (tmp_path / "out").exists()
+
+
+def test_max_length_past_the_models_positions_is_refused_before_loading(tmp_path, capsys):
+    code, err = run(capsys, "train", "--model", "minilm-l6", "--max-length", 4096, "--output-dir", tmp_path / "out")
+    assert code == 2
+    assert ("max_length = 4096: model 'minilm-l6' has learned positions for 512 tokens at most "
+            "(max_position_embeddings in its config.json)") in err
+    assert not (tmp_path / "out").exists()

@@ -20,7 +20,7 @@ def preflight(opts: TrainOptions) -> tuple[Task, dict]:
     opts.validate()
     task = get_task(opts.task)
     check_data_dir(opts.data_dir)
-    check_model(opts.model, task)
+    check_model(opts.model, task, opts.max_length)
     if opts.train_pooler and task.head != "sequence_classification":
         raise ConfigError(f"train_pooler = True: task {task.name!r} is not a sequence classification task (no pooler "
                           "feeds its head)")
@@ -54,8 +54,9 @@ def check_data_dir(data_dir) -> None:
         raise ConfigError(f"{name} = {str(root)!r}: no such folder")
 
 
-def check_model(name: str, task: Task) -> None:
-    """An unknown name fails here, not after the Hub's retries; a causal LM task on an encoder too."""
+def check_model(name: str, task: Task, max_length: int | None = None) -> None:
+    """An unknown name fails here, not after the Hub's retries; a causal LM task on an encoder too, and a
+    max_length past a model's learned positions (an index error in the middle of training)."""
     config = model_config(name)
     if config is None:
         return
@@ -63,6 +64,20 @@ def check_model(name: str, task: Task) -> None:
     if task.head == "causal_lm" and family is not None and not family.causal:
         raise ConfigError(f"task {task.name!r} trains a causal language model, but model {name!r} is an encoder "
                           f"(model_type {config.get('model_type')!r}): choose a decoder model")
+    limit = position_limit(config, family)
+    if max_length is not None and limit is not None and max_length > limit:
+        raise ConfigError(f"max_length = {max_length}: model {name!r} has learned positions for {limit} tokens "
+                          "at most (max_position_embeddings in its config.json)")
+
+
+def position_limit(config: dict, family) -> int | None:
+    """Tokens a model with learned absolute positions can take (None: rotary positions, no hard limit)."""
+    if family is None or family.name == "llama":
+        return None
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    if limit is not None and family.name == "roberta":
+        limit -= config.get("pad_token_id", 1) + 1  # RoBERTa's positions start after the padding index
+    return limit
 
 
 def model_config(name: str) -> dict | None:
