@@ -1,0 +1,244 @@
+"""MoLEx as a fair test of the paper's claim (issue 11, items 1 and 4): SST-2 and pydoc/topics on minilm-l6.
+
+Arms (all: LoRA r 8, alpha 16 on query/value with weight decay 0.1, the classifier head and the BERT pooler
+trained — minilm-l6 is a mean-pooling sentence encoder whose pooler was never trained, which capped every arm
+of the earlier study — same data, steps and batches):
+  lora             LoRA alone (the baseline)
+  molex-ours       MoLEx + LoRA as depthmix trains it: gate learnt by the task loss (straight-through), learnt
+                   alpha, gate lr 1e-2, no balance loss
+  molex-published  the authors' GLUE scripts: gate learnt by the load-balancing loss alone (weight 0.01), alpha
+                   fixed at 0.5, gate lr 0.1 and weight decay 0.1
+  molex-frozen     control: the published arm with the gates frozen at their random start (no balance loss)
+Sequence routing for every MoLEx arm (one expert per sentence; the authors' code votes once per batch).
+
+Data: each task's training set is split once (seed 1234) into a validation set and a training set; dev (SST-2
+dev.tsv, 872 sentences; pydoc/topics' held-out passages, 271) is never used for a choice.
+Phase 1 (seed 0, validation accuracy): the LoRA learning rate of each arm, from --lrs.
+Phase 2 (seeds 0-4, dev accuracy): each arm at its chosen learning rate, trained on the same training set;
+compare() writes docs/results/molex-sst2.json and docs/results/molex-pydoc.json (summary, paired differences
+against LoRA with 95% CI and the smallest detectable difference, verdicts); setup records the binomial standard
+error of one run's accuracy on dev, the other limit on power.
+
+    OMP_NUM_THREADS=2 nice python experiments/molex_sst2.py --out runs/molex_sst2
+
+Cost: (4 arms x 3 learning rates + 4 arms x 5 seeds) x 2 tasks = 64 runs. Measured on this machine while it
+was loaded (load average 8-10 on 2 cores, OMP_NUM_THREADS=2), SST-2 batch 32 x <= 64 tokens, 20 steps: LoRA
+4.7 s per step, MoLEx (straight-through) 6.2 s per step, plus about 15 s of start-up and the evaluation per run.
+A full SST-2 run (10,000 sentences, 3 epochs = 938 steps) so takes about 75 min (LoRA) to 100 min (MoLEx arms),
+a pydoc/topics run (942 passages, 10 epochs, batch 16 x <= 128 = 590 steps) about 50 to 65 min if its steps
+cost what SST-2's do (not measured beyond the smoke test's 4-step runs: 10 s per step for LoRA, 16 s for the
+frozen-gate arm, first step included): some 80 hours in all at that load, less on an idle machine. The smoke test (tiny sizes, every phase, both result files; each
+of its runs took 1.5-4 min of wall time, mostly start-up, on the loaded machine):
+
+    python experiments/molex_sst2.py --out /tmp/molex_smoke --results /tmp/molex_smoke/results \
+        --train-size 64 --validation-size 32 --eval-size 32 --epochs 1 --lrs 1e-3 --seeds 0 1
+
+Resumable: a finished run (metrics.json) is skipped and an interrupted one continues from its last checkpoint
+(every --save-steps steps), so the script can be stopped at any time and run again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+MODEL = "minilm-l6"
+COMMON = ["--model", MODEL, "--lora-r", "8", "--lora-alpha", "16", "--weight-decay", "0.1", "--train-pooler",
+          "--warmup", "0.06", "--eval-batch-size", "64", "--logging-steps", "20", "--save-total-limit", "1",
+          "--no-progress"]
+TASKS = {  # name -> the task, its sizes and its training settings
+    "sst2": {"task": "glue/sst2", "train": 10000, "validation": 2000, "epochs": 3, "batch": 32, "length": 64},
+    "pydoc": {"task": "pydoc/topics", "train": None, "validation": 235, "epochs": 10, "batch": 16, "length": 128},
+}
+MOLEX = ["--method", "molex", "--routing", "sequence"]
+ARMS = {
+    "lora": ["--method", "lora"],
+    "molex-ours": [*MOLEX, "--gate-grad", "straight_through", "--learn-alpha", "--alpha", "0.5"],
+    "molex-published": [*MOLEX, "--gate-grad", "balance", "--balance-weight", "0.01", "--no-learn-alpha",
+                        "--alpha", "0.5", "--router-lr", "0.1", "--router-weight-decay", "0.1"],
+    "molex-frozen": [*MOLEX, "--gate-grad", "frozen", "--no-learn-alpha", "--alpha", "0.5"],
+}
+LRS = ["5e-4", "1e-3", "2e-3"]
+CARVED = "carved/"  # task names of this experiment: the base task's rows, from this experiment's split files
+SPLIT_SEED = 1234
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["train"]:  # one run, in its own process: `depthmix train` that knows the carved tasks
+        register_carved()
+        from depthmix.cli.main import main as cli
+        sys.exit(cli(sys.argv[1:]))
+    args = parse_args()
+    out = Path(args.out)
+    for name in args.tasks:
+        folders = prepare(args, name, out / "data" / name)
+        if not args.summary_only:
+            best = sweep(args, name, out / name, folders)
+            for seed in args.seeds:
+                for arm in args.arms:
+                    run(args, name, out / name / "final" / f"{arm}-s{seed}", seed, [*ARMS[arm], "--lr", best[arm]],
+                        folders["final"])
+        summarize(args, name, out / name, folders)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", default=None, help="folder with glue/SST-2 (default: $DEPTHMIX_DATA)")
+    p.add_argument("--out", default="runs/molex_sst2")
+    p.add_argument("--results", default="docs/results")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--lrs", nargs="+", default=LRS, help="phase 1: LoRA learning rates tried per arm")
+    p.add_argument("--train-size", type=int, help="training rows (default: SST-2 10,000; pydoc/topics all)")
+    p.add_argument("--validation-size", type=int, help="rows carved from train (default: SST-2 2,000; pydoc 235)")
+    p.add_argument("--eval-size", type=int, help="dev rows scored (default: all)")
+    p.add_argument("--epochs", type=float, help="default: SST-2 3, pydoc/topics 10")
+    p.add_argument("--save-steps", type=int, default=200, help="checkpoint interval (where a stopped run resumes)")
+    p.add_argument("--summary-only", action="store_true")
+    args = p.parse_args()
+    if "lora" not in args.arms:
+        p.error("--arms: the baseline arm 'lora' is needed for the paired differences")
+    return args
+
+
+# -- data -------------------------------------------------------------------------------------------------------
+def prepare(args, name: str, root: Path) -> dict:
+    """Two data folders, each with train.json and eval.json: "validation" (phase 1: train rows / the rows carved
+    from train) and "final" (phase 2: the same train rows / dev). Written once; later calls reuse them."""
+    folders = {"validation": root / "validation", "final": root / "final"}
+    if (folders["final"] / "eval.json").exists():
+        return folders
+    from depthmix.data.tasks import get_task
+    spec = TASKS[name]
+    task = get_task(spec["task"])
+    rows = task.load("train", args.data_dir).to_dict()
+    order = list(range(len(rows["label"])))
+    random.Random(SPLIT_SEED).shuffle(order)
+    n_val = args.validation_size or spec["validation"]
+    n_train = args.train_size or spec["train"] or len(order) - n_val
+    if n_val + n_train > len(order):
+        raise SystemExit(f"{name}: {n_val} validation + {n_train} training rows, but the training set has {len(order)}")
+    val, train = order[:n_val], order[n_val:n_val + n_train]
+    dev = task.load("eval", args.data_dir, args.eval_size, 0).to_dict()
+    for folder, evaluation in ((folders["validation"], pick(rows, val)), (folders["final"], dev)):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "train.json").write_text(json.dumps(pick(rows, train)))
+        (folder / "eval.json").write_text(json.dumps(evaluation))  # last: its presence marks the folder complete
+    return folders
+
+
+def pick(rows: dict, idx: list[int]) -> dict:
+    return {k: [v[i] for i in idx] for k, v in rows.items()}
+
+
+class Carved:
+    """A task whose rows come from train.json / eval.json in --data-dir; everything else is the base task's."""
+
+    def __init__(self, base):
+        self.base = base
+        self.name = CARVED + base.name
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def load(self, split, data_dir=None, max_samples=None, seed=0):
+        import datasets
+
+        from depthmix.data.tasks import subsample
+        rows = json.loads((Path(data_dir) / f"{split}.json").read_text())
+        return subsample(datasets.Dataset.from_dict(rows), max_samples, seed)
+
+
+def register_carved() -> None:
+    from depthmix.data.tasks import get_task, register
+    for spec in TASKS.values():
+        register(Carved(get_task(spec["task"])))
+
+
+# -- runs -------------------------------------------------------------------------------------------------------
+def run(args, name: str, folder: Path, seed: int, flags: list[str], data: Path) -> dict:
+    metrics = folder / "metrics.json"
+    if not metrics.exists():
+        spec = TASKS[name]
+        if (folder / "depthmix_config.json").exists():  # trained, but stopped before its evaluation was written
+            shutil.rmtree(folder)
+        resume = ["--resume"] if any(folder.glob("checkpoint-*")) else []
+        cmd = [sys.executable, __file__, "train", *COMMON, "--task", CARVED + spec["task"], "--data-dir", str(data),
+               "--epochs", str(args.epochs or spec["epochs"]), "--batch-size", str(spec["batch"]),
+               "--max-length", str(spec["length"]), "--save-steps", str(args.save_steps), "--seed", str(seed),
+               "--output-dir", str(folder), *flags, *resume]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    return json.loads(metrics.read_text())
+
+
+def sweep(args, name: str, out: Path, folders: dict) -> dict:
+    """Phase 1, seed 0: each arm's learning rate, by accuracy on the rows carved from train (ties: the smaller)."""
+    file = out / "sweep.json"
+    done = json.loads(file.read_text()) if file.exists() else {"best_lr": {}, "validation_accuracy": {}}
+    best, scores = done["best_lr"], done["validation_accuracy"]  # other arms' choices stay (runs of --arms subsets)
+    for arm in args.arms:
+        scores[arm] = {lr: accuracy(run(args, name, out / "sweep" / f"{arm}-lr{lr}", 0, [*ARMS[arm], "--lr", lr],
+                                        folders["validation"])) for lr in args.lrs}
+        best[arm] = max(sorted(args.lrs, key=float), key=lambda lr: scores[arm][lr])
+    file.write_text(json.dumps({"best_lr": best, "validation_accuracy": scores}, indent=2))
+    print(f"{name} phase 1: {json.dumps({arm: best[arm] for arm in args.arms})}", flush=True)
+    return best
+
+
+def accuracy(metrics: dict) -> float:
+    return metrics["metrics"]["accuracy"]
+
+
+# -- results ----------------------------------------------------------------------------------------------------
+def summarize(args, name: str, out: Path, folders: dict) -> None:
+    from depthmix.evaluation.compare import compare, table
+    from depthmix.io import write_json
+    sweep_file = out / "sweep.json"
+    if not sweep_file.exists():
+        print(f"{name}: phase 1 not finished, nothing to summarise")
+        return
+    runs = []
+    for file in sorted((out / "final").glob("*-s*/metrics.json")):
+        arm, seed = file.parent.name.rsplit("-s", 1)
+        m = json.loads(file.read_text())
+        runs.append({"arm": arm, "seed": int(seed), "value": accuracy(m), "train_seconds": m["train_seconds"],
+                     "train_steps": m["train_steps"], "train_loss": m["train_loss"],
+                     "trainable_params": m["trainable_params"], "method_state": m["method_state"]})
+    if not runs:
+        print(f"{name}: no phase 2 run finished yet")
+        return
+    result = compare(f"molex-{name}", TASKS[name]["task"], "accuracy", True, "lora", runs,
+                     setup(args, name, folders, json.loads(sweep_file.read_text()), runs))
+    write_json(Path(args.results) / f"molex-{name}.json", result)
+    print(table(result))
+    print("\n".join(result["verdicts"].values()))
+
+
+def setup(args, name: str, folders: dict, sweep_result: dict, runs: list[dict]) -> dict:
+    spec = TASKS[name]
+    sizes = {split: len(json.loads((folders[part] / f"{kind}.json").read_text())["label"])
+             for split, part, kind in (("train", "final", "train"), ("validation", "validation", "eval"),
+                                       ("dev", "final", "eval"))}
+    means = {arm: sum(r["value"] for r in runs if r["arm"] == arm) / sum(r["arm"] == arm for r in runs)
+             for arm in {r["arm"] for r in runs}}
+    return {
+        "model": MODEL, "common_flags": COMMON, "arms": {arm: ARMS[arm] for arm in sorted(means)},
+        "epochs": args.epochs or spec["epochs"], "batch_size": spec["batch"], "max_length": spec["length"],
+        "rows": sizes,
+        "split": f"the task's training set shuffled with seed {SPLIT_SEED}: the first {sizes['validation']} rows "
+                 "validate (phase 1), the next ones train; dev scores phase 2 only",
+        "phase1": {"seed": 0, "lrs": args.lrs, **sweep_result},
+        # one run's accuracy on dev is a binomial proportion: its s.e. bounds what one seed can resolve
+        "binomial_se_per_run": {arm: math.sqrt(m * (1 - m) / sizes["dev"]) for arm, m in sorted(means.items())},
+    }
+
+
+if __name__ == "__main__":
+    main()
