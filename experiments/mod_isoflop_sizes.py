@@ -24,11 +24,18 @@ routers and predictors are counted. The compute-optimal size for a budget C is t
 N_opt = sqrt(C / 120) (C = 6 N D with D = 20 N tokens): 91k at 1e12, 158k at 3e12, 289k at 1e13. The shapes form
 a ladder of about 2x steps (non-embedding parameters, dense):
 
-    L2 d32 33k | L2 d48 55k | L4 d48 111k | L4 d64 213k | L4 d96 443k | L8 d96 885k | L8 d128 1.70M
+    L2 d16 8k | L2 d24 14k | L2 d32 33k | L2 d48 56k | L4 d48 111k | L4 d64 214k | L4 d96 443k | L8 d96 886k |
+    L8 d128 1.70M
 
 and each budget gets the 5 consecutive rungs centred on the rung nearest N_opt:
-1e12: L2d32 .. L4d96 (0.36x-4.8x N_opt); 3e12 and 1e13: L2d48 .. L8d96 (0.35x-5.6x and 0.19x-3.1x).
-If a family's minimum lands on the edge of its sweep, the results say "not bracketed" (add rungs with --shapes).
+1e12: L2d32 .. L4d96 (0.36x-4.9x N_opt); 3e12 and 1e13: L2d48 .. L8d96 (0.35x-5.6x and 0.19x-3.1x).
+Edge extension: once a sweep has finished, while a family's mean minimum is on its edge, the next rung beyond
+that edge is run for both families and every seed (at most --extend = 2 rungs per corpus and budget); a minimum
+still on the edge after that is reported as "not bracketed".
+Controls (--controls 1x32,1x48): dense shapes outside the ladder, run into <out>/controls/; one block is about the
+cost per step of MoD-L2 (whose routed block is nearly skipped), the control the first study needed. The JSON's
+"controls" pairs MoD's best size per seed with the best dense model of ladder + controls. The 1e12 results ran
+    OMP_NUM_THREADS=1 nice -n 10 python experiments/mod_isoflop_sizes.py --budgets 1e12 --controls 1x32,1x48
 
 Analysis, per corpus and budget: the isoFLOP curve of each family (held-out loss vs non-embedding parameters,
 mean over seeds); its minimum from a parabola in log10(params) through the best mean point and its two
@@ -48,10 +55,11 @@ Time. Smoke test (2026-11-24, shared 2-core CPU at load average ~9, OMP_NUM_THRE
     python experiments/mod_isoflop_sizes.py --budgets 2e10 --shapes 2x32,2x48,4x48,4x64,4x96 --seeds 0 \
         --corpora tinyshakespeare --out /tmp/smoke/runs --results /tmp/smoke/results --img /tmp/smoke/img
 ran the five 1e12 shapes x both families (10 runs) in 4.5 min: 20-36 s a run, almost all of it fixed cost
-(start-up, FLOP count, held-out evaluation, saving). The first real 1e12 runs train at ~5.5e-11 s per FLOP
-(dense L2 d32: 346 steps, 55 s of training, 95 s in all). Expected: ~45 min per corpus at 1e12 (20 runs),
-~2 h at 3e12, ~6 h at 1e13; the full sweep (3 budgets x 5 sizes x 2 families x 2 seeds x 2 corpora = 120 runs,
-5.6e14 training FLOPs) about 12-18 hours of one core at this load.
+(start-up, FLOP count, held-out evaluation, saving). The 20 real 1e12 runs on tinyshakespeare then took
+~47 s of training (4.7e-11 s per FLOP, dense and MoD alike) + ~21 s fixed, 68 s a run, 23 min in all. Expected
+per corpus: 1e12 ~25 min, 3e12 ~55 min, 1e13 ~2.8 h (+ up to 8 edge-extension runs per budget); the full sweep
+(3 budgets x 5 sizes x 2 families x 2 seeds x 2 corpora = 120 runs, 5.6e14 training FLOPs) about 8.5 h of one
+core at this load, ~10 h with extensions.
 """
 from __future__ import annotations
 
@@ -68,7 +76,7 @@ CORPORA = {  # name: (train file, held-out file or None = last 10% of the train 
     "tinyshakespeare": ("lm/tinyshakespeare.txt", None),
     "wikitext-2": ("lm/wikitext-2/valid.txt", "lm/wikitext-2/test.txt"),
 }
-LADDER = [(2, 32), (2, 48), (4, 48), (4, 64), (4, 96), (8, 96), (8, 128)]  # (layers, hidden), ~2x steps
+LADDER = [(2, 16), (2, 24), (2, 32), (2, 48), (4, 48), (4, 64), (4, 96), (8, 96), (8, 128)]  # (layers, hidden), ~2x steps
 BUDGETS = [1e12, 3e12, 1e13]
 FAMILIES = {
     "dense": ["--method", "dense"],
@@ -111,41 +119,89 @@ def run_dir(out: Path, corpus: str, budget: float, family: str, shape, seed: int
     return out / corpus / label(budget) / f"{family}-L{shape[0]}-d{shape[1]}" / f"s{seed}"
 
 
-def plan(args):
-    """(corpus, budget, family, shape, seed) in run order: budget, then seed (a whole curve per seed first), then
-    size, the two families side by side."""
-    for budget in args.budgets:
-        for corpus in args.corpora:
+def sweep(out: Path, corpus: str, budget: float, args) -> list[tuple[int, int]]:
+    """The budget's grid plus the ladder rungs already run as edge extensions, smallest first."""
+    base = grid(budget, args.shapes)
+    if args.shapes:
+        return base
+    extra = [s for s in LADDER if s not in base and any(
+        (run_dir(out, corpus, budget, f, s, seed) / "metrics.json").exists() for f in args.families
+        for seed in args.seeds)]
+    return sorted(base + extra, key=lambda s: llama_nonembedding(*s))
+
+
+def edge_extension(out: Path, corpus: str, budget: float, args) -> tuple[int, int] | None:
+    """The ladder rung beyond the edge where a family's mean curve has its minimum, once every run of the sweep has
+    finished (at most --extend rungs per corpus and budget); None where both minima are bracketed."""
+    if args.shapes:
+        return None
+    shapes = sweep(out, corpus, budget, args)
+    if len(shapes) - SWEEP >= args.extend:
+        return None
+    means = {}
+    for family in args.families:
+        for shape in shapes:
+            vals = []
             for seed in args.seeds:
-                for shape in grid(budget, args.shapes):
-                    for family in args.families:
-                        yield corpus, budget, family, shape, seed
+                f = run_dir(out, corpus, budget, family, shape, seed) / "metrics.json"
+                if not f.exists():
+                    return None
+                held = json.loads(f.read_text())["heldout"]
+                vals.append(held.get("causal", held.get("dense"))["loss"])
+            means.setdefault(family, []).append(sum(vals) / len(vals))
+    lo, hi = LADDER.index(shapes[0]), LADDER.index(shapes[-1])
+    for family, m in means.items():
+        i = m.index(min(m))
+        if i == 0 and lo > 0:
+            return LADDER[lo - 1]
+        if i == len(m) - 1 and hi + 1 < len(LADDER):
+            return LADDER[hi + 1]
+    return None
+
+
+def run_one(args, corpus: str, budget: float, family: str, shape, seed: int, out: Path | None = None) -> None:
+    run = run_dir(out or Path(args.out), corpus, budget, family, shape, seed)
+    if (run / "metrics.json").exists():
+        return
+    train_file, held = CORPORA[corpus]
+    cmd = [sys.executable, "-m", "depthmix.cli.main", "pretrain", *COMMON, *FAMILIES[family],
+           "--layers", str(shape[0]), "--hidden", str(shape[1]), "--flops", repr(budget), "--seed", str(seed),
+           "--eval-blocks", str(args.eval_blocks), "--corpus", str(Path(args.data) / train_file),
+           "--output-dir", str(run)]
+    if held:
+        cmd += ["--eval-corpus", str(Path(args.data) / held)]
+    print(f"[{time.strftime('%H:%M:%S')}] {corpus} {label(budget)} {family} L{shape[0]} d{shape[1]} s{seed}",
+          flush=True)
+    run.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(run / "log.txt", "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    print(f"    rc {rc}, {time.time() - start:.0f} s", flush=True)
+    if rc:
+        print((run / "log.txt").read_text()[-3000:], flush=True)
+        raise SystemExit(rc)
+    (run / "wall_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
 
 
 def train(args) -> None:
+    """Run order: budget, corpus, seed (a whole curve per seed first), size, the families side by side; then,
+    while a family's minimum is on an edge of the sweep, the next rung beyond it (every family and seed)."""
     out = Path(args.out)
-    for corpus, budget, family, shape, seed in plan(args):
-        run = run_dir(out, corpus, budget, family, shape, seed)
-        if (run / "metrics.json").exists():
-            continue
-        train_file, held = CORPORA[corpus]
-        cmd = [sys.executable, "-m", "depthmix.cli.main", "pretrain", *COMMON, *FAMILIES[family],
-               "--layers", str(shape[0]), "--hidden", str(shape[1]), "--flops", repr(budget), "--seed", str(seed),
-               "--eval-blocks", str(args.eval_blocks), "--corpus", str(Path(args.data) / train_file),
-               "--output-dir", str(run)]
-        if held:
-            cmd += ["--eval-corpus", str(Path(args.data) / held)]
-        print(f"[{time.strftime('%H:%M:%S')}] {corpus} {label(budget)} {family} L{shape[0]} d{shape[1]} s{seed}",
-              flush=True)
-        run.mkdir(parents=True, exist_ok=True)
-        start = time.time()
-        with open(run / "log.txt", "w") as log:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-        print(f"    rc {rc}, {time.time() - start:.0f} s", flush=True)
-        if rc:
-            print((run / "log.txt").read_text()[-3000:], flush=True)
-            raise SystemExit(rc)
-        (run / "wall_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
+    for budget in args.budgets:
+        for corpus in args.corpora:
+            for seed in args.seeds:
+                for shape in sweep(out, corpus, budget, args):
+                    for family in args.families:
+                        run_one(args, corpus, budget, family, shape, seed)
+            while (shape := edge_extension(out, corpus, budget, args)) is not None:
+                print(f"    {corpus} {label(budget)}: a minimum is on the edge; adding L{shape[0]} d{shape[1]}",
+                      flush=True)
+                for seed in args.seeds:
+                    for family in args.families:
+                        run_one(args, corpus, budget, family, shape, seed)
+            for shape in args.controls or []:
+                for seed in args.seeds:
+                    run_one(args, corpus, budget, "dense", shape, seed, out / "controls")
 
 
 # ---------------------------------------------------------------------------------------------------- analysis
@@ -164,6 +220,11 @@ def record(run: Path, family: str, shape, seed: int) -> dict:
             "train_step_flops": m["train_step_flops"], "train_seconds": m["train_seconds"],
             "wall_seconds": float(wall.read_text()) if wall.exists() else None,
             "realized_capacity": main.get("realized_capacity"), "predictor_accuracy": main.get("predictor_accuracy")}
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def parabola_min(points: list[tuple[float, float]]) -> dict:
@@ -202,7 +263,7 @@ def loglog_interp(xs: list[float], ys: list[float], x: float) -> float:
 def analyse(args, corpus: str, budget: float) -> dict | None:
     from depthmix.evaluation.compare import compare, paired_test, verdict
     out = Path(args.out)
-    shapes = grid(budget, args.shapes)
+    shapes = sweep(out, corpus, budget, args)
     runs, missing = [], []
     for family in args.families:
         for shape in shapes:
@@ -227,7 +288,10 @@ def analyse(args, corpus: str, budget: float) -> dict | None:
             pts.append({"shape": f"L{shape[0]} d{shape[1]}", "layers": shape[0], "hidden": shape[1],
                         "params_nonembedding": rs[0]["params_nonembedding"], "loss_mean": mean, "loss_std": sd,
                         "n": len(vals), "seeds": [r["seed"] for r in rs], "forward_flops": rs[0]["forward_flops"],
-                        "train_tokens": rs[0]["train_tokens"], "train_steps": rs[0]["train_steps"]})
+                        "train_tokens": rs[0]["train_tokens"], "train_steps": rs[0]["train_steps"],
+                        "realized_capacity": _mean([r["realized_capacity"] for r in rs]),
+                        "predictor_accuracy": _mean([r["predictor_accuracy"] for r in rs]),
+                        "loss_topk_mean": _mean([r["heldout_loss_topk"] for r in rs])})
         if not pts:
             continue
         curves[family] = pts
@@ -282,13 +346,44 @@ def analyse(args, corpus: str, budget: float) -> dict | None:
         "minimum": "parabola in log10(non-embedding params) through the best mean point and its neighbours; the "
                    "best point where it is on an edge (not bracketed)",
         "forward_flops": "one forward pass of a 512-byte held-out sequence, causal routing, mean over 8 blocks",
+        "extended": [f"L{x[0]} d{x[1]}" for x in shapes if x not in grid(budget, args.shapes)],
+        "extension_rule": "while a family's mean minimum is on an edge of the sweep, the next ladder rung beyond it "
+                          f"is run for every family and seed (at most {args.extend} per corpus and budget)",
         "partial": bool(missing), "missing_runs": missing,
     }
     result = compare(f"mod-isoflop-{corpus}-{label(budget)}", corpus,
                      "held-out loss at the isoFLOP minimum (nats/byte, causal routing)", False, "dense",
                      best_runs, setup)
     result.update(curves=curves, minima=minima, per_size=per_size, all_runs=runs)
+    result["controls"] = controls(out, corpus, budget, runs, best_runs, args)
     return result
+
+
+def controls(out: Path, corpus: str, budget: float, runs: list[dict], best_runs: list[dict], args) -> dict | None:
+    """Dense shapes outside the ladder (--controls, e.g. one block: MoD-L2's cost per step), run into
+    <out>/controls/: their runs, and mod's best per seed against the best dense model of ladder + controls."""
+    from depthmix.evaluation.compare import paired_test, verdict
+    folder = out / "controls" / corpus / label(budget)
+    ctl = []
+    for run in sorted(folder.glob("dense-L*-d*/s*")):
+        if (run / "metrics.json").exists():
+            layers, hidden = (int(v) for v in run.parent.name[len("dense-L"):].split("-d"))
+            ctl.append(record(run, "dense", (layers, hidden), int(run.name[1:])))
+    if not ctl:
+        return None
+    pairs = {}
+    for seed in args.seeds:
+        mod = [r for r in best_runs if r["arm"] == "mod" and r["seed"] == seed]
+        dense = [r for r in best_runs if r["arm"] == "dense" and r["seed"] == seed]
+        extra = [r for r in ctl if r["seed"] == seed]
+        if mod and dense and extra:
+            b = min(dense + extra, key=lambda r: r["value"])
+            pairs[seed] = (mod[0]["value"], b["value"], f"L{b['layers']} d{b['hidden']}")
+    p = {**paired_test([m - d for m, d, _ in pairs.values()]), "seeds": sorted(pairs)}
+    return {"what": "dense shapes outside the ladder (one block: about MoD-L2's cost per step); the paired test "
+                    "compares mod's best size per seed with the best dense model of ladder + controls",
+            "runs": ctl, "dense_best_with_controls": {s: {"value": d, "shape": sh} for s, (_, d, sh) in pairs.items()},
+            "paired": p, "verdict": verdict("mod", "dense (ladder + one-block controls)", p, False)}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -314,6 +409,10 @@ def plot(result: dict, path: Path) -> None:
             xx = np.linspace(x3[0], x3[-1], 50)
             ax.plot(10 ** xx, np.polyval(coef, xx), "--", color=colors.get(family), lw=1)
         ax.plot([fit["params"]], [fit["loss"]], "*", ms=12, color=colors.get(family))
+    if result.get("controls"):
+        ctl = result["controls"]["runs"]
+        ax.scatter([r["params_nonembedding"] for r in ctl], [r["value"] for r in ctl], marker="s", s=30,
+                   facecolors="none", edgecolors=colors["dense"], label="dense L1 control (per seed)")
     s = result["setup"]
     ax.axvline(s["n_opt"], color="gray", ls=":", lw=1, label="sqrt(C/120)")
     ax.set_xscale("log")
@@ -350,13 +449,15 @@ def markdown(files: list[Path]) -> str:
     for f in files:
         r = json.loads(f.read_text())
         s = r["setup"]
+        ext = f"; edge extension: {', '.join(s['extended'])}" if s.get("extended") else ""
         out.append(f"**{s['corpus']}, {s['budget_label']} training FLOPs** (N_opt = sqrt(C/120) = "
-                   f"{s['n_opt'] / 1e3:.0f}k non-embedding parameters; seeds {s['seeds']}"
+                   f"{s['n_opt'] / 1e3:.0f}k non-embedding parameters; seeds {s['seeds']}{ext}"
                    + ("; **partial: " + ", ".join(s["missing_runs"]) + " missing**" if s["partial"] else "") + ")")
         out.append("")
         out.append("| size | non-emb. params (dense / MoD) | steps (dense / MoD) | dense loss | MoD loss (causal) | "
-                   "MoD - dense, paired (95% CI) | FLOPs / forward, dense / MoD |")
-        out.append("| --- | --- | --- | --- | --- | --- | --- |")
+                   "MoD - dense, paired (95% CI) | FLOPs / forward, dense / MoD | MoD realized capacity (causal) / "
+                   "predictor acc. | MoD loss (top-k) |")
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         by = {fam: {p["shape"]: p for p in pts} for fam, pts in r["curves"].items()}
         for size in [x["shape"] for x in s["sizes"]]:
             d, m = by.get("dense", {}).get(size), by.get("mod", {}).get(size)
@@ -375,7 +476,9 @@ def markdown(files: list[Path]) -> str:
                        f"{m['params_nonembedding'] if m else '—':,} | {d['train_steps'] if d else '—'} / "
                        f"{m['train_steps'] if m else '—'} | {loss(d)} | {loss(m)} | {diff} | "
                        f"{d['forward_flops'] / 1e6 if d else float('nan'):.1f}M / "
-                       f"{m['forward_flops'] / 1e6 if m else float('nan'):.1f}M |")
+                       f"{m['forward_flops'] / 1e6 if m else float('nan'):.1f}M | "
+                       + (f"{m['realized_capacity']:.3f} / {m['predictor_accuracy']:.3f} | {m['loss_topk_mean']:.4f} |"
+                          if m and m.get("realized_capacity") is not None else "— | — |"))
         out.append("")
         for fam, mn in r["minima"].items():
             fit = mn["fit"]
@@ -395,6 +498,16 @@ def markdown(files: list[Path]) -> str:
         out.append(table(r))
         for v in r["verdicts"].values():
             out.append(f"\n{v}.")
+        if r.get("controls"):
+            c = r["controls"]
+            shapes = sorted({(x["layers"], x["hidden"]) for x in c["runs"]})
+            for sh in shapes:
+                rs = [x for x in c["runs"] if (x["layers"], x["hidden"]) == sh]
+                out.append(f"\nDense control L{sh[0]} d{sh[1]} ({rs[0]['params_nonembedding']:,} non-emb. params, "
+                           f"{rs[0]['train_steps']} steps, {rs[0]['forward_flops'] / 1e6:.1f}M FLOPs / forward): "
+                           + ", ".join(f"seed {x['seed']} {x['value']:.4f}" for x in rs)
+                           + f", mean {sum(x['value'] for x in rs) / len(rs):.4f}.")
+            out.append(f"\nWith the controls: {c['verdict']}.")
         out.append("")
         out.append(f"![{s['corpus']} {s['budget_label']}](img/mod-isoflop-{s['corpus']}-{s['budget_label']}.png)")
         out.append("")
@@ -410,6 +523,10 @@ def main() -> None:
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--shapes", help="override the grid, e.g. 2x32,2x48 (layers x hidden), for every budget")
+    p.add_argument("--extend", type=int, default=2, help="ladder rungs at most added per corpus and budget where a "
+                   "minimum is on the edge of the sweep (0: none)")
+    p.add_argument("--controls", help="dense-only shapes outside the ladder, e.g. 1x32,1x48 (one block), run into "
+                   "<out>/controls/ for every corpus and budget given")
     p.add_argument("--eval-blocks", type=int, default=100, help="held-out blocks of 512 bytes")
     p.add_argument("--results", default="docs/results")
     p.add_argument("--img", default="docs/img")
@@ -417,6 +534,7 @@ def main() -> None:
     p.add_argument("--summarize", action="store_true", help="only write the results from finished runs")
     p.add_argument("--table", action="store_true", help="print the Markdown of the results files and stop")
     args = p.parse_args()
+    args.controls = [tuple(int(v) for v in s.split("x")) for s in args.controls.split(",")] if args.controls else None
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else None
     if args.plan:
         for budget in args.budgets:
