@@ -14,6 +14,7 @@ class ConfigError(ValueError):
 @dataclass
 class MethodConfig:
     method: ClassVar[str] = ""
+    router_lr: ClassVar[float] = 1e-3  # the trainer's default learning rate for the method's own parameters
 
     def __post_init__(self):
         self._check_kinds()

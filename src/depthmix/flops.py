@@ -44,7 +44,7 @@ def forward_flops(model, batch: int, seq_len: int, routing: str | None = None, s
     model.eval()
     try:
         with torch.no_grad():
-            if routing and method is not None and hasattr(method, "routing_mode"):
+            if routing and method is not None and method.routings:
                 with method.routing_mode(routing):
                     return count(lambda: model(input_ids=ids, use_cache=False))
             return count(lambda: model(input_ids=ids, use_cache=False))

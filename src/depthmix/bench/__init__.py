@@ -1,4 +1,11 @@
-"""Benchmarks: each reports ratios of a method over its baseline, measured side by side in one run."""
-from . import mod, mode, molex
+"""Benchmarks: each reports ratios of a method over its baseline, measured side by side in one run.
 
-BENCHES = {"molex": (molex.add_args, molex.run), "mode": (mode.add_args, mode.run), "mod": (mod.add_args, mod.run)}
+Every module here with `add_args(parser)` and `run(args) -> dict` is a `depthmix bench <module>` sub-command."""
+import importlib
+import pkgutil
+
+BENCHES = {}
+for _info in pkgutil.iter_modules(__path__):
+    _module = importlib.import_module(f"{__name__}.{_info.name}")
+    if hasattr(_module, "add_args") and hasattr(_module, "run"):
+        BENCHES[_info.name] = (_module.add_args, _module.run)

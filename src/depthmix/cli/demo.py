@@ -22,9 +22,9 @@ def register(sub) -> None:
 
 def run_demo(args) -> int:
     from ..data.tasks import get_task
-    from ..plots import loss_curve, routing_heatmap
+    from ..evaluation import routing
+    from ..plots import loss_curve
     from ..train import TrainOptions, train
-    from .plot import routing_counts
 
     out = Path(args.output_dir)
     summaries, histories = {}, {}
@@ -48,9 +48,8 @@ def run_demo(args) -> int:
     from ..train import load_trained
     task = get_task("pydoc/topics")
     model, tok, _ = load_trained(str(out / "molex"), None, task.head, task.num_labels)
-    counts = routing_counts(model, tok, task, task.load("eval", max_samples=args.max_eval_samples))
-    pictures.append(routing_heatmap(counts.numpy(), model.method.layers, out / "routing.png",
-                                    title="MoLEx layer choice, pydoc/topics"))
+    summary = routing.record(model, tok, task, task.load("eval", max_samples=args.max_eval_samples))
+    pictures.append(routing.draw(model, summary, out / "routing.png", title="MoLEx layer choice, pydoc/topics"))
 
     print("\n" + "method".ljust(14) + "accuracy  trainable params  train s")
     for method, s in summaries.items():

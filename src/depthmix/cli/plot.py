@@ -25,48 +25,20 @@ def register(sub) -> None:
     lo.set_defaults(func=run_loss)
 
 
-def route(model, tokenizer, task, rows, batch_size=32) -> None:
-    """Run a task's evaluation rows through the model with the method's routing statistics recorded."""
-    method = model.method
-    method.reset_stats()
-    was, method.recording = method.recording, True
-    try:
-        task.evaluate(model, tokenizer, rows, batch_size=batch_size, progress=False)
-    finally:
-        method.recording = was
-
-
-def routing_counts(model, tokenizer, task, rows, batch_size=32):
-    """The [mixed layers, layers] choice counts of a MoLEx model on a task's rows."""
-    route(model, tokenizer, task, rows, batch_size)
-    return model.method.counts.clone()
-
-
 def run_routing(args) -> int:
     from ..data.tasks import get_task
     from ..io import read_json, write_json
+    from ..evaluation import routing
     from ..model import CONFIG_NAME
-    from ..plots import layer_weights, routing_heatmap
     from ..train import load_trained
     info = read_json(Path(args.adapter) / CONFIG_NAME).get("info", {})
     task = get_task(args.task or info.get("task") or "")
     model, tokenizer, _ = load_trained(args.adapter, None, task.head, task.num_labels)
-    kind = model.method_config.method if model.method_config is not None else "lora"
-    if kind not in ("molex", "mode"):
-        raise ConfigError(f"{args.adapter}: routing pictures are drawn for MoLEx and MoDE adapters, not {kind}")
     rows = task.load("eval", args.data_dir, args.max_samples, 0)
     out = Path(args.output or Path(args.adapter) / f"routing-{task.name.replace('/', '_')}.png")
-    method = model.method
-    route(model, tokenizer, task, rows, args.batch_size)
-    if kind == "molex":
-        routing_heatmap(method.counts.numpy(), method.layers, out, title=f"MoLEx layer choice, {task.name}")
-        record = {"counts": method.counts.tolist()}
-    else:
-        record = {"mean_weights": method.mean_weights(), "weight_std": method.weight_std(),
-                  "tokens": method.weight_count}
-        layer_weights({Path(args.adapter).name: (record["mean_weights"], record["weight_std"])}, method.layers, out,
-                      title=f"MoDE routing weights, {task.name} (± std over tokens)")
-    write_json(out.with_suffix(".json"), {"task": task.name, "method": kind, "layers": method.layers, **record})
+    summary = routing.record(model, tokenizer, task, rows, args.batch_size)
+    routing.draw(model, summary, out, f"{model.method.routing_title}, {task.name}", label=Path(args.adapter).name)
+    write_json(out.with_suffix(".json"), {"task": task.name, **summary})
     print(f"wrote {out}")
     return 0
 

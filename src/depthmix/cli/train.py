@@ -120,8 +120,8 @@ def run_eval(args) -> int:
     task = get_task(task_name)
     model, tokenizer, info = load_trained(args.adapter, args.model, task.head, task.num_labels)
     if args.routing:
-        if not hasattr(model.method, "routing"):
-            raise ConfigError(f"--routing is for MoD adapters; {args.adapter} is not one")
+        if model.method is None or not model.method.routings:
+            raise ConfigError(f"--routing is for MoD adapters (with routing modes); {args.adapter} is not one")
         model.method.routing = args.routing
     if model.method is not None:
         model.method.reset_stats()

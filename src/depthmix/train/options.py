@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..tuners import METHODS
 
-METHOD_NAMES = ("lora", "molex", "mod", "mode")
+METHOD_NAMES = ("lora", *METHODS)  # LoRA alone, or a registered method
 
 
 @dataclass

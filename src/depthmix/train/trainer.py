@@ -16,12 +16,15 @@ from ..data.tasks import get_task
 from ..model import CONFIG_NAME, DepthMixModel, apply
 from ..models import load_model, load_tokenizer
 from ..registry import resolve
+from ..tuners import METHODS
 from .options import TrainOptions
 from .preflight import method_config, preflight
 from .runs import RunLock, begin, run_record
 
-# Gates, routers and alpha learn faster than LoRA weights (docs/design.md §1: 0.1 in the public MoLEx GLUE runs).
-ROUTER_LR = {"molex": 1e-2, "mod": 1e-3, "mode": 1e-3}
+
+def _default_router_lr(method: str) -> float | None:
+    """Each method's config says how fast its routers, gates or norms learn by default (None for LoRA alone)."""
+    return METHODS[method][0].router_lr if method in METHODS else None
 
 
 class DepthMixTrainer(Trainer):
@@ -140,7 +143,7 @@ def _train(opts: TrainOptions, task, args: TrainingArguments, resume: str | None
     train_ds = task.encode(train_rows, tokenizer, opts.max_length)
 
     trainer = DepthMixTrainer(model=model, args=args, train_dataset=train_ds, data_collator=task.collator(tokenizer),
-                              processing_class=tokenizer, router_lr=opts.router_lr or ROUTER_LR.get(opts.method),
+                              processing_class=tokenizer, router_lr=opts.router_lr or _default_router_lr(opts.method),
                               router_weight_decay=opts.router_weight_decay,
                               retrofit_loss=opts.retrofit_loss)
     start = time.time()

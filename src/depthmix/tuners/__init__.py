@@ -1,8 +1,7 @@
-"""One folder per method: its config, its layer-level code and its model-level wiring."""
-from .mode import MoDE, MoDEConfig
+"""One folder per method: its config, its layer-level code and its model-level wiring; each registers itself."""
+from .base import METHODS, register
 from .mod import MoD, MoDConfig
+from .mode import MoDE, MoDEConfig
 from .molex import MoLEx, MoLExConfig
 
-METHODS = {"molex": (MoLExConfig, MoLEx), "mode": (MoDEConfig, MoDE), "mod": (MoDConfig, MoD)}
-
-__all__ = ["METHODS", "MoLExConfig", "MoDEConfig", "MoDConfig"]
+__all__ = ["METHODS", "register", "MoLExConfig", "MoDEConfig", "MoDConfig"]

@@ -7,13 +7,25 @@ import torch
 from torch import nn
 
 from ..blocks import restore_class, swap_class
+from ..config import ConfigError
 from ..registry import Arch
+
+
+METHODS: dict[str, tuple[type, type]] = {}  # name -> (config class, Method subclass), filled by register()
+
+
+def register(config_cls: type, method_cls: type) -> None:
+    """Make a method known to apply(), adapter loading, the CLI and the trainer: one call, in its own package."""
+    METHODS[config_cls.method] = (config_cls, method_cls)
 
 
 class Method(nn.Module):
     """Model-level wiring of one method. Its parameters (routers, gates, norms) live here, in float32."""
 
     supports_cache = True  # False: generate() must recompute the whole sequence at each step
+    routings: tuple[str, ...] = ()  # routing modes a user may choose between (MoD's), empty for the others
+    draws_routing = False  # True: routing_record() and draw_routing() summarise what the routers learned
+    recording = False  # routing statistics are gathered while True
 
     def __init__(self, config, arch: Arch):
         super().__init__()
@@ -76,6 +88,10 @@ class Method(nn.Module):
         """Context entered around generate() (kwargs: generate's); e.g. MoD switches to causal routing."""
         return contextlib.nullcontext()
 
+    def routing_mode(self, value: str):
+        """A context in which forwards use the routing mode `value` (a method with `routings` overrides this)."""
+        raise ConfigError(f"{type(self).__name__} has no routing modes to choose from (asked for {value!r})")
+
     def eval_routing(self) -> str:
         """What routing a forward outside training uses, recorded in every metrics file (MoD: "causal", or
         "topk-lookahead" where a study asked for it); "n/a" for a method without token routing."""
@@ -83,6 +99,16 @@ class Method(nn.Module):
 
     def reset_stats(self) -> None:
         """Forget the routing statistics gathered so far (before an evaluation, say)."""
+
+    def routing_record(self) -> dict:
+        """The routing statistics gathered since reset_stats(), as JSON-ready lists (methods with draws_routing)."""
+        raise NotImplementedError
+
+    routing_title = ""  # what the routing picture shows
+
+    def draw_routing(self, record: dict, out, title: str, label: str = ""):
+        """Draw routing_record()'s statistics as a PNG at `out` (label: the run's name); returns its path."""
+        raise NotImplementedError
 
     def extra_state(self) -> dict:
         """Method-specific summaries a trainer may log (realized capacity, routing counts...)."""

@@ -1,4 +1,7 @@
+from ..base import register
 from .config import MoDConfig
 from .model import MoD
+
+register(MoDConfig, MoD)
 
 __all__ = ["MoDConfig", "MoD"]

@@ -18,6 +18,8 @@ class MoDE(Method):
     """Ensembles blocks T-k .. T-1. Parameters: norms[i] for block T-k+i (i < k-1; the final block keeps the
     model's own frozen final norm) and the router, all float32."""
 
+    draws_routing = True
+    routing_title = "MoDE routing weights (± std over tokens)"
     compact_on_cpu = True  # False: the accelerator's sync-free path (every row, masked) on a CPU too
 
     def __init__(self, config, arch, hidden_size: int):
@@ -148,6 +150,14 @@ class MoDE(Method):
         if self.config.router == "static":
             return self.router_logits.detach().softmax(-1).tolist()
         return self.router.bias.detach().softmax(-1).tolist()
+
+    def routing_record(self) -> dict:
+        return {"mean_weights": self.mean_weights(), "weight_std": self.weight_std(), "tokens": self.weight_count}
+
+    def draw_routing(self, record: dict, out, title: str, label: str = ""):
+        from ...plots import layer_weights
+        return layer_weights({label or "MoDE": (record["mean_weights"], record["weight_std"])}, self.layers, out,
+                             title=title)
 
     def extra_state(self) -> dict:
         state = {f"weight/{t}": w for t, w in zip(self.layers, self.mean_weights())}

@@ -1,4 +1,7 @@
+from ..base import register
 from .config import MoLExConfig
 from .model import MoLEx
+
+register(MoLExConfig, MoLEx)
 
 __all__ = ["MoLExConfig", "MoLEx"]

@@ -26,6 +26,7 @@ class MoLExConfig(MethodConfig):
     """
 
     method = "molex"
+    router_lr = 1e-2  # gates and alpha learn faster than LoRA (0.1 in the authors' GLUE scripts)
     alpha: float = 0.5
     learn_alpha: bool = True
     routing: str = "sequence"

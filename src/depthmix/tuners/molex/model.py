@@ -16,6 +16,9 @@ from .layer import MoLExBlock, balance_loss, route
 
 
 class MoLEx(Method):
+    draws_routing = True
+    routing_title = "MoLEx layer choice"
+
     def __init__(self, config, arch, hidden_size: int):
         super().__init__(config, arch)
         num = arch.num_layers
@@ -30,7 +33,6 @@ class MoLEx(Method):
         # Token routing in a causal LM: a later token may pick an expert whose keys/values for the earlier
         # tokens were never computed, so decoding recomputes the sequence instead of caching.
         self.supports_cache = not (arch.causal and config.routing == "token")
-        self.recording = False
         self._generating, self._generate_prompt = False, None  # see generating()
         self.counts = torch.zeros(len(self.layers), num, dtype=torch.long)
         for i, t in enumerate(self.layers):
@@ -187,6 +189,13 @@ class MoLEx(Method):
 
     def reset_stats(self) -> None:
         self.counts.zero_()
+
+    def routing_record(self) -> dict:
+        return {"counts": self.counts.tolist()}
+
+    def draw_routing(self, record: dict, out, title: str, label: str = ""):
+        from ...plots import routing_heatmap
+        return routing_heatmap(torch.tensor(record["counts"]).numpy(), self.layers, out, title=title)
 
     def extra_state(self) -> dict:
         return {f"alpha/{t}": self.alpha(i).item() for i, t in enumerate(self.layers)}
