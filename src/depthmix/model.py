@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import os
 from pathlib import Path
@@ -392,14 +391,11 @@ def _with_signature(fn, signature):
 
 
 def _lora_to_dict(lora) -> dict | None:
-    if lora is None:
-        return None
-    return {f.name: getattr(lora, f.name) for f in dataclasses.fields(lora) if f.name not in ("runtime_config",)}
+    return None if lora is None else lora.to_dict()  # JSON-ready once io.write_json turns its sets and enums
 
 
 def _lora_from_dict(data: dict | None):
     if data is None:
         return None
     from peft import LoraConfig
-    names = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
-    return LoraConfig(**{k: v for k, v in data.items() if k in names})
+    return LoraConfig.from_peft_type(**{"peft_type": "LORA", **data})
