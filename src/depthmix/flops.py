@@ -6,6 +6,8 @@ import math
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
+from .runtime import evaluating
+
 aten = torch.ops.aten
 
 
@@ -40,16 +42,11 @@ def forward_flops(model, batch: int, seq_len: int, routing: str | None = None, s
         ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=g)
     ids = ids.to(device)
     method = getattr(model, "method", None)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if routing and method is not None and method.routings:
-                with method.routing_mode(routing):
-                    return count(lambda: model(input_ids=ids, use_cache=False))
-            return count(lambda: model(input_ids=ids, use_cache=False))
-    finally:
-        model.train(was)
+    with evaluating(model), torch.no_grad():
+        if routing and method is not None and method.routings:
+            with method.routing_mode(routing):
+                return count(lambda: model(input_ids=ids, use_cache=False))
+        return count(lambda: model(input_ids=ids, use_cache=False))
 
 
 def block_shape(config) -> dict:

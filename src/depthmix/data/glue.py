@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..runtime import device_of, evaluating
 from .tasks import DataError, Task, check_table, data_root, find_file, register, subsample
 
 
@@ -113,15 +114,13 @@ class GlueTask(Task):
     def predict(self, model, tokenizer, rows, batch_size=32, max_length=256, progress=True):
         enc = self.encode(rows, tokenizer, max_length).remove_columns(["labels"])
         collate = self.collator(tokenizer)
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
+        device = device_of(model)
         preds = []
-        for start in tqdm(range(0, len(enc), batch_size), desc=f"eval {self.name}", disable=not progress):
-            batch = collate([enc[i] for i in range(start, min(start + batch_size, len(enc)))])
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
-            preds.append(logits.squeeze(-1) if self.num_labels == 1 else logits.argmax(-1))
-        model.train(was_training)
+        with evaluating(model):
+            for start in tqdm(range(0, len(enc), batch_size), desc=f"eval {self.name}", disable=not progress):
+                batch = collate([enc[i] for i in range(start, min(start + batch_size, len(enc)))])
+                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+                preds.append(logits.squeeze(-1) if self.num_labels == 1 else logits.argmax(-1))
         return torch.cat(preds).cpu().numpy()
 
     def evaluate(self, model, tokenizer, rows, batch_size=32, max_length=256, progress=True, **kw):

@@ -11,6 +11,7 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
+from ...runtime import device_of, evaluating
 from ..tasks import DataError, Task, check_table, data_root, find_file, read_text, subsample
 
 log = logging.getLogger(__name__)
@@ -214,24 +215,6 @@ def left_pad(seqs: list[list[int]], pad_id: int, device):
     return ids.to(device), mask.to(device)
 
 
-def device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-class eval_mode:
-    """model.eval() inside, the previous training flag restored after."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.was = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was)
-
-
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], batch_size: int = 8, max_length: int = 256,
              max_new_tokens: int = 256, progress: bool = True, desc: str = "generating") -> list[str]:
@@ -243,7 +226,7 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int = 8, max_leng
     texts: list[str] = [""] * len(ids)
     device = device_of(model)
     pad = tokenizer.pad_token_id
-    with eval_mode(model):
+    with evaluating(model):
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
             chunk = order[start:start + batch_size]
             input_ids, mask = left_pad([ids[i] for i in chunk], pad, device)
@@ -283,7 +266,7 @@ def loglik(model, tokenizer, prompts: list[str], continuations: list[str], batch
     keep_arg, prompt_arg = "logits_to_keep" in params, "prompt_mask" in params
     vocab = model.get_output_embeddings().weight.shape[0]
     results: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
-    with eval_mode(model):
+    with evaluating(model):
         bar = tqdm(total=len(seqs), desc=desc, disable=not progress)
         start = 0
         while start < len(order):

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..tasks import DataError, Task, read_text, register
-from .common import LOGITS_BUDGET, CausalCollator, device_of, eval_mode, hub, locate
+from ...runtime import device_of, evaluating
+from .common import LOGITS_BUDGET, CausalCollator, hub, locate
 
 HEADING = re.compile(r"^ = [^=].* = $")
 
@@ -112,7 +113,7 @@ def perplexity(model, seqs: list[list[int]], pad_id: int, batch_size: int = 32, 
     vocab = model.get_output_embeddings().weight.shape[0]
     rows = max(1, min(batch_size, LOGITS_BUDGET // (max(map(len, seqs)) * vocab)))
     total, count = 0.0, 0
-    with eval_mode(model):
+    with evaluating(model):
         for start in tqdm(range(0, len(seqs), rows), desc=desc, disable=not progress):
             chunk = seqs[start:start + rows]
             n = max(map(len, chunk))
