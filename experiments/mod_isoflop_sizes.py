@@ -34,7 +34,7 @@ that edge is run for both families and every seed (at most --extend = 2 rungs pe
 still on the edge after that is reported as "not bracketed".
 Controls (--controls 1x32,1x48): dense shapes outside the ladder, run into <out>/controls/; one block is about the
 cost per step of MoD-L2 (whose routed block is nearly skipped), the control the first study needed. The JSON's
-"controls" pairs MoD's best size per seed with the best dense model of ladder + controls. The 1e12 results ran
+"controls" pairs MoD's best size per seed with the best dense model of ladder + controls. The 1e12 results:
     OMP_NUM_THREADS=1 nice -n 10 python experiments/mod_isoflop_sizes.py --budgets 1e12 --controls 1x32,1x48
 
 Analysis, per corpus and budget: the isoFLOP curve of each family (held-out loss vs non-embedding parameters,
