@@ -221,6 +221,23 @@ def mod_mc(runs, tok, args):
         runs.put(name, rec)
 
 
+def diagnose(runs, data, names, args):
+    """What limits a MoD point: its NLL with top-k-lookahead routing (no predictor errors; sees the future) and,
+    with the same blocks and capacity, untrained (zero) routers under top-k-lookahead (what tuning bought)."""
+    for name in names:
+        rec = runs.get(name)
+        if rec is None or "nll_topk_lookahead" in rec:
+            continue
+        model = depthmix.DepthMixModel.from_pretrained(load_model(args.model), runs.root / name).eval()
+        with model.method.routing_mode("topk-lookahead"):
+            rec["nll_topk_lookahead"] = nll(model, data)["nll"]
+        config = dataclasses.replace(model.method_config)
+        zero = depthmix.apply(load_model(args.model), config).eval()
+        with zero.method.routing_mode("topk-lookahead"):
+            rec["nll_untrained_topk_lookahead"] = nll(zero, data)["nll"]
+        runs.put(name, rec)
+
+
 def settings(args):
     skips = [s for s in args.skips if s == "block" or has_skip()]
     if len(skips) < len(args.skips):
@@ -255,7 +272,8 @@ def record(runs, args, todo):
     }
 
 
-DETAIL_KEYS = ("choice", "tuning", "tuning_seconds", "decode_spread", "timing", "realized_capacity_decode", "tokens")
+DETAIL_KEYS = ("choice", "tuning", "tuning_seconds", "decode_spread", "timing", "realized_capacity_decode", "tokens",
+               "nll_topk_lookahead", "nll_untrained_topk_lookahead")
 
 
 def table(rec) -> str:
@@ -339,6 +357,8 @@ def parse():
     p.add_argument("--budget", type=float, default=20.0, help="seconds of further decode rounds while the IQR is wide")
     p.add_argument("--mc", action="store_true", help="multiple-choice accuracy (dense, layer drop, best MoD)")
     p.add_argument("--mc-samples", type=int, default=100)
+    p.add_argument("--diagnose", nargs="+", default=[], help="MoD point names: also their top-k-lookahead NLL, "
+                   "tuned and untrained")
     p.add_argument("--max-points", type=int, default=100, help="stop after this many new MoD points")
     p.add_argument("--table", action="store_true", help="print the Markdown table of --out and stop")
     return p.parse_args()
@@ -367,6 +387,7 @@ def main():
         write(runs, args, todo)
     if args.mc:
         mod_mc(runs, tok, args)
+    diagnose(runs, data, args.diagnose, args)
     write(runs, args, todo)
 
 
