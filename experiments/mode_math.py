@@ -105,26 +105,15 @@ def run(args, folder: Path, seed: int, flags: list[str], splits: dict, nll_split
 
 def gold_nll(folder: Path, split_dir: Path, file: Path) -> None:
     """Mean NLL per token of the gold worked answers (prompt masked, teacher forced, eval mode: no lookahead)."""
-    import torch
-
     from depthmix.data.tasks import get_task
     from depthmix.io import write_json
     from depthmix.train import load_trained
     model, tokenizer, _ = load_trained(str(folder))
-    model.eval()
     task = get_task("singleeq")
-    enc = task.encode(task.load("train", str(split_dir)), tokenizer, 256)
-    collate = task.collator(tokenizer)
-    total, count, start = 0.0, 0, time.time()
-    with torch.no_grad():
-        for i in range(0, len(enc), 16):
-            batch = collate([enc[j] for j in range(i, min(i + 16, len(enc)))])
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total += model(**batch).loss.item() * n
-            count += n
-    write_json(file, {"gold_nll": total / count, "tokens": count, "rows": len(enc), "split": split_dir.name,
-                      "seconds": round(time.time() - start, 1)})
-    print(f"{folder.name}: gold NLL {total / count:.4f} on {split_dir.name}", flush=True)
+    start = time.time()
+    result = task.response_nll(model, tokenizer, task.load("train", str(split_dir)), 256)
+    write_json(file, {**result, "split": split_dir.name, "seconds": round(time.time() - start, 1)})
+    print(f"{folder.name}: gold NLL {result['gold_nll']:.4f} on {split_dir.name}", flush=True)
 
 
 def sweep(args, out: Path, splits: dict) -> dict:

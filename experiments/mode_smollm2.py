@@ -102,33 +102,21 @@ def gold_nll(run: Path, data_dir: str) -> None:
         return
     import time
 
-    import torch
-
     from depthmix.data.tasks import get_task
     from depthmix.io import read_json, write_json
     from depthmix.models import load_model, load_tokenizer
     from depthmix.train import load_trained
     task_name = read_json(run / "metrics.json")["task"]
-    max_length = setting(task_name, "--max-length")
     task = get_task(task_name)
     if (run / "depthmix_config.json").exists():
         model, tokenizer, _ = load_trained(str(run))
     else:
         model, tokenizer = load_model(MODEL), load_tokenizer(MODEL)
-    model.eval()
     rows = task.load("eval", data_dir, setting(task_name, "--max-eval-samples"), 0)
-    enc = task.encode(rows, tokenizer, max_length)
-    collate = task.collator(tokenizer)
-    total, count, start = 0.0, 0, time.time()
-    with torch.no_grad():
-        for i in range(0, len(enc), 16):
-            batch = collate([enc[j] for j in range(i, min(i + 16, len(enc)))])
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total += model(**batch).loss.item() * n
-            count += n
-    write_json(run / "nll.json", {"gold_nll": total / count, "tokens": count, "rows": len(enc),
-                                  "seconds": round(time.time() - start, 1)})
-    print(f"{run.name}: gold NLL {total / count:.4f}", flush=True)
+    start = time.time()
+    result = task.response_nll(model, tokenizer, rows, setting(task_name, "--max-length"))
+    write_json(run / "nll.json", {**result, "seconds": round(time.time() - start, 1)})
+    print(f"{run.name}: gold NLL {result['gold_nll']:.4f}", flush=True)
 
 
 def _stats(values):

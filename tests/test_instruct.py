@@ -317,3 +317,20 @@ def test_mode_routing_weights_are_drawn_from_the_command_line(tmp_path, tok, lm)
     assert record["method"] == "mode" and len(record["layers"]) == 2 and record["tokens"] > 0
     assert abs(sum(record["mean_weights"]) - 1) < 1e-6
     assert (out / "routing-arc-easy.png").stat().st_size > 1000
+
+
+def test_response_nll_is_the_mean_over_response_tokens_of_all_batches(tmp_path, tok, lm):
+    import torch.nn.functional as F
+    write(tmp_path, "gsm8k/train.jsonl", GSM)
+    task = get_task("gsm8k")
+    rows = task.load("train", str(tmp_path))
+    got = task.response_nll(lm, tok, rows, 256, batch_size=1)  # one row per batch: the mean must weigh tokens
+    total = count = 0
+    for e in task.encode(rows, tok, 256):
+        ids, labels = torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]])
+        logits = lm(input_ids=ids).logits[0, :-1]
+        keep = labels[0, 1:] != -100
+        total += float(F.cross_entropy(logits[keep], labels[0, 1:][keep], reduction="sum"))
+        count += int(keep.sum())
+    assert got["tokens"] == count and got["rows"] == len(rows)
+    assert abs(got["gold_nll"] - total / count) < 1e-4

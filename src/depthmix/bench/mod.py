@@ -66,25 +66,14 @@ def decode_ceiling(mod, realized: float | None) -> dict:
             "blocks": round(n / (n - (1 - c) * r), 4)}
 
 
-@torch.no_grad()
 def score(model, blocks, routing=None, batch=4):
     """Mean held-out NLL; for MoD also its routing statistics in the given mode."""
-    import torch.nn.functional as F
+    from ..data.instruct.text import perplexity
     method = getattr(model, "method", None)
     if method is not None:
         method.reset_stats()
-    total = count = 0
-    model.eval()
-    for i in range(0, len(blocks), batch):
-        ids = blocks[i:i + batch].to(next(model.parameters()).device)
-        if method is not None:
-            with method.routing_mode(routing):
-                logits = model(input_ids=ids, use_cache=False).logits
-        else:
-            logits = model(input_ids=ids, use_cache=False).logits
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
-        count += ids[:, 1:].numel()
-    return {"nll": total / count, **(method.extra_state() if method is not None else {})}
+    out = perplexity(model, blocks.tolist(), 0, batch, progress=False, routing=routing)
+    return {"nll": out["nll"], **(method.extra_state() if method is not None else {})}
 
 
 def run(args) -> dict:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import datasets
 import torch
-import torch.nn.functional as F
 
 from .. import flops as flop_count
 from .. import io
 from ..config import ConfigError
+from ..data.instruct.text import perplexity
 from ..model import apply
 from .options import checked_type
 
@@ -171,34 +171,13 @@ def build(opts: PretrainOptions, vocab: int):
     return model
 
 
-@torch.no_grad()
 def heldout_loss(model, blocks: torch.Tensor, batch_size: int, routing: str | None = None) -> dict:
     """Mean next-token NLL over held-out blocks; MoD in the given routing mode, with its routing statistics."""
     method = model.method
-    model.eval()
     if method is not None:
         method.reset_stats()
-    total, count = 0.0, 0
-    ctx = method.routing_mode(routing) if method is not None and routing else _null()
-    with ctx:
-        for start in range(0, len(blocks), batch_size):
-            ids = blocks[start:start + batch_size].to(next(model.parameters()).device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                           reduction="sum"))
-            count += ids[:, 1:].numel()
-    out = {"loss": total / count}
-    if method is not None:
-        out.update(method.extra_state())
-    return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+    out = perplexity(model, blocks.tolist(), 0, batch_size, progress=False, routing=routing)
+    return {"loss": out["nll"], **(method.extra_state() if method is not None else {})}
 
 
 def heldout_forward_flops(model, blocks: torch.Tensor) -> dict:

@@ -107,8 +107,13 @@ class TextLM(Task):
 
 @torch.no_grad()
 def perplexity(model, seqs: list[list[int]], pad_id: int, batch_size: int = 32, progress: bool = True,
-               desc: str = "perplexity") -> dict[str, float]:
-    """exp(mean NLL) over every predicted token of every sequence (right-padded batches)."""
+               desc: str = "perplexity", routing: str | None = None) -> dict[str, float]:
+    """exp(mean NLL) over every predicted token of every sequence (right-padded batches); routing: a routing mode
+    of the model's method (MoD's "causal", "topk-lookahead"), None for its default outside training."""
+    method = getattr(model, "method", None)
+    if routing is not None and method is not None:
+        with method.routing_mode(routing):
+            return perplexity(model, seqs, pad_id, batch_size, progress, desc)
     device = device_of(model)
     vocab = model.get_output_embeddings().weight.shape[0]
     rows = max(1, min(batch_size, LOGITS_BUDGET // (max(map(len, seqs)) * vocab)))
@@ -119,7 +124,7 @@ def perplexity(model, seqs: list[list[int]], pad_id: int, batch_size: int = 32, 
             n = max(map(len, chunk))
             ids = torch.tensor([s + [pad_id] * (n - len(s)) for s in chunk], device=device)
             mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in chunk], device=device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
             keep = mask[:, 1:].bool()
             total += float(nll[keep].sum())
