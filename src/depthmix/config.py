@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import yaml
+
 
 class ConfigError(ValueError):
     pass
@@ -69,3 +71,13 @@ def pick_layers(value, num_layers: int, field: str) -> list[int]:
     if bad:
         raise ConfigError(f"{field}: layer indices {bad} out of range for a model with {num_layers} layers")
     return sorted(set(int(i) for i in value))
+
+
+def parse_value(text: str):
+    """'0.5' -> 0.5, 'true' -> True, '1,3,5' -> [1, 3, 5], 'every_other' -> 'every_other'."""
+    if "," in text and not text.strip().startswith("["):
+        return [parse_value(part) for part in text.split(",") if part]
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text

@@ -78,7 +78,7 @@ def score(model, blocks, routing=None, batch=4):
 
 def run(args) -> dict:
     from .. import flops
-    from ..cli.flags import parse_value
+    from ..config import parse_value
     from ..models import load_tokenizer
     torch.manual_seed(0)
     dev = args.device

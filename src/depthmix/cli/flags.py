@@ -6,19 +6,8 @@ import dataclasses
 import inspect
 import re
 
-import yaml
 
-from ..config import ConfigError
-
-
-def parse_value(text: str):
-    """'0.5' -> 0.5, 'true' -> True, '1,3,5' -> [1, 3, 5], 'every_other' -> 'every_other'."""
-    if "," in text and not text.strip().startswith("["):
-        return [parse_value(part) for part in text.split(",") if part]
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+from ..config import ConfigError, parse_value
 
 
 def _kind(annotation: str):
