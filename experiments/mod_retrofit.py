@@ -81,7 +81,7 @@ def nll(model, data):
     if method is not None:
         method.reset_stats()
     out = perplexity(model, data["eval"], data["pad"], batch_size=4, progress=False)
-    state = method.extra_state() if method is not None else {}
+    state = method.summary() if method is not None else {}
     return {"nll": round(out["nll"], 4), "tokens": int(out["tokens"]),
             "realized_capacity": state.get("realized_capacity"), "predictor_accuracy": state.get("predictor_accuracy")}
 
@@ -115,7 +115,7 @@ def decode(dense, model, data, args):
                                warmup=1, progress=False, pairs=[(step("dense"), step("other"))],
                                budget_s=args.budget)
     spread = rounds.ratio(step("dense"), step("other"))
-    state = method.extra_state() if method is not None else {}
+    state = method.summary() if method is not None else {}
     return {"decode_speedup": spread["median"], "decode_spread": spread, "timing": rounds.stopped,
             "realized_capacity_decode": state.get("realized_capacity")}
 

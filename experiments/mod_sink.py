@@ -41,7 +41,7 @@ def heldout_nll(model, tokenizer, rows, max_length) -> dict:
     metrics = get_task(TASK).evaluate(model, tokenizer, rows, max_length=max_length, progress=False)
     if method is not None:
         metrics["routing"] = method.eval_routing()
-        metrics["realized_capacity"] = method.extra_state().get("realized_capacity")
+        metrics["realized_capacity"] = method.summary().get("realized_capacity")
     metrics["seconds"] = round(time.time() - start, 1)
     print(json.dumps(metrics), flush=True)
     return metrics

@@ -85,7 +85,7 @@ def test_causal_mode_never_sees_the_future(family):
     dm = mod(family)
     ids, mask = batch(family, b=2, s=12)
     base = logits(dm, ids, mask, "causal")
-    assert 0 < dm.method.extra_state()["realized_capacity"] < 1  # some tokens go around the blocks, some not
+    assert 0 < dm.method.summary()["realized_capacity"] < 1  # some tokens go around the blocks, some not
     topk_changed = False
     for p in (4, 8, 11):
         other = ids.clone()

@@ -69,7 +69,7 @@ def test_eval_routing_of_a_sublayer_never_sees_the_future(family, skip):
     ids, mask = batch(family, b=3, s=12)
     with torch.no_grad():
         base = dm(**inputs(ids, mask), use_cache=False).logits
-        assert 0 < dm.method.extra_state()["realized_capacity"] < 1
+        assert 0 < dm.method.summary()["realized_capacity"] < 1
         for t in (4, 8):
             other = ids.clone()
             other[:, t + 1:] = (other[:, t + 1:] + 7) % 60 + 3
@@ -87,7 +87,7 @@ def test_cached_generate_of_a_routed_sublayer_equals_uncached(family, skip, upda
     ids, mask = batch(family, b=3, s=8)
     dm.method.reset_stats()
     cached = generate(dm, ids, mask)
-    assert 0 < dm.method.extra_state()["realized_capacity"] < 1  # tokens did skip the sub-layers
+    assert 0 < dm.method.summary()["realized_capacity"] < 1  # tokens did skip the sub-layers
     assert torch.equal(cached, generate(dm, ids, mask, use_cache=False))
 
 

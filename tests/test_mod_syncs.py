@@ -25,7 +25,7 @@ def test_training_step_adds_no_host_sync_to_the_dense_model(skip, update, capaci
     dm = depthmix.apply(tiny("llama"), config, lora=lora).train()
     assert count_syncs(step(dm)) - dense == {}
     assert dm.method.stats[:, 0].sum() > 0  # the step did route (statistics kept, on the device)
-    state = dm.method.extra_state()  # read only when asked
+    state = dm.method.summary()  # read only when asked
     assert 0 < state["realized_capacity"] <= 1
 
 

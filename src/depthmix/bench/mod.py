@@ -73,7 +73,7 @@ def score(model, blocks, routing=None, batch=4):
     if method is not None:
         method.reset_stats()
     out = perplexity(model, blocks.tolist(), 0, batch, progress=False, routing=routing)
-    return {"nll": out["nll"], **(method.extra_state() if method is not None else {})}
+    return {"nll": out["nll"], **(method.summary() if method is not None else {})}
 
 
 def run(args) -> dict:
@@ -168,7 +168,7 @@ def run(args) -> dict:
                              "dense_first": first(dense), "mod_first": first(mod)}, args.repeats, warmup=1,
                             device=dev, pairs=[(step_seconds("dense"), step_seconds("mod")), ("dense", "mod")],
                             budget_s=args.budget)
-    realized_decode = mod.method.extra_state().get("realized_capacity")
+    realized_decode = mod.method.summary().get("realized_capacity")
     spreads = {"forward_time_ratio": fwd.ratio("mod", "dense"), "train_step_time_ratio": trn.ratio("mod", "dense"),
                "decode_tokens_per_s_ratio": dec.ratio(step_seconds("dense"), step_seconds("mod")),
                "generate_tokens_per_s_ratio": dec.ratio("dense", "mod")}

@@ -51,7 +51,7 @@ def run(args) -> int:
     for routing in ("topk", "causal"):
         mod.method.reset_stats()
         counted[f"mod_{routing}"] = flops.forward_flops(mod, args.batch_size, args.seq_len, routing)
-    realized = mod.method.extra_state().get("realized_capacity")
+    realized = mod.method.summary().get("realized_capacity")
     est = flops.analytic(dense.config, args.seq_len, mod.method.layers, args.capacity, mod.arch.num_layers,
                          dense.config.vocab_size, predictor=args.causal == "predictor")
     result = {

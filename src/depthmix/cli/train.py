@@ -129,7 +129,7 @@ def run_eval(args) -> int:
     kw = {k: getattr(args, k) for k in ("mode", "max_new_tokens") if getattr(args, k, None) is not None}
     metrics = task.evaluate(model, tokenizer, rows, batch_size=args.batch_size, max_length=args.max_length, **kw)
     out = Path(args.output or Path(args.adapter) / f"eval-{task_name.replace('/', '_')}.json")
-    state = model.method.extra_state() if model.method is not None else {}
+    state = model.method.summary() if model.method is not None else {}
     kw["routing"] = model.method.eval_routing() if model.method is not None else "n/a"
     write_json(out, {"task": task_name, "adapter": str(args.adapter), "examples": len(rows), **kw, "metrics": metrics,
                      "method_state": state})

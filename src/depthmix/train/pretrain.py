@@ -177,7 +177,7 @@ def heldout_loss(model, blocks: torch.Tensor, batch_size: int, routing: str | No
     if method is not None:
         method.reset_stats()
     out = perplexity(model, blocks.tolist(), 0, batch_size, progress=False, routing=routing)
-    return {"loss": out["nll"], **(method.extra_state() if method is not None else {})}
+    return {"loss": out["nll"], **(method.summary() if method is not None else {})}
 
 
 def heldout_forward_flops(model, blocks: torch.Tensor) -> dict:

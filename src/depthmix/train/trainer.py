@@ -165,7 +165,7 @@ def _train(opts: TrainOptions, task, args: TrainingArguments, resume: str | None
         "task": opts.task, "method": opts.method, "model": opts.model, "seed": opts.seed, "lora": opts.lora,
         "metrics": metrics, "train_loss": result.training_loss, "train_steps": result.global_step,
         "train_seconds": round(train_time, 1), "trainable_params": trainable, "total_params": total,
-        "method_state": model.method.extra_state() if model.method is not None else {},
+        "method_state": model.method.summary() if model.method is not None else {},
         "routing": model.method.eval_routing() if model.method is not None else "n/a",  # of the evaluation
         "options": vars(opts),
     }

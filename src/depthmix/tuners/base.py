@@ -110,7 +110,7 @@ class Method(nn.Module):
         """Draw routing_record()'s statistics as a PNG at `out` (label: the run's name); returns its path."""
         raise NotImplementedError
 
-    def extra_state(self) -> dict:
+    def summary(self) -> dict:
         """Method-specific summaries a trainer may log (realized capacity, routing counts...)."""
         return {}
 

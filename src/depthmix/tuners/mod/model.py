@@ -118,7 +118,7 @@ class MoD(Method):
         device = self.stats.device if hasattr(self, "stats") else None
         self.stats = torch.zeros(len(self.layers), 4, dtype=torch.float64, device=device)
 
-    def extra_state(self) -> dict:
+    def summary(self) -> dict:
         s = self.stats.cpu()  # the one read of the device-side counts
         out = {}
         for i, t in enumerate(self.layers):
@@ -354,7 +354,7 @@ class MoD(Method):
         return kw
 
     def _record(self, i, sel, valid, decide, topk):
-        """Statistics stay on the device (no host sync per step); extra_state() reads them when asked."""
+        """Statistics stay on the device (no host sync per step); summary() reads them when asked."""
         with torch.no_grad():
             if self.stats.device != sel.device:
                 self.stats = self.stats.to(sel.device)

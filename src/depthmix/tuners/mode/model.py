@@ -159,7 +159,7 @@ class MoDE(Method):
         return layer_weights({label or "MoDE": (record["mean_weights"], record["weight_std"])}, self.layers, out,
                              title=title)
 
-    def extra_state(self) -> dict:
+    def summary(self) -> dict:
         state = {f"weight/{t}": w for t, w in zip(self.layers, self.mean_weights())}
         state.update({f"weight_std/{t}": s for t, s in zip(self.layers, self.weight_std())})
         state["weight_tokens"] = self.weight_count

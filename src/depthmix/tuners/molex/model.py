@@ -197,5 +197,5 @@ class MoLEx(Method):
         from ...plots import routing_heatmap
         return routing_heatmap(torch.tensor(record["counts"]).numpy(), self.layers, out, title=title)
 
-    def extra_state(self) -> dict:
+    def summary(self) -> dict:
         return {f"alpha/{t}": self.alpha(i).item() for i, t in enumerate(self.layers)}
