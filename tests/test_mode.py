@@ -85,6 +85,15 @@ def naive_reference(dm, family, batch_inputs):
     return output, ce + method.config.distill_weight * kl, ens
 
 
+def assert_same_loss_and_gradients(dm, loss, ref_loss):
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    params = [p for _, p in trainable(dm)]
+    got = torch.autograd.grad(loss, params, retain_graph=True)
+    want = torch.autograd.grad(ref_loss, params)
+    for (name, _), a, b in zip(trainable(dm), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @causal
 @pytest.mark.parametrize("router", ["token", "static"])
 def test_gradients_reach_norms_router_and_adapter(family, router):
@@ -126,12 +135,7 @@ def test_chunked_loss_and_gradients_equal_the_naive_computation(family, router, 
     output, ref_loss, ref_logits = naive_reference(dm, family, batch_inputs)
     torch.testing.assert_close(output.logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert output.loss.item() > 0
-    torch.testing.assert_close(output.loss, ref_loss, rtol=1e-5, atol=1e-6)
-    params = [p for _, p in trainable(dm)]
-    got = torch.autograd.grad(output.loss, params, retain_graph=True)
-    want = torch.autograd.grad(ref_loss, params)
-    for (name, _), a, b in zip(trainable(dm), got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_loss_and_gradients(dm, output.loss, ref_loss)
 
 
 @causal
@@ -266,12 +270,7 @@ def test_sync_free_path_equals_the_naive_computation(family, head):
     dm.method.compact_on_cpu = False
     batch_inputs = inputs(*batch(family))
     output, ref_loss, _ = naive_reference(dm, family, batch_inputs)
-    torch.testing.assert_close(output.loss, ref_loss, rtol=1e-5, atol=1e-6)
-    params = [p for _, p in trainable(dm)]
-    got = torch.autograd.grad(output.loss, params, retain_graph=True)
-    want = torch.autograd.grad(ref_loss, params)
-    for (name, _), a, b in zip(trainable(dm), got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_loss_and_gradients(dm, output.loss, ref_loss)
 
 
 def test_training_step_adds_no_host_sync_to_the_dense_model():
