@@ -54,6 +54,15 @@ def inputs(ids, mask):  # left padding: positions count real tokens only, as gen
     return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
 
 
+def record_io(module) -> dict:
+    """A dict that each call of `module` fills with its input hidden state ("x") and its output ("out")."""
+    seen = {}
+    module.register_forward_pre_hook(lambda m, a, kw: seen.update(x=a[0] if a else kw["hidden_states"]) and None,
+                                     with_kwargs=True)
+    module.register_forward_hook(lambda m, a, kw, out: seen.update(out=out) and None, with_kwargs=True)
+    return seen
+
+
 def logits(dm, ids, mask, routing="topk-lookahead"):
     with torch.no_grad(), dm.method.routing_mode(routing):
         return dm(**inputs(ids, mask), use_cache=False).logits
@@ -146,10 +155,7 @@ def test_subset_keeps_true_positions(family):
     positions (RoPE for Llama, learned positions already added for GPT-2), causal among themselves."""
     dm = mod(family, capacity=0.4, layers=[1])
     block = dm.arch.blocks[1]
-    seen = {}
-    block.register_forward_pre_hook(lambda m, a, kw: seen.update(x=a[0] if a else kw["hidden_states"]) and None,
-                                    with_kwargs=True)
-    block.register_forward_hook(lambda m, a, kw, out: seen.update(out=out) and None, with_kwargs=True)
+    seen = record_io(block)
     ids = torch.randint(3, 60, (1, 15))
     logits(dm, ids, torch.ones_like(ids))
     x = seen["x"][0]

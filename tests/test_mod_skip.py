@@ -4,7 +4,7 @@ import torch
 
 import depthmix
 from conftest import CAUSAL, batch, tiny
-from test_mod import inputs, logits, mod
+from test_mod import inputs, logits, mod, record_io
 
 pytestmark = pytest.mark.parametrize("family", CAUSAL)
 SKIPS = ("block", "attention", "mlp")
@@ -39,10 +39,7 @@ def test_routed_sublayer_runs_on_the_selected_tokens_only(family, skip):
     positions, causal among themselves) times r, and 0 for every other token."""
     dm = mod(family, capacity=0.4, layers=[1], skip=skip)
     sub = dm.method.routed_module(0)
-    seen = {}
-    sub.register_forward_pre_hook(lambda m, a, kw: seen.update(x=a[0] if a else kw["hidden_states"]) and None,
-                                  with_kwargs=True)
-    sub.register_forward_hook(lambda m, a, kw, out: seen.update(out=out) and None, with_kwargs=True)
+    seen = record_io(sub)
     ids = torch.randint(3, 60, (1, 15))
     logits(dm, ids, torch.ones_like(ids))
     x = seen["x"][0]
