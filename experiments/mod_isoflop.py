@@ -60,7 +60,7 @@ def recount(run: Path, m: dict) -> dict:
     decides per token, so random tokens overstate what it processes on text)."""
     from transformers import AutoModelForCausalLM
 
-    from depthmix.model import DepthMixModel, apply
+    from depthmix.depthmix_model import DepthMixModel, apply
     from depthmix.train.pretrain import PretrainOptions, heldout_forward_flops, read_corpus, tokenizer_for
     opts = PretrainOptions(**m["options"])
     _, blocks = read_corpus(opts, tokenizer_for(opts.tokenizer))

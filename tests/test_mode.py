@@ -6,7 +6,7 @@ from torch import nn
 
 import depthmix
 from conftest import CAUSAL, LORA_TARGETS, batch, tiny
-from depthmix.registry import resolve
+from depthmix.architectures import resolve
 
 causal = pytest.mark.parametrize("family", CAUSAL)
 

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 import depthmix
 from conftest import LORA_TARGETS, batch, tiny
 from depthmix import io
-from depthmix.model import CONFIG_NAME, WEIGHTS_NAME
+from depthmix.depthmix_model import CONFIG_NAME, WEIGHTS_NAME
 from depthmix.tuners import base as tuners_base
 
 METHODS = {"molex": lambda: depthmix.MoLExConfig(layers=[1, 2]),

@@ -2,8 +2,8 @@
 for Hugging Face models."""
 from .config import ConfigError
 from .io import AdapterError
-from .model import DepthMixModel, apply
-from .registry import UnsupportedModelError
+from .depthmix_model import DepthMixModel, apply
+from .architectures import UnsupportedModelError
 from .tuners import MoDConfig, MoDEConfig, MoLExConfig
 from . import models  # (depthmix.models.load_model: embedded models, Hub ids, folders)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError
-from .registry import _get, resolve
+from .architectures import _get, resolve
 
 MID_NORMS = ("post_attention_layernorm", "ln_2")
 

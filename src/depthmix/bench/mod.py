@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import DepthMixModel, apply
+from ..depthmix_model import DepthMixModel, apply
 from ..models import load_model
 from ..tuners import MoDConfig
 from ..tuners.mod import retrofit

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig
 
-from ..model import apply
+from ..depthmix_model import apply
 from ..models import load_model
-from ..registry import resolve
+from ..architectures import resolve
 from ..tuners import MoDEConfig
 from .common import count_flops, interleaved_times, peak_memory
 from .molex import forward_backward, training_step

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig
 
-from ..model import apply
+from ..depthmix_model import apply
 from ..models import load_model
-from ..registry import resolve
+from ..architectures import resolve
 from ..tuners import MoLExConfig
 from .common import count_flops, interleaved_times, peak_memory
 
@@ -65,7 +65,7 @@ def build_pair(name, device, method_config):
 def _is_causal(name) -> bool:
     from transformers import AutoConfig
     from ..models import resolve_model
-    from ..registry import FAMILIES
+    from ..architectures import FAMILIES
     mt = AutoConfig.from_pretrained(resolve_model(name)).model_type
     return not any(mt in f.model_types and not f.causal for f in FAMILIES)
 

@@ -35,12 +35,12 @@ def load(name: str):
 def run(args) -> int:
     from .. import flops
     from ..config import ConfigError
-    from ..model import apply
+    from ..depthmix_model import apply
     from ..tuners import MoDConfig
     dense = load(args.model)
     counted = {"dense": flops.forward_flops(dense, args.batch_size, args.seq_len)}
     if args.adapter:
-        from ..model import DepthMixModel
+        from ..depthmix_model import DepthMixModel
         mod = DepthMixModel.from_pretrained(dense, args.adapter)
         config = mod.method_config
         if config is None or config.method != "mod":

@@ -8,7 +8,7 @@ import sys
 from ..config import ConfigError
 from ..data.tasks import DataError
 from ..io import AdapterError
-from ..registry import UnsupportedModelError
+from ..architectures import UnsupportedModelError
 
 COMMANDS = ("train", "plot", "bench", "demo", "lm_eval", "pretrain", "flops", "models")  # modules of depthmix.cli; train also registers eval
 

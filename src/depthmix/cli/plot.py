@@ -29,7 +29,7 @@ def run_routing(args) -> int:
     from ..data.tasks import get_task
     from ..io import read_json, write_json
     from ..evaluation import routing
-    from ..model import CONFIG_NAME
+    from ..depthmix_model import CONFIG_NAME
     from ..train import load_trained
     info = read_json(Path(args.adapter) / CONFIG_NAME).get("info", {})
     task = get_task(args.task or info.get("task") or "")

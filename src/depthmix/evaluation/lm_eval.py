@@ -23,7 +23,7 @@ def hflm(model, tokenizer, batch_size: int | str = 8, max_length: int | None = N
     from lm_eval.models.huggingface import HFLM
     from transformers import PreTrainedModel
 
-    from ..model import DepthMixModel
+    from ..depthmix_model import DepthMixModel
     base = model.base_model if isinstance(model, DepthMixModel) else model
     if not isinstance(base, PreTrainedModel):
         raise TypeError(f"expected a DepthMixModel or a transformers PreTrainedModel, got {type(model).__name__}")

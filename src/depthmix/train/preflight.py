@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config import ConfigError
 from ..data.tasks import Task, data_root, get_task
 from ..models import EMBEDDED, cache_dir
-from ..registry import FAMILIES
+from ..architectures import FAMILIES
 from ..tuners import METHODS
 from .options import TrainOptions
 

@@ -18,7 +18,7 @@ from .. import flops as flop_count
 from .. import io
 from ..config import ConfigError
 from ..data.instruct.text import perplexity
-from ..model import apply
+from ..depthmix_model import apply
 from .options import checked_type
 
 ARCHS = ("llama", "gpt2")

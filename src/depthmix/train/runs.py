@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import io
 from ..config import ConfigError
 from ..io import AdapterError
-from ..model import CONFIG_NAME, WEIGHTS_NAME
+from ..depthmix_model import CONFIG_NAME, WEIGHTS_NAME
 
 LOCK_NAME = "train.lock"
 RUN_NAME = "run_options.json"  # the options a run started with; a --resume must keep its IDENTITY

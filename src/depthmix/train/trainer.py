@@ -13,9 +13,9 @@ from transformers import Trainer, TrainingArguments, set_seed
 from .. import io
 from ..config import ConfigError
 from ..data.tasks import get_task
-from ..model import CONFIG_NAME, DepthMixModel, apply
+from ..depthmix_model import CONFIG_NAME, DepthMixModel, apply
 from ..models import load_model, load_tokenizer
-from ..registry import resolve
+from ..architectures import resolve
 from ..tuners import METHODS
 from .options import TrainOptions
 from .preflight import method_config, preflight

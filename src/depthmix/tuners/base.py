@@ -8,7 +8,7 @@ from torch import nn
 
 from ..blocks import restore_class, swap_class
 from ..config import ConfigError
-from ..registry import Arch
+from ..architectures import Arch
 
 
 METHODS: dict[str, tuple[type, type]] = {}  # name -> (config class, Method subclass), filled by register()

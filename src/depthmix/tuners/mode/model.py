@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import ConfigError
-from ...registry import UnsupportedModelError
+from ...architectures import UnsupportedModelError
 from ..base import Method, float32_linear
 from .layer import MoDECapture, MoDENorm, distill_sum
 

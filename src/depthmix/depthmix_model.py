@@ -13,7 +13,7 @@ from . import io
 from . import lora as lora_layers
 from .config import MethodConfig
 from .io import AdapterError
-from .registry import fingerprint, resolve
+from .architectures import fingerprint, resolve
 from .tuners import METHODS
 from .tuners.base import detach_all
 

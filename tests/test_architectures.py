@@ -6,7 +6,7 @@ from transformers import (LlamaConfig, LlamaForSequenceClassification, LlamaMode
 import depthmix
 from conftest import batch, tiny
 from depthmix.models import EMBEDDED, Embedded, ModelNotInstalledError, embedded_folder
-from depthmix.registry import resolve
+from depthmix.architectures import resolve
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
