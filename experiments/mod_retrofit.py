@@ -124,8 +124,12 @@ def mc_accuracy(model, tok, args):
     out = {}
     for name in MC_TASKS:
         rows = get_task(name).load("eval", args.data_dir, args.mc_samples, 0)
-        m = get_task(name).evaluate(model, tok, rows, batch_size=8, max_length=512, progress=False, mode="loglik")
+        # each option's own text, as lm-eval scores ARC: the label format ("the correct answer is answer2") means
+        # nothing to a model that was not tuned on it (SmolLM2 scored 0.26 on ARC-Easy that way, chance 0.25)
+        m = get_task(name).evaluate(model, tok, rows, batch_size=8, max_length=512, progress=False,
+                                    mode="loglik-text")
         out[name] = round(m["accuracy"], 4)
+        out[f"{name}_norm"] = round(m["accuracy_norm"], 4)
     return out
 
 
@@ -263,7 +267,7 @@ def record(runs, args, todo):
         "data": f"{TASK}: tuning on train (the shared data's valid.txt); NLL on {args.eval_blocks} blocks of "
                 f"{args.seq_len} tokens spread over test.txt ({base['tokens'] if base else '?'} predicted tokens), "
                 f"causal routing; multiple choice: {args.mc_samples} seeded examples each of "
-                f"{' and '.join(MC_TASKS)} test, log-likelihood",
+                f"{' and '.join(MC_TASKS)} test, log-likelihood of each option's text (BoolQ of LLM-Adapters: no passage)",
         "dense_nll": base["nll"] if base else None,
         "points": [{k: recs[n].get(k) for k in POINT_KEYS} for n in names],
         "dense_mc_accuracy": base.get("mc_accuracy") if base else None,
@@ -356,7 +360,7 @@ def parse():
     p.add_argument("--repeats", type=int, default=3, help="decode timing rounds at least")
     p.add_argument("--budget", type=float, default=20.0, help="seconds of further decode rounds while the IQR is wide")
     p.add_argument("--mc", action="store_true", help="multiple-choice accuracy (dense, layer drop, best MoD)")
-    p.add_argument("--mc-samples", type=int, default=100)
+    p.add_argument("--mc-samples", type=int, default=300)
     p.add_argument("--diagnose", nargs="+", default=[], help="MoD point names: also their top-k-lookahead NLL, "
                    "tuned and untrained")
     p.add_argument("--max-points", type=int, default=100, help="stop after this many new MoD points")

@@ -3,6 +3,7 @@ test command is the one CI runs; and the user-facing messages the README promise
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,6 @@ def test_readme_test_command_prints_a_count(tmp_path):
     (tmp_path / "test_one.py").write_text("def test_ok():\n    pass\n")
     args = shlex.split(test_cmd)
     assert args[:3] == ["python", "-m", "pytest"]
-    import sys
     out = subprocess.run([sys.executable, *args[1:], "-p", "no:cacheprovider", "--rootdir", str(ROOT),
                           "-c", str(ROOT / "pyproject.toml"), str(tmp_path / "test_one.py")],
                          capture_output=True, text=True, cwd=ROOT)
@@ -195,3 +195,12 @@ def test_eval_prints_where_it_wrote_and_the_example_count(pydoc_adapter, tmp_pat
     printed = capsys.readouterr().out
     assert out.exists()
     assert f"6 examples evaluated; wrote {out}" in printed
+
+
+def test_results_docs_render_from_their_json():
+    """Every generated block of docs/*.md is what its experiment script prints from docs/results/*.json."""
+    docs = "\n".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
+    assert docs.count("<!-- begin: python experiments/") >= 3
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "render_docs.py"), "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
