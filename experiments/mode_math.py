@@ -8,13 +8,14 @@ order). The arithmetic test sets stay unseen until the secondary metric (SingleE
 Phase 1 (seed 0, validation gold NLL): the learning rate of each arm (LoRA, MoDE + LoRA) and MoDE's distillation
 options (lambda in {0, 0.1, 1}, summed or averaged over the shallower layers, into the backbone or the norms only).
 Phase 2 (paired seeds): LoRA vs MoDE + LoRA at its best options vs MoDE alone (norms + router), each at its own
-best learning rate; primary metric the gold-response NLL on the 500 held-out problems, secondary SingleEq accuracy.
+best learning rate (MoDE alone with MoDE + LoRA's distillation options); primary metric the gold-response NLL on the 500 held-out problems, secondary SingleEq accuracy.
 
     OMP_NUM_THREADS=2 nice python experiments/mode_math.py --data-dir ../shared/data --out runs/mode_math
 
 Cost (estimated from a smoke run on the shared 2-core CPU): a training step of batch 8 x <= 256 tokens takes a few
-seconds on a quiet machine, so one run of 1,000 problems x 2 epochs (250 steps) is ~10-20 min, plus ~1 min for
-the gold NLL and ~10 min for 300 SingleEq generations; phase 1 is 12 runs, phase 2 nine: ~6-8 hours in all.
+seconds on a quiet machine, so one run of 500 problems x 2 epochs (125 steps) is ~5-10 min, plus ~1 min for
+the gold NLL and ~10 min for 300 SingleEq generations; phase 1 is 12 runs (6 learning rates, 6 MoDE options),
+phase 2 nine: ~4-5 hours in all.
 
 Resumable: a finished run (metrics.json + nll.json) is skipped, so the script can be stopped at any time and run
 again. Writes docs/results/mode-math.json (primary) and docs/results/mode-math-singleeq.json (secondary), both from
@@ -41,6 +42,9 @@ DISTILL = {  # MoDE options swept on the validation set at the MoDE + LoRA arm's
     "kl1-mean": ["--distill-weight", "1", "--distill-reduction", "mean"],
     "kl1-sum": ["--distill-weight", "1", "--distill-reduction", "sum"],  # the paper's
     "kl0.1-mean-norms": ["--distill-weight", "0.1", "--distill-reduction", "mean", "--distill-into", "norms"],
+    # the final layer's starting weight: 0.98 (default) keeps the untrained model at the base model; 0.5 lets the
+    # shallower layers' logits count from the first step
+    "kl0.1-mean-init0.5": ["--distill-weight", "0.1", "--distill-reduction", "mean", "--init-final-weight", "0.5"],
 }
 ARMS = {"lora": ["--method", "lora"], "mode+lora": ["--method", "mode"],
         "mode": ["--method", "mode", "--no-lora", "--router-lr", "1e-2"]}
@@ -51,7 +55,7 @@ def main() -> None:
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--out", default="runs/mode_math")
     p.add_argument("--results", default="docs/results")
-    p.add_argument("--train-size", type=int, default=1000)
+    p.add_argument("--train-size", type=int, default=500)
     p.add_argument("--epochs", default="2")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--eval-samples", type=int, default=300, help="SingleEq problems scored (secondary metric)")
@@ -120,6 +124,9 @@ def sweep(args, out: Path, splits: dict) -> dict:
     """Phase 1 on seed 0: the best learning rate per arm, then the best distillation options for MoDE + LoRA."""
     best = {}
     for arm, lrs in LRS.items():
+        if len(lrs) == 1:  # nothing to choose: no run
+            best[arm] = {"lr": lrs[0], "validation_nll": {}}
+            continue
         scores = {lr: run(args, out / "sweep" / f"{arm}-lr{lr}", 0, [*ARMS[arm], "--lr", lr], splits, "validation",
                           8)["gold_nll"] for lr in lrs}
         best[arm] = {"lr": min(scores, key=scores.get), "validation_nll": scores}
@@ -134,7 +141,7 @@ def sweep(args, out: Path, splits: dict) -> dict:
 
 def final_flags(arm: str, best: dict) -> list[str]:
     flags = [*ARMS[arm], "--lr", best[arm]["lr"]]
-    return flags + DISTILL[best["distill"]["options"]] if arm == "mode+lora" else flags
+    return flags if arm == "lora" else flags + DISTILL[best["distill"]["options"]]  # MoDE alone: the same options
 
 
 def summarize(args, out: Path) -> None:
