@@ -76,13 +76,18 @@ def test_demo_prints_both_methods_and_draws(tmp_path, capsys):
 
 
 def test_every_flag_has_a_help_line_with_its_default(capsys):
+    """Every flag of every (sub-)command, `depthmix bench METHOD` included (its flags are declared in
+    depthmix.bench), with the choices where there are choices; and every sub-command in its parent's help."""
+    import argparse
+
     from depthmix.cli.main import build_parser, parsers
     parser = build_parser()
-    bare, no_default = [], []
+    bare, no_default, no_choices = [], [], []
     for p in parsers(parser):
-        if p.prog.startswith("depthmix bench"):  # its flags are declared in depthmix.bench, not by the CLI
-            continue
         for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                said = {c.dest for c in action._choices_actions if (c.help or "").strip()}
+                bare += [f"{p.prog} {name}" for name in action.choices if name not in said]
             if not action.option_strings or action.dest in ("help", "version"):
                 continue
             text = p._get_formatter()._expand_help(action) if action.help else ""
@@ -90,7 +95,9 @@ def test_every_flag_has_a_help_line_with_its_default(capsys):
                 bare.append(f"{p.prog} {action.option_strings[0]}")
             elif action.default not in (None, False) and "default" not in text and "(required)" not in text:
                 no_default.append(f"{p.prog} {action.option_strings[0]}")
-    assert bare == [] and no_default == []
+            if action.choices and not all(str(c) in text for c in action.choices):
+                no_choices.append(f"{p.prog} {action.option_strings[0]}")
+    assert bare == [] and no_default == [] and no_choices == []
 
 
 def test_train_help_lists_methods_tasks_and_embedded_models(capsys):

@@ -19,26 +19,38 @@ from .common import interleaved_times
 
 
 def add_args(p) -> None:
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--adapter", help="a router-tuned MoD adapter for --model (default: tune here, briefly)")
-    p.add_argument("--capacity", type=float, default=0.125)
-    p.add_argument("--layers", default="every_other")
-    p.add_argument("--batch-size", type=int, default=2, help="forward and training-step batch")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5, help="timing rounds at least, per measurement (default: %(default)s)")
+    p.add_argument("--model", default="smollm2-135m", help="the causal LM measured, dense and with MoD: a name "
+                   "(smollm2-135m is embedded), a folder or a Hub id")
+    p.add_argument("--adapter", help="a router-tuned MoD adapter for --model, whose capacity and layers are used "
+                   "instead of those flags (default: tune routers and predictors here, briefly)")
+    p.add_argument("--capacity", type=float, default=0.125, help="fraction of each sequence's tokens that a routed "
+                   "block processes, in (0, 1]; without --adapter")
+    p.add_argument("--layers", default="every_other", help='routed blocks: "every_other" (1, 3, 5, ...), "all" or '
+                   "a list of block indices such as [1,3]; without --adapter")
+    p.add_argument("--batch-size", type=int, default=2,
+                   help="sequences per timed forward pass and training step (decoding runs at batch 1)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence of the timed batch, of the "
+                   "held-out blocks and of the predictors' fitting passes")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timing rounds at least, per measurement (default: %(default)s)")
     p.add_argument("--budget", type=float, default=120.0, help="seconds, per measurement, to go on timing while a "
                    "ratio's spread is wide (default: %(default)s)")
-    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=64,
+                   help="tokens of the held-out prompt that greedy decoding starts from")
     p.add_argument("--new-tokens", type=int, default=48, help="decoding speed: tokens per second of the decoding "
                    "steps (generate(new tokens) - generate(1 token), so prompt processing is left out); "
                    "generate_tokens_per_s_ratio keeps it in")
     p.add_argument("--task", default="lm/tinyshakespeare", help="text the routers/predictors learn and are scored on")
-    p.add_argument("--data-dir")
-    p.add_argument("--tune-steps", type=int, default=10, help="router (+ predictor) training steps, batch 4 x 128")
-    p.add_argument("--feature-batches", type=int, default=8,
-                   help="forward passes (batch 4 x 256) whose hidden states the predictors are then fitted on")
-    p.add_argument("--eval-blocks", type=int, default=24)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data-dir", help="local data folder for --task (default: $DEPTHMIX_DATA, else the Hub)")
+    p.add_argument("--tune-steps", type=int, default=10,
+                   help="router (+ predictor) training steps, batch 4 x 128; without --adapter")
+    p.add_argument("--feature-batches", type=int, default=8, help="forward passes (batch 4 x --seq-len) whose "
+                   "hidden states the predictors are then fitted on; without --adapter")
+    p.add_argument("--eval-blocks", type=int, default=24, help="held-out blocks of --seq-len tokens on which the "
+                   "NLL and the predictors' accuracy are scored")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where both sides run, e.g. cpu, cuda or cuda:1 (default: cuda when a GPU is visible, "
+                   "else cpu)")
 
 
 def text_blocks(task_name, split, tokenizer, size, data_dir, limit=None):
@@ -87,6 +99,7 @@ def run(args) -> dict:
     base = load_model(args.model)
     if args.adapter:
         mod = DepthMixModel.from_pretrained(base, args.adapter).to(dev)
+        args.capacity = mod.method_config.capacity  # the adapter's, for the analytic estimate and the report
     else:
         mod = apply(base, MoDConfig(capacity=args.capacity, layers=parse_value(args.layers), update="retrofit"))
         mod = mod.to(dev)
@@ -103,7 +116,8 @@ def run(args) -> dict:
     flop = {"dense": flops.forward_flops(dense, args.batch_size, args.seq_len),
             "mod": flops.forward_flops(mod, args.batch_size, args.seq_len, "topk")}
     est = flops.analytic(dense.config, args.seq_len, mod.method.layers, args.capacity, mod.arch.num_layers,
-                         dense.config.vocab_size)
+                         dense.config.vocab_size, predictor=mod.method_config.causal == "predictor",
+                         skip=mod.method_config.skip)
 
     def forward(model):
         def fn():

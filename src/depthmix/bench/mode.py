@@ -13,18 +13,26 @@ from .molex import forward_backward, training_step
 
 
 def add_args(p) -> None:
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--labelled", type=float, default=0.5, help="fraction of each sequence scored (the answer)")
+    p.add_argument("--model", default="smollm2-135m", help="the causal LM both sides fine-tune: a name "
+                   "(smollm2-135m is embedded), a folder or a Hub id")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per training step")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (random tokens)")
+    p.add_argument("--labelled", type=float, default=0.5, help="fraction of each sequence scored (the answer, "
+                   "after an unscored prompt of ragged length)")
     p.add_argument("--repeats", type=int, default=5, help="timing rounds at least (default: %(default)s)")
     p.add_argument("--budget", type=float, default=180.0,
                    help="seconds to go on timing while the ratio's spread is wide (default: %(default)s)")
-    p.add_argument("--num-layers", type=int, default=3)
-    p.add_argument("--router", default="token", choices=["token", "static"])
-    p.add_argument("--chunk-size", type=int, default=256)
-    p.add_argument("--distill-weight", type=float, default=1.0, help="0 times the ensemble without distillation")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num-layers", type=int, default=3, help="how many of the last blocks MoDE ensembles (>= 2)")
+    p.add_argument("--router", default="token", choices=["token", "static"], help="MoDE's routing weights: per "
+                   "token (a linear layer on the final hidden state) or static (one set shared by all tokens) "
+                   "(choices: %(choices)s)")
+    p.add_argument("--chunk-size", type=int, default=256, help="labelled tokens per chunk of the distillation "
+                   "term (bounds its memory: chunk size x vocabulary)")
+    p.add_argument("--distill-weight", type=float, default=1.0,
+                   help="weight of MoDE's distillation term; 0 times the ensemble without distillation")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where both sides run, e.g. cpu, cuda or cuda:1 (default: cuda when a GPU is visible, "
+                   "else cpu)")
     p.add_argument("--tensor-peak", action="store_true",
                    help="on the CPU, also measure the peak of live tensors with the profiler (two more slow steps)")
 

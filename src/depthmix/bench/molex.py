@@ -12,14 +12,19 @@ from .common import count_flops, interleaved_times, peak_memory
 
 
 def add_args(p) -> None:
-    p.add_argument("--model", default="minilm-l6")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--model", default="minilm-l6", help="the model both sides fine-tune: a name (minilm-l6 is "
+                   "embedded), a folder or a Hub id; an encoder gets a 2-label classification head, a causal LM "
+                   "trains on next tokens")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per training step")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (random tokens)")
     p.add_argument("--repeats", type=int, default=10, help="timing rounds at least (default: %(default)s)")
     p.add_argument("--budget", type=float, default=120.0,
                    help="seconds to go on timing while the ratio's spread is wide (default: %(default)s)")
-    p.add_argument("--routing", default="sequence", choices=["sequence", "token"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--routing", default="sequence", choices=["sequence", "token"], help="MoLEx's expert choice: "
+                   "one expert per sequence or one per token (choices: %(choices)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where both sides run, e.g. cpu, cuda or cuda:1 (default: cuda when a GPU is visible, "
+                   "else cpu)")
 
 
 def training_step(model, batch):

@@ -10,11 +10,21 @@ def register(sub) -> None:
     p = sub.add_parser("flops", help="count the FLOPs of a forward pass, dense vs a method (MoD)")
     p.add_argument("--model", default="smollm2-135m", help="a model name, folder, or 'shape:NAME' for its shape "
                    "with random weights (no weights loaded)")
-    p.add_argument("--method", default="mod", choices=["mod"], help="the method counted against the dense model")
-    p.add_argument("--adapter", help="a trained MoD adapter for --model (its routers decide the causal count)")
-    p.add_argument("--capacity", type=float, default=0.125, help="without --adapter")
-    p.add_argument("--layers", type=parse_value, default="every_other", help="without --adapter")
-    p.add_argument("--causal", default="predictor", choices=["predictor", "aux_loss"], help="without --adapter")
+    p.add_argument("--method", default="mod", choices=["mod"],
+                   help="the method counted against the dense model (choices: %(choices)s)")
+    p.add_argument("--adapter", help="a trained MoD adapter for --model: its routers decide the causal count, and "
+                   "its capacity, layers, causal and skip are used instead of those flags")
+    p.add_argument("--capacity", type=float, default=0.125,
+                   help="fraction of each sequence's tokens that a routed block processes, in (0, 1]; "
+                   "without --adapter")
+    p.add_argument("--layers", type=parse_value, default="every_other",
+                   help='routed blocks: "every_other", "all" or a list of block indices; without --adapter')
+    p.add_argument("--causal", default="predictor", choices=["predictor", "aux_loss"],
+                   help="what decides causal routing: a small predictor MLP, or the router logits themselves "
+                   "(choices: %(choices)s); without --adapter")
+    p.add_argument("--skip", default="block", choices=["block", "attention", "mlp"],
+                   help="what a token that is not routed skips in a routed block: the whole block, only its "
+                   "attention sub-layer or only its MLP (choices: %(choices)s); without --adapter")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
@@ -45,17 +55,17 @@ def run(args) -> int:
         config = mod.method_config
         if config is None or config.method != "mod":
             raise ConfigError(f"{args.adapter}: not an MoD adapter")
-        args.capacity, args.causal = config.capacity, config.causal
+        args.capacity, args.causal, args.skip = config.capacity, config.causal, config.skip
     else:
-        mod = apply(dense, MoDConfig(capacity=args.capacity, layers=args.layers, causal=args.causal))
+        mod = apply(dense, MoDConfig(capacity=args.capacity, layers=args.layers, causal=args.causal, skip=args.skip))
     for routing in ("topk", "causal"):
         mod.method.reset_stats()
         counted[f"mod_{routing}"] = flops.forward_flops(mod, args.batch_size, args.seq_len, routing)
     realized = mod.method.summary().get("realized_capacity")
     est = flops.analytic(dense.config, args.seq_len, mod.method.layers, args.capacity, mod.arch.num_layers,
-                         dense.config.vocab_size, predictor=args.causal == "predictor")
+                         dense.config.vocab_size, predictor=args.causal == "predictor", skip=args.skip)
     result = {
-        "model": args.model, "method": "mod", "capacity": args.capacity, "layers": mod.method.layers,
+        "model": args.model, "method": "mod", "capacity": args.capacity, "skip": args.skip, "layers": mod.method.layers,
         "seq_len": args.seq_len, "batch_size": args.batch_size,
         "counted": counted, "flop_ratio": round(counted["mod_topk"] / counted["dense"], 4),
         "flop_ratio_causal": round(counted["mod_causal"] / counted["dense"], 4),

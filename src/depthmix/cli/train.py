@@ -34,7 +34,8 @@ def register(sub) -> None:
     e.add_argument("--max-length", type=int, default=256, help="tokens per example; longer ones are cut")
     e.add_argument("--output", help="metrics JSON (default: ADAPTER/eval-TASK.json)")
     e.add_argument("--mode", choices=("loglik", "loglik-text", "generate"),
-                   help="multiple-choice tasks: score options by log-likelihood (default) or generate an answer")
+                   help="multiple-choice tasks: loglik scores each answer label by log-likelihood (default), "
+                   "loglik-text each option's own text, generate generates an answer (choices: %(choices)s)")
     e.add_argument("--max-new-tokens", type=int, help="generation tasks: tokens to generate (default: the task's)")
     e.add_argument("--routing", choices=("causal", "topk-lookahead"),
                    help="MoD adapters: causal routing (default: each token decides from its own hidden state, as "
