@@ -19,7 +19,7 @@ SETTINGS = {  # same budget for both methods; LoRA r=8, alpha=16 on query/value 
                   "--lr", "1e-3"],
     "glue/rte": ["--epochs", "3", "--batch-size", "16", "--max-length", "128", "--lr", "1e-3"],
 }
-METHODS = {"lora": ["--method", "lora"], "molex": ["--method", "molex", "--routing", "sequence"]}
+METHODS = {"lora": ["--method", "lora"], "molex": ["--method", "molex", "--granularity", "sequence"]}
 
 
 def main() -> None:

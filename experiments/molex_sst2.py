@@ -55,7 +55,7 @@ TASKS = {  # name -> the task, its sizes and its training settings
     "sst2": {"task": "glue/sst2", "train": 10000, "validation": 2000, "epochs": 3, "batch": 32, "length": 64},
     "pydoc": {"task": "pydoc/topics", "train": None, "validation": 235, "epochs": 10, "batch": 16, "length": 128},
 }
-MOLEX = ["--method", "molex", "--routing", "sequence"]
+MOLEX = ["--method", "molex", "--granularity", "sequence"]
 ARMS = {
     "lora": ["--method", "lora"],
     "molex-ours": [*MOLEX, "--gate-grad", "straight_through", "--learn-alpha", "--alpha", "0.5"],

@@ -21,8 +21,8 @@ from depthmix import MoDConfig, MoDEConfig, MoLExConfig, apply
 STEPS = 3
 LR = 0.5
 CONFIGS = {
-    "molex-sequence": lambda: MoLExConfig(routing="sequence"),
-    "molex-token": lambda: MoLExConfig(routing="token"),
+    "molex-sequence": lambda: MoLExConfig(granularity="sequence"),
+    "molex-token": lambda: MoLExConfig(granularity="token"),
     "mod": lambda: MoDConfig(capacity=0.5),
     "mod-attention": lambda: MoDConfig(capacity=0.5, skip="attention"),
     "mode": lambda: MoDEConfig(),

@@ -13,7 +13,7 @@ from depthmix.train import DepthMixTrainer, TrainOptions, build_model
 
 out = sys.argv[1]
 torch.manual_seed(0)
-opts = TrainOptions(method="molex", model="minilm-l6", task="pydoc/topics", method_config={"routing": "token"})
+opts = TrainOptions(method="molex", model="minilm-l6", task="pydoc/topics", method_config={"granularity": "token"})
 task = get_task(opts.task)
 model, tok = build_model(opts, task.head, task.num_labels)
 data = task.encode(task.load("train", max_samples=64), tok, 32)

@@ -17,7 +17,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "molex"
     cfg = out.parent / "train.yaml"
     cfg.write_text("method: molex\nmodel: minilm-l6\ntask: pydoc/topics\nmax_train_samples: 48\n"
-                   "max_eval_samples: 40\nmax_length: 48\nbatch_size: 8\nmethod_config:\n  routing: token\n")
+                   "max_eval_samples: 40\nmax_length: 48\nbatch_size: 8\nmethod_config:\n  granularity: token\n")
     assert run("train", "--config", cfg, "--output-dir", out, "--max-steps", 4, "--save-steps", 2,
                "--alpha", 0.7, "--no-progress", "--logging-steps", 2) == 0
     return out
@@ -28,7 +28,7 @@ def test_train_writes_adapter_metrics_and_pictures(trained):
     assert metrics["method"] == "molex" and metrics["train_steps"] == 4
     assert 0 <= metrics["metrics"]["accuracy"] <= 1
     adapter = json.loads((trained / "depthmix_config.json").read_text())
-    assert adapter["config"]["routing"] == "token" and adapter["config"]["alpha"] == 0.7  # file, then flags
+    assert adapter["config"]["granularity"] == "token" and adapter["config"]["alpha"] == 0.7  # file, then flags
     assert (trained / "adapter_model.safetensors").exists() and (trained / "loss.png").exists()
     assert not list(trained.glob("*.bin")) and not list(trained.glob("*.pt"))  # adapter: safetensors + json
     assert (trained / "checkpoint-4" / "adapter_model.safetensors").exists()
@@ -59,8 +59,8 @@ def test_refuses_to_overwrite_and_names_bad_options(trained, tmp_path, capsys):
     assert "already holds a trained adapter" in capsys.readouterr().err
     assert run("train", "--method", "lora", "--alpha", 0.3, "--output-dir", tmp_path / "x") == 2
     assert "--alpha is not an option of method 'lora'" in capsys.readouterr().err
-    assert run("train", "--method", "molex", "--routing", "batch", "--output-dir", tmp_path / "y") == 2
-    assert "MoLExConfig.routing = 'batch'" in capsys.readouterr().err
+    assert run("train", "--method", "molex", "--granularity", "batch", "--output-dir", tmp_path / "y") == 2
+    assert "MoLExConfig.granularity = 'batch'" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: 0.1\n")
     assert run("train", "--config", bad) == 2

@@ -10,8 +10,8 @@ CONFIGS = {
     "lora": None,
     "mod": depthmix.MoDConfig(capacity=0.5),
     "mode": depthmix.MoDEConfig(distill_weight=0.5),
-    "molex-sequence": depthmix.MoLExConfig(routing="sequence"),
-    "molex-token": depthmix.MoLExConfig(routing="token"),
+    "molex-sequence": depthmix.MoLExConfig(granularity="sequence"),
+    "molex-token": depthmix.MoLExConfig(granularity="token"),
 }
 
 

@@ -31,9 +31,9 @@ def base(family: str, seed: int = 0):
 def config(method: str):
     name, _, option = method.partition("-")
     if name == "molex":
-        return depthmix.MoLExConfig(routing=option)
+        return depthmix.MoLExConfig(granularity=option)
     if name == "mode":
-        return depthmix.MoDEConfig(router=option)
+        return depthmix.MoDEConfig(mixing=option)
     return depthmix.MoDConfig(capacity=0.5)
 
 
@@ -201,7 +201,7 @@ def wide_molex(tok, seed: int = 0):
     model = tiny("llama", seed=seed)
     model.resize_token_embeddings(len(tok), mean_resizing=False)
     model.config.pad_token_id, model.config.eos_token_id = tok.pad_token_id, tok.eos_token_id
-    dm = depthmix.apply(model, depthmix.MoLExConfig(routing="sequence"))
+    dm = depthmix.apply(model, depthmix.MoLExConfig(granularity="sequence"))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for gate in dm.method.gates:

@@ -67,7 +67,7 @@ def naive_reference(dm, family, batch_inputs):
     final = plain_norm(arch.norm, outs[method.layers[-1]])
     normed = [n(outs[t]) for n, t in zip(method.norms, method.layers[:-1])] + [final]
     logits = [dm.base_model.lm_head(n) for n in normed]
-    if method.config.router == "token":
+    if method.config.mixing == "token":
         w = method.router(final).softmax(-1)
     else:
         w = method.router_logits.softmax(-1).expand(*final.shape[:2], -1)
@@ -95,9 +95,9 @@ def assert_same_loss_and_gradients(dm, loss, ref_loss):
 
 
 @causal
-@pytest.mark.parametrize("router", ["token", "static"])
-def test_gradients_reach_norms_router_and_adapter(family, router):
-    dm = mode(family, router=router).train()
+@pytest.mark.parametrize("mixing", ["token", "static"])
+def test_gradients_reach_norms_router_and_adapter(family, mixing):
+    dm = mode(family, mixing=mixing).train()
     ids, mask = batch(family)
     dm(**inputs(ids, mask)).loss.backward()
     for name, p in trainable(dm):
@@ -114,7 +114,7 @@ def test_trainable_parameters_are_exactly_adapter_norms_router(family):
     assert method == {f"method.norms.{i}.{w}" for i in range(2) for w in per_norm} | \
         {"method.router.weight", "method.router.bias"}
     assert set(dm.adapter_names) == names
-    alone = mode(family, lora=False, router="static", num_layers=4, spread=False)
+    alone = mode(family, lora=False, mixing="static", num_layers=4, spread=False)
     assert {n for n, _ in trainable(alone)} == {f"method.norms.{i}.{w}" for i in range(3) for w in per_norm} | \
         {"method.router_logits"}
     # the norms start as copies of the final norm, in float32
@@ -123,12 +123,12 @@ def test_trainable_parameters_are_exactly_adapter_norms_router(family):
 
 
 @causal
-@pytest.mark.parametrize("router,head,chunk", [("token", "frozen", 4), ("static", "frozen", 12), ("token", "lora", 4)])
-def test_chunked_loss_and_gradients_equal_the_naive_computation(family, router, head, chunk):
+@pytest.mark.parametrize("mixing,head,chunk", [("token", "frozen", 4), ("static", "frozen", 12), ("token", "lora", 4)])
+def test_chunked_loss_and_gradients_equal_the_naive_computation(family, mixing, head, chunk):
     # 17 labelled tokens: chunks of 4, or of 12 (split again into the fused path's 8-row steps); a LoRA-wrapped
     # head takes the checkpointed path, a frozen plain head the fused one
     targets = LORA_TARGETS[family] + ["lm_head"] if head == "lora" else None
-    dm = mode(family, router=router, chunk_size=chunk, distill_weight=0.7, temperature=2.0, targets=targets).train()
+    dm = mode(family, mixing=mixing, chunk_size=chunk, distill_weight=0.7, temperature=2.0, targets=targets).train()
     ids, mask = batch(family, b=3, s=9)
     batch_inputs = inputs(ids, mask)
     assert int((batch_inputs["labels"][:, 1:] != -100).sum()) == 17
@@ -237,7 +237,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
 
 @causal
 def test_bad_config_values_are_named(family):
-    for field, value in (("num_layers", 1), ("router", "layer"), ("distill_weight", -1.0), ("temperature", 0),
+    for field, value in (("num_layers", 1), ("mixing", "layer"), ("distill_weight", -1.0), ("temperature", 0),
                          ("init_final_weight", 1.0), ("chunk_size", 0), ("num_layers", True)):
         with pytest.raises(depthmix.ConfigError, match=f"MoDEConfig.{field}"):
             depthmix.MoDEConfig(**{field: value})
@@ -253,12 +253,12 @@ def test_encoders_are_refused():
 def test_cli_flags_build_the_config():
     from depthmix.cli.main import build_parser
     from depthmix.cli.train import train_options
-    args = build_parser().parse_args(["train", "--method", "mode", "--no-lora", "--num-layers", "4", "--router",
+    args = build_parser().parse_args(["train", "--method", "mode", "--no-lora", "--num-layers", "4", "--mixing",
                                       "static", "--temperature", "2", "--use-dora"])
     opts = train_options(args)
     assert not opts.lora and opts.use_dora
     assert depthmix.MoDEConfig.from_dict(opts.method_config) == depthmix.MoDEConfig(
-        num_layers=4, router="static", temperature=2.0)
+        num_layers=4, mixing="static", temperature=2.0)
 
 
 @causal

@@ -27,9 +27,9 @@ def inputs(family, ids, mask):
     return kw
 
 
-@pytest.mark.parametrize("routing", ["sequence", "token"])
-def test_sequence_alone_equals_in_batch(family, routing):
-    dm = molex(family, routing=routing)
+@pytest.mark.parametrize("granularity", ["sequence", "token"])
+def test_sequence_alone_equals_in_batch(family, granularity):
+    dm = molex(family, granularity=granularity)
     ids, mask = batch(family, b=4, s=10)
     dm.method.recording = True
     with torch.no_grad():
@@ -89,9 +89,9 @@ def test_alpha_one_reproduces_base_model(family):
 
 
 @pytest.mark.parametrize("family", CAUSAL)
-@pytest.mark.parametrize("routing", ["sequence", "token"])
-def test_cached_generate_equals_full_recompute(family, routing):
-    dm = molex(family, routing=routing)
+@pytest.mark.parametrize("granularity", ["sequence", "token"])
+def test_cached_generate_equals_full_recompute(family, granularity):
+    dm = molex(family, granularity=granularity)
     ids, mask = batch(family, b=3, s=7)
     with torch.no_grad():
         out = dm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
@@ -124,8 +124,8 @@ def test_unsupported_model_is_named():
 
 
 def test_bad_config_values_are_named():
-    with pytest.raises(depthmix.ConfigError, match="routing"):
-        depthmix.MoLExConfig(routing="batch")
+    with pytest.raises(depthmix.ConfigError, match="granularity"):
+        depthmix.MoLExConfig(granularity="batch")
     with pytest.raises(depthmix.ConfigError, match="alpha"):
         depthmix.MoLExConfig(alpha=1.0)
     with pytest.raises(depthmix.ConfigError, match="out of range"):

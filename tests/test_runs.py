@@ -37,7 +37,7 @@ def snapshot(folder: Path) -> dict:
 def finished(tmp_path_factory):
     """A finished MoLEx run (checkpoints 1 and 2, the final adapter, metrics.json)."""
     out = tmp_path_factory.mktemp("runs") / "finished"
-    assert main([str(a) for a in ("train", "--method", "molex", "--routing", "token", "--alpha", 0.7, *SMALL,
+    assert main([str(a) for a in ("train", "--method", "molex", "--granularity", "token", "--alpha", 0.7, *SMALL,
                                   "--max-steps", 2, "--save-steps", 1, "--output-dir", out)]) == 0
     return out
 
@@ -57,7 +57,7 @@ def test_a_finished_run_holds_no_lock_and_records_its_options(finished):
     assert not (finished / LOCK_NAME).exists()
     options = json.loads((finished / "run_options.json").read_text())["options"]
     assert options["method"] == "molex" and options["method_config"]["alpha"] == 0.7
-    assert options["method_config"]["routing"] == "token" and options["method_config"]["learn_alpha"] is True
+    assert options["method_config"]["granularity"] == "token" and options["method_config"]["learn_alpha"] is True
 
 
 def test_a_second_run_into_a_folder_a_live_run_holds_is_refused(tmp_path, capsys):

@@ -297,7 +297,7 @@ def test_disable_adapter_generates_as_the_base_model():
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         want = base.generate(**kw)
-    dm = depthmix.apply(base, depthmix.MoLExConfig(routing="token"), lora=lora("llama"))
+    dm = depthmix.apply(base, depthmix.MoLExConfig(granularity="token"), lora=lora("llama"))
     perturb(dm)
     with dm.disable_adapter(), torch.no_grad():
         assert torch.equal(dm.generate(**kw), want)

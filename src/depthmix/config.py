@@ -17,6 +17,7 @@ class ConfigError(ValueError):
 class MethodConfig:
     method: ClassVar[str] = ""
     router_lr: ClassVar[float] = 1e-3  # the trainer's default learning rate for the method's own parameters
+    renamed: ClassVar[dict[str, str]] = {}  # old field name -> its name now: saved adapters and config files load
 
     def __post_init__(self):
         self._check_kinds()
@@ -40,7 +41,23 @@ class MethodConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def upgrade(cls, data: dict[str, Any], source: str = "config") -> dict[str, Any]:
+        """`data` with the fields' old names (cls.renamed) replaced by their names now; an old name and its new
+        one given with different values is refused."""
+        data = dict(data)
+        for old, new in cls.renamed.items():
+            if old not in data:
+                continue
+            value = data.pop(old)
+            if new in data and data[new] != value:
+                raise ConfigError(f"{source}: {cls.__name__} given both {old!r} = {value!r} (the old name of {new!r}) "
+                                  f"and {new!r} = {data[new]!r}; give {new!r} alone")
+            data.setdefault(new, value)
+        return data
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "MethodConfig":
+        data = cls.upgrade(data, source)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

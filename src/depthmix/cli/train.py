@@ -60,6 +60,8 @@ def train_options(args):
     values = resumed(values)
     method = values.get("method", "lora")
     method_config = dict(values.get("method_config") or {})
+    if method in METHODS:  # a file's old option names (MethodConfig.renamed), before the flags override it
+        method_config = METHODS[method][0].upgrade(method_config, args.config or "method_config")
     given = {n for names in METHOD_FLAGS.values() for n in names if hasattr(args, n)}
     own = {f.name for f in dataclasses.fields(METHODS[method][0])} if method in METHODS else set()
     stray = sorted(given - own)

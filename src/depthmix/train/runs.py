@@ -151,14 +151,19 @@ def run_record(opts, method_config: dict) -> dict:
 
 
 def recorded_options(out) -> dict | None:
-    """The options OUT's run started with (None when it has no record)."""
+    """The options OUT's run started with (None when it has no record), method options under their names now (a
+    run recorded before a rename is resumed and compared as it would be recorded today)."""
+    from ..tuners import METHODS
     path = Path(out) / RUN_NAME
     if not path.exists():
         return None
     try:
-        return io.read_json(path)["options"]
+        options = io.read_json(path)["options"]
     except (AdapterError, KeyError) as e:
         raise ConfigError(f"{path}: unreadable run record ({e})") from None
+    if options.get("method") in METHODS and isinstance(options.get("method_config"), dict):
+        options["method_config"] = METHODS[options["method"]][0].upgrade(options["method_config"], str(path))
+    return options
 
 
 def check_same_run(out: Path, record: dict) -> None:

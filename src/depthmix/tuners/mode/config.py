@@ -12,8 +12,8 @@ class MoDEConfig(MethodConfig):
     learned routing weights, and the final layer teaches the shallower ones by distillation.
 
     num_layers: k, how many of the last blocks are ensembled (>= 2).
-    router: "token" (a float32 linear layer on the final normalised hidden state, weights per token) or
-        "static" (k learnable logits shared by all tokens).
+    mixing: where the layers' mixing weights come from: "token" (a float32 linear layer on the final normalised
+        hidden state, weights per token) or "static" (k learnable logits shared by all tokens).
     distill_weight: lambda, weight of the distillation term (0 = off).
     distill_reduction: "sum" (the paper: the KL terms of the shallower layers are added) or "mean" (averaged over
         them, so the term's scale does not grow with num_layers).
@@ -26,8 +26,9 @@ class MoDEConfig(MethodConfig):
     """
 
     method = "mode"
+    renamed = {"router": "mixing"}  # its old name, still read from saved adapters and config files
     num_layers: int = 3
-    router: str = "token"
+    mixing: str = "token"
     distill_weight: float = 1.0
     distill_reduction: str = "sum"
     distill_into: str = "backbone"
@@ -37,7 +38,7 @@ class MoDEConfig(MethodConfig):
 
     def validate(self) -> None:
         self._check(_is_int(self.num_layers) and self.num_layers >= 2, "num_layers", "an integer >= 2")
-        self._check(self.router in ("token", "static"), "router", "'token' or 'static'")
+        self._check(self.mixing in ("token", "static"), "mixing", "'token' or 'static'")
         self._check(_is_num(self.distill_weight) and self.distill_weight >= 0, "distill_weight", "a number >= 0")
         self._check(self.distill_reduction in ("sum", "mean"), "distill_reduction", "'sum' or 'mean'")
         self._check(self.distill_into in ("backbone", "norms"), "distill_into", "'backbone' or 'norms'")

@@ -35,7 +35,7 @@ class MoDE(Method):
         self.norms = nn.ModuleList(copy.deepcopy(arch.norm).float().requires_grad_(True) for _ in range(k - 1))
         bias = torch.zeros(k)
         bias[-1] = math.log(config.init_final_weight * (k - 1) / (1 - config.init_final_weight))
-        if config.router == "token":
+        if config.mixing == "token":
             self.router = float32_linear(hidden_size, k, zero=True)
             with torch.no_grad():
                 self.router.bias.copy_(bias)
@@ -61,7 +61,7 @@ class MoDE(Method):
 
     def routing_weights(self, final: torch.Tensor) -> torch.Tensor:
         """[B, S, k] from the final normalised hidden state (token router), or [k] (static router)."""
-        if self.config.router == "token":
+        if self.config.mixing == "token":
             return self.router(final.float()).softmax(-1)
         return self.router_logits.softmax(-1)
 
@@ -147,7 +147,7 @@ class MoDE(Method):
         the last reset_stats(); with none recorded, the static weights or, for the token router, its bias's."""
         if self.weight_count:
             return (self.weight_sum / self.weight_count).tolist()
-        if self.config.router == "static":
+        if self.config.mixing == "static":
             return self.router_logits.detach().softmax(-1).tolist()
         return self.router.bias.detach().softmax(-1).tolist()
 

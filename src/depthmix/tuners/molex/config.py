@@ -14,9 +14,9 @@ class MoLExConfig(MethodConfig):
 
     alpha: initial value of a (learn_alpha=True, a = sigmoid of a per-layer scalar) or its fixed value.
     learn_alpha: train a (one scalar per mixed layer) or keep it fixed at alpha.
-    routing: "sequence" (one expert per sequence, from the mean gate logits over its valid tokens; for causal
-        LMs over the prompt only: prompt_mask, labels -100, generate()'s prompt, else the first token) or
-        "token" (one expert per token).
+    granularity: what one expert choice covers: "sequence" (one expert per sequence, from the mean gate logits
+        over its valid tokens; for causal LMs over the prompt only: prompt_mask, labels -100, generate()'s prompt,
+        else the first token) or "token" (one expert per token).
     layers: "all" or a list of the layers that mix in an expert. Every layer can be picked as an expert.
     shared_gate: one gate for all mixed layers instead of one per layer.
     balance_weight: weight of the Switch-style load-balancing loss (0 = off; 0.001-0.01 is typical).
@@ -27,9 +27,10 @@ class MoLExConfig(MethodConfig):
 
     method = "molex"
     router_lr = 1e-2  # gates and alpha learn faster than LoRA (0.1 in the authors' GLUE scripts)
+    renamed = {"routing": "granularity"}  # its old name, still read from saved adapters and config files
     alpha: float = 0.5
     learn_alpha: bool = True
-    routing: str = "sequence"
+    granularity: str = "sequence"
     layers: str | list[int] = "all"
     shared_gate: bool = False
     balance_weight: float = 0.0
@@ -41,7 +42,7 @@ class MoLExConfig(MethodConfig):
                         "a number strictly between 0 and 1 when learn_alpha=True")
         else:
             self._check(isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1, "alpha", "a number in [0, 1]")
-        self._check(self.routing in ("sequence", "token"), "routing", "'sequence' or 'token'")
+        self._check(self.granularity in ("sequence", "token"), "granularity", "'sequence' or 'token'")
         check_layers(self, "layers", ("all",))
         self._check(isinstance(self.balance_weight, (int, float)) and self.balance_weight >= 0, "balance_weight",
                     "a number >= 0")

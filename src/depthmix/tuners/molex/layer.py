@@ -14,14 +14,14 @@ class MoLExBlock:
         return method.mix(self, index, super().forward, args, kwargs)
 
 
-def route(logits: torch.Tensor, units: torch.Tensor, routing: str):
+def route(logits: torch.Tensor, units: torch.Tensor, granularity: str):
     """Top-1 expert choice with a straight-through factor.
 
     logits: [B, S, T] float32 gate logits; units: [B, S] bool, the tokens that decide (valid, and for causal
     LMs in sequence routing, the prompt). Returns (choice, factor, probs) with choice [B] or [B, S]; factor is
     p_j / stopgrad(p_j): exactly 1 in the forward pass, the gate's gradient path in the backward pass.
     """
-    if routing == "sequence":
+    if granularity == "sequence":
         w = units.to(logits.dtype).unsqueeze(-1)
         logits = (logits * w).sum(1) / w.sum(1).clamp(min=1.0)  # [B, T]
     probs = logits.softmax(-1)

@@ -32,7 +32,7 @@ class MoLEx(Method):
             self.alpha_logit = nn.Parameter(torch.full((len(self.layers),), init, dtype=torch.float32))
         # Token routing in a causal LM: a later token may pick an expert whose keys/values for the earlier
         # tokens were never computed, so decoding recomputes the sequence instead of caching.
-        self.supports_cache = not (arch.causal and config.routing == "token")
+        self.supports_cache = not (arch.causal and config.granularity == "token")
         self._generating, self._generate_prompt = False, None  # see generating()
         self.counts = torch.zeros(len(self.layers), num, dtype=torch.long)
         for i, t in enumerate(self.layers):
@@ -51,7 +51,7 @@ class MoLEx(Method):
         (so that no position's output depends on a later token): an explicit prompt_mask, else the prompt of the
         generate() call, else the tokens before the first label, else the first token (the causal fallback)."""
         valid = self.valid_mask(z)
-        if self.config.routing == "token" or not self.arch.causal:
+        if self.config.granularity == "token" or not self.arch.causal:
             return valid
         first = valid & (valid.cumsum(1) == 1)
         marked = self.prompt_marks(z)
@@ -112,19 +112,19 @@ class MoLEx(Method):
             choice, factor = state["choice"], None
         else:
             units = self.units(z)
-            choice, factor, probs = route(self.gate(i)(z.float()), units, self.config.routing)
+            choice, factor, probs = route(self.gate(i)(z.float()), units, self.config.granularity)
             if self.config.gate_grad != "straight_through":  # the gate learns from the balance loss alone, or not
                 factor = None
             if state is not None:
                 state["choice"] = choice
             if self.training and self.config.balance_weight > 0:
                 self.add_aux(self.config.balance_weight * balance_loss(
-                    probs, choice, units if self.config.routing == "token" else None))
+                    probs, choice, units if self.config.granularity == "token" else None))
             if self.recording:
-                picked = choice[units] if self.config.routing == "token" else choice[units.any(1)]
+                picked = choice[units] if self.config.granularity == "token" else choice[units.any(1)]
                 self.counts[i] += torch.bincount(picked.cpu(), minlength=self.counts.shape[1])
 
-        if self.config.routing == "sequence":
+        if self.config.granularity == "sequence":
             expert = self._by_sequence(t, z, out, named, choice, state)
         else:
             expert = self._by_token(t, z, out, named, choice)
