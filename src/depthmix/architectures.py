@@ -15,19 +15,14 @@ class Family:
     norm: tuple[str, ...]  # candidate paths of the final norm ("" = none, e.g. BERT)
     heads: tuple[str, ...]  # LM head or classifier, first match wins
     causal: bool
-    lora_targets: tuple[str, ...]  # sensible LoRA target modules for the CLI defaults
 
 
 FAMILIES = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm3"),
-           ("model.layers", "layers"), ("model.norm", "norm"), ("lm_head", "score"),
-           True, ("q_proj", "v_proj")),
-    Family("gpt2", ("gpt2",), ("transformer.h", "h"), ("transformer.ln_f", "ln_f"), ("lm_head", "score"),
-           True, ("c_attn",)),
-    Family("bert", ("bert",), ("bert.encoder.layer", "encoder.layer"), (), ("classifier", "cls"),
-           False, ("query", "value")),
-    Family("roberta", ("roberta",), ("roberta.encoder.layer", "encoder.layer"), (), ("classifier", "lm_head"),
-           False, ("query", "value")),
+           ("model.layers", "layers"), ("model.norm", "norm"), ("lm_head", "score"), True),
+    Family("gpt2", ("gpt2",), ("transformer.h", "h"), ("transformer.ln_f", "ln_f"), ("lm_head", "score"), True),
+    Family("bert", ("bert",), ("bert.encoder.layer", "encoder.layer"), (), ("classifier", "cls"), False),
+    Family("roberta", ("roberta",), ("roberta.encoder.layer", "encoder.layer"), (), ("classifier", "lm_head"), False),
 )
 
 

@@ -8,6 +8,19 @@ from torch import nn
 from .config import ConfigError
 
 
+def config(model: nn.Module, targets=None, **kw):
+    """A LoraConfig for `model`: `targets`, else PEFT's default target modules for its model type (a Llama-like type
+    PEFT does not list, such as smollm3, gets the entry of its architecture family). PEFT itself switches
+    fan_in_fan_out on for GPT-2's Conv1D layers."""
+    from peft import LoraConfig
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+    from .architectures import family_of
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        targets = DEFAULTS.get(model_type) or DEFAULTS.get(family_of(model).name)
+    return LoraConfig(target_modules=list(targets), **kw)
+
+
 def check(lora, model: nn.Module) -> None:
     """Refuse a LoraConfig that cannot fit the model, before anything is injected."""
     r = getattr(lora, "r", None)

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import torch
-from peft import LoraConfig
 
 from ..depthmix_model import apply
+from ..lora import config as lora_config
 from ..models import load_model
-from ..architectures import resolve
 from ..tuners import MoDEConfig
 from .common import count_flops, interleaved_times, peak_memory
 from .molex import forward_backward, training_step
@@ -23,7 +22,7 @@ def add_args(p) -> None:
     p.add_argument("--budget", type=float, default=180.0,
                    help="seconds to go on timing while the ratio's spread is wide (default: %(default)s)")
     p.add_argument("--num-layers", type=int, default=3, help="how many of the last blocks MoDE ensembles (>= 2)")
-    p.add_argument("--router", default="token", choices=["token", "static"], help="MoDE's routing weights: per "
+    p.add_argument("--mixing", default="token", choices=["token", "static"], help="MoDE's routing weights: per "
                    "token (a linear layer on the final hidden state) or static (one set shared by all tokens) "
                    "(choices: %(choices)s)")
     p.add_argument("--chunk-size", type=int, default=256, help="labelled tokens per chunk of the distillation "
@@ -69,14 +68,12 @@ def tensor_peak(step) -> int:
 
 def run(args) -> dict:
     torch.manual_seed(0)
-    cfg = MoDEConfig(num_layers=args.num_layers, router=args.router, chunk_size=args.chunk_size,
+    cfg = MoDEConfig(num_layers=args.num_layers, mixing=args.mixing, chunk_size=args.chunk_size,
                      distill_weight=args.distill_weight)
     models, params = {}, {}
     for key, method, use_lora in (("lora", None, True), ("method", cfg, True), ("alone", cfg, False)):
         base = load_model(args.model)
-        arch = resolve(base)
-        lora = LoraConfig(r=8, lora_alpha=16, target_modules=list(arch.family.lora_targets),
-                          fan_in_fan_out=arch.family.name == "gpt2") if use_lora else None
+        lora = lora_config(base, r=8, lora_alpha=16) if use_lora else None
         dm = apply(base, method, lora).to(args.device).train()
         params[key] = dm.trainable_parameters()[0]
         if key != "alone":  # MoDE alone is counted, not timed
@@ -93,7 +90,7 @@ def run(args) -> dict:
     mem = {k: peak_memory(steps[k], args.device) for k in models}
     result = {
         "method": "mode", "model": args.model, "device": args.device, "batch_size": args.batch_size,
-        "seq_len": args.seq_len, "labelled_tokens": labelled, "num_layers": args.num_layers, "router": args.router,
+        "seq_len": args.seq_len, "labelled_tokens": labelled, "num_layers": args.num_layers, "mixing": args.mixing,
         "chunk_size": args.chunk_size, "distill_weight": args.distill_weight,
         "step_time_ratio": step["median"],
         "step_time_ratio_spread": step,

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import torch
-from peft import LoraConfig
 
 from ..depthmix_model import apply
+from ..lora import config as lora_config
 from ..models import load_model
 from ..architectures import resolve
 from ..tuners import MoLExConfig
@@ -20,7 +20,7 @@ def add_args(p) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timing rounds at least (default: %(default)s)")
     p.add_argument("--budget", type=float, default=120.0,
                    help="seconds to go on timing while the ratio's spread is wide (default: %(default)s)")
-    p.add_argument("--routing", default="sequence", choices=["sequence", "token"], help="MoLEx's expert choice: "
+    p.add_argument("--granularity", default="sequence", choices=["sequence", "token"], help="MoLEx's expert choice: "
                    "one expert per sequence or one per token (choices: %(choices)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where both sides run, e.g. cpu, cuda or cuda:1 (default: cuda when a GPU is visible, "
@@ -61,8 +61,7 @@ def build_pair(name, device, method_config):
     models = {}
     for key, cfg in (("lora", None), ("method", method_config)):
         base = load_model(name, head=head) if _is_causal(name) else load_model(name, "sequence_classification", 2)
-        lora = LoraConfig(r=8, lora_alpha=16, target_modules=list(resolve(base).family.lora_targets),
-                          fan_in_fan_out=resolve(base).family.name == "gpt2")
+        lora = lora_config(base, r=8, lora_alpha=16)
         models[key] = apply(base, cfg, lora).to(device).train()
     return models
 
@@ -95,10 +94,10 @@ def compare(models: dict, batch: dict, repeats: int, device, budget_s: float = 0
 
 def run(args) -> dict:
     torch.manual_seed(0)
-    models = build_pair(args.model, args.device, MoLExConfig(routing=args.routing))
+    models = build_pair(args.model, args.device, MoLExConfig(granularity=args.granularity))
     batch = synthetic_batch(models["lora"], args.batch_size, args.seq_len, args.device)
     result = {"method": "molex", "model": args.model, "device": args.device, "batch_size": args.batch_size,
-              "seq_len": args.seq_len, "routing": args.routing, **compare(models, batch, args.repeats, args.device, args.budget)}
+              "seq_len": args.seq_len, "granularity": args.granularity, **compare(models, batch, args.repeats, args.device, args.budget)}
     result["target"] = "step_time_ratio <= 1.05 * flop_ratio"
     result["target_met"] = result["step_time_ratio"] <= 1.05 * result["flop_ratio"]
     print(f"MoLEx+LoRA / LoRA on {args.model} (batch {args.batch_size} x {args.seq_len}, {args.device}): "

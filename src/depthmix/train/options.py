@@ -46,7 +46,7 @@ class TrainOptions:
     lora_r: LoRA rank.
     lora_alpha: LoRA scaling numerator (scale = lora_alpha / lora_r).
     lora_dropout: dropout on the LoRA input, in [0, 1).
-    lora_targets: module names LoRA wraps, e.g. q_proj,v_proj (default: the architecture's).
+    lora_targets: module names LoRA wraps, e.g. q_proj,v_proj (default: PEFT's for the model type).
     use_dora: DoRA (weight-decomposed LoRA) instead of LoRA.
     method_config: fields of the method's config (MoLExConfig, MoDConfig, MoDEConfig); in a --config file.
     save_steps: steps between checkpoints.

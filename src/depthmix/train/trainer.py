@@ -14,8 +14,8 @@ from .. import io
 from ..config import ConfigError
 from ..data.tasks import get_task
 from ..depthmix_model import CONFIG_NAME, DepthMixModel, apply
+from ..lora import config as lora_config
 from ..models import load_model, load_tokenizer
-from ..architectures import resolve
 from ..tuners import METHODS
 from .options import TrainOptions
 from .preflight import method_config, preflight
@@ -81,13 +81,10 @@ def build_model(opts: TrainOptions, head: str, num_labels: int | None):
     """Base model + tokenizer, with the method of `opts` applied (on top of LoRA unless opts.lora is False)."""
     model = load_model(opts.model, head=head, num_labels=num_labels)
     tokenizer = load_tokenizer(opts.model)
-    arch = resolve(model)
     lora = None
     if opts.lora:
-        from peft import LoraConfig
-        lora = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                          target_modules=list(opts.lora_targets or arch.family.lora_targets),
-                          use_dora=opts.use_dora, fan_in_fan_out=arch.family.name == "gpt2")
+        lora = lora_config(model, opts.lora_targets, r=opts.lora_r, lora_alpha=opts.lora_alpha,
+                           lora_dropout=opts.lora_dropout, use_dora=opts.use_dora)
     return apply(model, method_config(opts), lora, train_pooler=opts.train_pooler), tokenizer
 
 
