@@ -243,6 +243,31 @@ def retime(runs, dense, data, args):
         runs.put(name, rec)
 
 
+def profile_decode(runs, dense, data, names, args):
+    """Where a decode step's time goes, dense vs the point (torch.profiler over one greedy generate of
+    --new-tokens tokens at batch 1): matmul time (mm/addmm/bmm) and everything else, in ms per generate."""
+    from torch.profiler import ProfilerActivity, profile
+    prompt = data["prompt"]
+    kw = dict(do_sample=False, pad_token_id=data["pad"], attention_mask=torch.ones_like(prompt),
+              max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+
+    def split(model):
+        with torch.no_grad():
+            model.generate(prompt, **kw)  # warm-up
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                model.generate(prompt, **kw)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) / 1e3
+        mm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")) / 1e3
+        return {"matmul_ms": round(mm, 1), "other_ms": round(total - mm, 1), "ops": sum(e.count for e in events)}
+
+    for name in names:
+        rec = runs.get(name)
+        model = depthmix.DepthMixModel.from_pretrained(load_model(args.model), runs.root / name).eval()
+        rec["decode_profile"] = {"dense": split(dense), "point": split(model), "threads": torch.get_num_threads()}
+        runs.put(name, rec)
+
+
 def diagnose(runs, data, names, args):
     """What limits a MoD point: its NLL with top-k-lookahead routing (no predictor errors; sees the future) and,
     with the same blocks and capacity, untrained (zero) routers under top-k-lookahead (what tuning bought)."""
@@ -295,7 +320,7 @@ def record(runs, args, todo):
 
 
 DETAIL_KEYS = ("choice", "tuning", "tuning_seconds", "decode_spread", "timing", "realized_capacity_decode", "tokens",
-               "nll_topk_lookahead", "nll_untrained_topk_lookahead")
+               "nll_topk_lookahead", "nll_untrained_topk_lookahead", "decode_profile")
 
 
 def table(rec) -> str:
@@ -382,6 +407,8 @@ def parse():
     p.add_argument("--diagnose", nargs="+", default=[], help="MoD point names: also their top-k-lookahead NLL, "
                    "tuned and untrained")
     p.add_argument("--max-points", type=int, default=100, help="stop after this many new MoD points")
+    p.add_argument("--profile", nargs="+", default=[], help="MoD point names: where their decode step's time "
+                   "goes (matmul or not), beside dense")
     p.add_argument("--retime", choices=["wide", "all"], help="time decoding again: where the spread stayed wide, "
                    "or every point (run on a quiet machine)")
     p.add_argument("--table", action="store_true", help="print the Markdown table of --out and stop")
@@ -414,6 +441,7 @@ def main():
     if args.retime:
         retime(runs, dense, data, args)
     diagnose(runs, data, args.diagnose, args)
+    profile_decode(runs, dense, data, args.profile, args)
     write(runs, args, todo)
 
 
