@@ -50,3 +50,25 @@ def test_timing_goes_on_until_the_ratio_is_tight_or_the_budget_ends():
     r = interleaved_times({"a": lambda: time.sleep(0.01), "b": lambda: time.sleep(0.01)}, 3, warmup=0,
                           progress=False, pairs=[("b", "a")], budget_s=5, max_rel_iqr=0.5)
     assert len(r.seconds["a"]) == 3 and "within" in r.stopped
+
+
+def test_bench_mod_prints_ratios_last_with_causal_forward(tmp_path, capsys):
+    from depthmix.models import load_tokenizer
+    tok = load_tokenizer("smollm2-135m")
+    model = tiny("llama")
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    assert main(["bench", "mod", "--json", "--model", str(tmp_path / "model"), "--task", "lm/pydoc",
+                 "--batch-size", "2", "--seq-len", "32", "--repeats", "2", "--budget", "0", "--capacity", "0.5",
+                 "--layers", "[1, 3]", "--tune-steps", "1", "--feature-batches", "1", "--eval-blocks", "4",
+                 "--prompt-len", "8", "--new-tokens", "4"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["method"] == "mod" and result["layers"] == [1, 3]
+    # causal routing, timed on real held-out rows beside top-k: what it processed is what it cost in FLOPs
+    assert 0 < result["flop_ratio_causal"] < 1 and 0 <= result["realized_capacity_forward_causal"] <= 1
+    assert result["forward_flops"]["mod_causal"] < result["forward_flops"]["dense_rows"]
+    for name in ("forward_time_ratio", "forward_causal_time_ratio", "train_step_time_ratio",
+                 "decode_tokens_per_s_ratio"):
+        assert result[name] > 0 and result["spreads"][name]["median"] == result[name]
+    assert "rounds" in result["timing"]["forward_causal"]
