@@ -90,15 +90,20 @@ def flop_count(model, data):
     return flops.forward_flops(model, 0, 0, routing="causal", ids=data["flop_ids"])
 
 
+def greedy(data, n):
+    """generate() keywords for exactly n new tokens, greedy, after the held-out prompt at batch 1."""
+    return dict(do_sample=False, pad_token_id=data["pad"], attention_mask=torch.ones_like(data["prompt"]),
+                max_new_tokens=n, min_new_tokens=n)
+
+
 def decode(dense, model, data, args):
     """Decoding tokens/s of `model` over dense at batch 1 (greedy, prompt processing left out), interleaved."""
-    prompt = data["prompt"]
-    kw = dict(do_sample=False, pad_token_id=data["pad"], attention_mask=torch.ones_like(prompt))
-
     def gen(m, n):
+        kw = greedy(data, n)
+
         def fn():
             with torch.no_grad():
-                m.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)
+                m.generate(data["prompt"], **kw)
         return fn
 
     def step(name):
@@ -196,6 +201,13 @@ def drop_count(flop_ratio, base):
     return max(1, round((1 - flop_ratio) / per_block))
 
 
+def point_model(runs, dense, name, rec, args):
+    """The model of a finished point: its MoD adapter on a fresh base model, or dense without its dropped blocks."""
+    if rec["arm"] == "mod":
+        return depthmix.DepthMixModel.from_pretrained(load_model(args.model), runs.root / name).eval()
+    return drop_blocks(copy.deepcopy(dense), rec["layers"])
+
+
 def drop_point(runs, dense, tok, data, base, n, args):
     name = f"drop-n{n}"
     rec = runs.get(name)
@@ -207,21 +219,19 @@ def drop_point(runs, dense, tok, data, base, n, args):
         rec.update(decode(dense, model, data, args))
         rec = runs.put(name, rec)
     if args.mc and "mc_accuracy" not in rec:
-        model = drop_blocks(copy.deepcopy(dense), rec["layers"])
-        rec["mc_accuracy"] = mc_accuracy(model, tok, args)
+        rec["mc_accuracy"] = mc_accuracy(point_model(runs, dense, name, rec, args), tok, args)
         rec = runs.put(name, rec)
     return rec
 
 
-def mod_mc(runs, tok, args):
+def mod_mc(runs, dense, tok, args):
     """Multiple-choice accuracy of the lowest-NLL MoD point of each capacity."""
     done = [(k, r) for k, r in runs.all().items() if r.get("arm") == "mod"]
     for capacity in sorted({r["capacity"] for _, r in done}):
         name, rec = min(((k, r) for k, r in done if r["capacity"] == capacity), key=lambda kr: kr[1]["nll"])
         if "mc_accuracy" in rec:
             continue
-        model = depthmix.DepthMixModel.from_pretrained(load_model(args.model), runs.root / name).eval()
-        rec["mc_accuracy"] = mc_accuracy(model, tok, args)
+        rec["mc_accuracy"] = mc_accuracy(point_model(runs, dense, name, rec, args), tok, args)
         runs.put(name, rec)
 
 
@@ -234,10 +244,7 @@ def retime(runs, dense, data, args):
             continue
         if args.retime == "wide" and "IQR still wider" not in rec.get("timing", ""):
             continue
-        if rec["arm"] == "mod":
-            model = depthmix.DepthMixModel.from_pretrained(load_model(args.model), runs.root / name).eval()
-        else:
-            model = drop_blocks(copy.deepcopy(dense), rec["layers"])
+        model = point_model(runs, dense, name, rec, args)
         before = rec.get("decode_before_retime") or {k: rec[k] for k in ("decode_speedup", "decode_spread", "timing")}
         rec.update(decode(dense, model, data, args), decode_before_retime=before)
         runs.put(name, rec)
@@ -247,9 +254,7 @@ def profile_decode(runs, dense, data, names, args):
     """Where a decode step's time goes, dense vs the point (torch.profiler over one greedy generate of
     --new-tokens tokens at batch 1): matmul time (mm/addmm/bmm) and everything else, in ms per generate."""
     from torch.profiler import ProfilerActivity, profile
-    prompt = data["prompt"]
-    kw = dict(do_sample=False, pad_token_id=data["pad"], attention_mask=torch.ones_like(prompt),
-              max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    prompt, kw = data["prompt"], greedy(data, args.new_tokens)
 
     def split(model):
         with torch.no_grad():
@@ -263,19 +268,19 @@ def profile_decode(runs, dense, data, names, args):
 
     for name in names:
         rec = runs.get(name)
-        model = depthmix.DepthMixModel.from_pretrained(load_model(args.model), runs.root / name).eval()
+        model = point_model(runs, dense, name, rec, args)
         rec["decode_profile"] = {"dense": split(dense), "point": split(model), "threads": torch.get_num_threads()}
         runs.put(name, rec)
 
 
-def diagnose(runs, data, names, args):
+def diagnose(runs, dense, data, names, args):
     """What limits a MoD point: its NLL with top-k-lookahead routing (no predictor errors; sees the future) and,
     with the same blocks and capacity, untrained (zero) routers under top-k-lookahead (what tuning bought)."""
     for name in names:
         rec = runs.get(name)
         if rec is None or "nll_topk_lookahead" in rec:
             continue
-        model = depthmix.DepthMixModel.from_pretrained(load_model(args.model), runs.root / name).eval()
+        model = point_model(runs, dense, name, rec, args)
         with model.method.routing_mode("topk-lookahead"):
             rec["nll_topk_lookahead"] = nll(model, data)["nll"]
         config = dataclasses.replace(model.method_config)
@@ -437,10 +442,10 @@ def main():
         drop_point(runs, dense, tok, data, base, drop_count(rec["flop_ratio"], base), args)
         write(runs, args, todo)
     if args.mc:
-        mod_mc(runs, tok, args)
+        mod_mc(runs, dense, tok, args)
     if args.retime:
         retime(runs, dense, data, args)
-    diagnose(runs, data, args.diagnose, args)
+    diagnose(runs, dense, data, args.diagnose, args)
     profile_decode(runs, dense, data, args.profile, args)
     write(runs, args, todo)
 

@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 from .runtime import evaluating
+from .tuners.mod.config import SKIP
 
 aten = torch.ops.aten
 
@@ -70,7 +71,7 @@ def analytic(config, seq_len: int, layers: list[int], capacity: float, num_layer
     head. Returns both totals and the block-only ratio. In a routed block only what a token skips (MoDConfig.skip:
     "block", "attention" or "mlp") runs on the k routed tokens (linear parts x c, attention scores x c^2); the
     other sub-layer runs on every token at full cost."""
-    if skip not in ("block", "attention", "mlp"):
+    if skip not in SKIP:
         raise ValueError(f"skip={skip!r}: expected 'block', 'attention' or 'mlp'")
     s = block_shape(config)
     d, hd = s["d"], s["head_dim"]

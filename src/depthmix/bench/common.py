@@ -11,6 +11,17 @@ from tqdm.auto import tqdm
 from ..flops import count as count_flops  # noqa: F401  (for the benches; it also counts the CPU SDPA kernel)
 
 
+def add_timing_args(p, repeats: int, budget: float) -> None:
+    """The flags every bench shares: how long to time, and where both sides run."""
+    p.add_argument("--repeats", type=int, default=repeats,
+                   help="timing rounds at least, per measurement (default: %(default)s)")
+    p.add_argument("--budget", type=float, default=budget, help="seconds, per measurement, to go on timing while a "
+                   "ratio's spread is wide (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where both sides run, e.g. cpu, cuda or cuda:1 (default: cuda when a GPU is visible, "
+                   "else cpu)")
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

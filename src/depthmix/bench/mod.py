@@ -15,7 +15,7 @@ from ..depthmix_model import DepthMixModel, apply
 from ..models import load_model
 from ..tuners import MoDConfig
 from ..tuners.mod import retrofit
-from .common import interleaved_times
+from .common import add_timing_args, interleaved_times
 
 
 def add_args(p) -> None:
@@ -31,10 +31,7 @@ def add_args(p) -> None:
                    help="sequences per timed forward pass and training step (decoding runs at batch 1)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence of the timed batch, of the "
                    "held-out blocks and of the predictors' fitting passes")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="timing rounds at least, per measurement (default: %(default)s)")
-    p.add_argument("--budget", type=float, default=120.0, help="seconds, per measurement, to go on timing while a "
-                   "ratio's spread is wide (default: %(default)s)")
+    add_timing_args(p, repeats=5, budget=120.0)
     p.add_argument("--prompt-len", type=int, default=64,
                    help="tokens of the held-out prompt that greedy decoding starts from")
     p.add_argument("--new-tokens", type=int, default=48, help="decoding speed: tokens per second of the decoding "
@@ -48,9 +45,6 @@ def add_args(p) -> None:
                    "hidden states the predictors are then fitted on; without --adapter")
     p.add_argument("--eval-blocks", type=int, default=24, help="held-out blocks of --seq-len tokens on which the "
                    "NLL and the predictors' accuracy are scored")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where both sides run, e.g. cpu, cuda or cuda:1 (default: cuda when a GPU is visible, "
-                   "else cpu)")
 
 
 def text_blocks(task_name, split, tokenizer, size, data_dir, limit=None):
@@ -133,7 +127,7 @@ def run(args) -> dict:
     rows = heldout[:args.batch_size].to(dev)
     mod.method.routing = "causal"
     flop["mod_causal"] = flops.forward_flops(mod, len(rows), args.seq_len, "causal", ids=rows)
-    flop["dense_rows"] = flops.forward_flops(dense, len(rows), args.seq_len, ids=rows)
+    flop["dense_rows"] = flop["dense"] * len(rows) // args.batch_size  # dense FLOPs follow the shape alone
     mod.method.reset_stats()
     fwd_causal = interleaved_times({"dense": forward(dense, rows), "mod": forward(mod, rows)}, args.repeats,
                                    device=dev, pairs=[("mod", "dense")], budget_s=args.budget)

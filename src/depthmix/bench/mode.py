@@ -7,7 +7,7 @@ from ..depthmix_model import apply
 from ..lora import config as lora_config
 from ..models import load_model
 from ..tuners import MoDEConfig
-from .common import count_flops, interleaved_times, peak_memory
+from .common import add_timing_args, count_flops, interleaved_times, peak_memory
 from .molex import forward_backward, training_step
 
 
@@ -18,9 +18,7 @@ def add_args(p) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (random tokens)")
     p.add_argument("--labelled", type=float, default=0.5, help="fraction of each sequence scored (the answer, "
                    "after an unscored prompt of ragged length)")
-    p.add_argument("--repeats", type=int, default=5, help="timing rounds at least (default: %(default)s)")
-    p.add_argument("--budget", type=float, default=180.0,
-                   help="seconds to go on timing while the ratio's spread is wide (default: %(default)s)")
+    add_timing_args(p, repeats=5, budget=180.0)
     p.add_argument("--num-layers", type=int, default=3, help="how many of the last blocks MoDE ensembles (>= 2)")
     p.add_argument("--mixing", default="token", choices=["token", "static"], help="MoDE's routing weights: per "
                    "token (a linear layer on the final hidden state) or static (one set shared by all tokens) "
@@ -29,9 +27,6 @@ def add_args(p) -> None:
                    "term (bounds its memory: chunk size x vocabulary)")
     p.add_argument("--distill-weight", type=float, default=1.0,
                    help="weight of MoDE's distillation term; 0 times the ensemble without distillation")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where both sides run, e.g. cpu, cuda or cuda:1 (default: cuda when a GPU is visible, "
-                   "else cpu)")
     p.add_argument("--tensor-peak", action="store_true",
                    help="on the CPU, also measure the peak of live tensors with the profiler (two more slow steps)")
 

@@ -8,7 +8,7 @@ from ..lora import config as lora_config
 from ..models import load_model
 from ..architectures import resolve
 from ..tuners import MoLExConfig
-from .common import count_flops, interleaved_times, peak_memory
+from .common import add_timing_args, count_flops, interleaved_times, peak_memory
 
 
 def add_args(p) -> None:
@@ -17,14 +17,9 @@ def add_args(p) -> None:
                    "trains on next tokens")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per training step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (random tokens)")
-    p.add_argument("--repeats", type=int, default=10, help="timing rounds at least (default: %(default)s)")
-    p.add_argument("--budget", type=float, default=120.0,
-                   help="seconds to go on timing while the ratio's spread is wide (default: %(default)s)")
+    add_timing_args(p, repeats=10, budget=120.0)
     p.add_argument("--granularity", default="sequence", choices=["sequence", "token"], help="MoLEx's expert choice: "
                    "one expert per sequence or one per token (choices: %(choices)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where both sides run, e.g. cpu, cuda or cuda:1 (default: cuda when a GPU is visible, "
-                   "else cpu)")
 
 
 def training_step(model, batch):

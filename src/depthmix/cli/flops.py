@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from ..tuners.mod.config import SKIP
 from .flags import parse_value
 
 
@@ -22,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--causal", default="predictor", choices=["predictor", "aux_loss"],
                    help="what decides causal routing: a small predictor MLP, or the router logits themselves "
                    "(choices: %(choices)s); without --adapter")
-    p.add_argument("--skip", default="block", choices=["block", "attention", "mlp"],
+    p.add_argument("--skip", default="block", choices=SKIP,
                    help="what a token that is not routed skips in a routed block: the whole block, only its "
                    "attention sub-layer or only its MLP (choices: %(choices)s); without --adapter")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
