@@ -16,6 +16,7 @@ from .io import AdapterError
 from .architectures import fingerprint, resolve
 from .tuners import METHODS
 from .tuners.base import detach_all
+from .runtime import device_of
 
 CONFIG_NAME = "depthmix_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -78,7 +79,7 @@ class DepthMixModel(nn.Module):
         if config is not None:
             method_cls = METHODS[config.method][1]
             self.method = method_cls(config, arch, self.fingerprint["hidden_size"])
-            self.method.to(next(model.parameters()).device)
+            self.method.to(device_of(model))
         # the method's own tensors always belong to the adapter, also frozen ones (MoLEx's frozen-gate control)
         self.adapter_names = [n for n, p in self.named_parameters() if p.requires_grad or n.startswith("method.")]
         self._hooks = [model.register_forward_pre_hook(self._begin, with_kwargs=True),

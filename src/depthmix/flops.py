@@ -6,7 +6,7 @@ import math
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
-from .runtime import evaluating
+from .runtime import device_of, evaluating
 from .tuners.mod.config import SKIP
 
 aten = torch.ops.aten
@@ -37,7 +37,7 @@ def count(fn) -> int:
 def forward_flops(model, batch: int, seq_len: int, routing: str | None = None, seed: int = 0, ids=None) -> int:
     """FLOPs of one inference forward pass (no cache) on `ids`, else on random tokens; MoD in the given routing
     mode. Causal routing decides per token, so its count depends on the text: give real text for it."""
-    device = next(model.parameters()).device
+    device = device_of(model)
     if ids is None:
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=g)

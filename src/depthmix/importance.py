@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import ConfigError
 from .architectures import _get, resolve
+from .runtime import device_of
 
 MID_NORMS = ("post_attention_layernorm", "ln_2")
 
@@ -56,7 +57,7 @@ def influence(model, ids: torch.Tensor, batch: int = 4) -> dict[str, list[float]
         norm = next((getattr(block, name) for name in MID_NORMS if hasattr(block, name)), None)
         if norm is not None:
             hooks.append(norm.register_forward_pre_hook(mid(i)))
-    device = next(model.parameters()).device
+    device = device_of(model)
     was = model.training
     model.eval()
     try:

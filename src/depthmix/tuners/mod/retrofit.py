@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...runtime import device_of
+
 LOSSES = ("distill", "lm")
 
 
@@ -53,7 +55,7 @@ def tune(model, blocks: torch.Tensor, steps: int, batch: int = 4, lr: float = 1e
     """`steps` AdamW steps on the routers and predictors only, on random batches of `blocks` [N, S]; the losses."""
     from tqdm.auto import tqdm
     method = method_of(model)
-    device = next(model.parameters()).device
+    device = device_of(model)
     g = torch.Generator().manual_seed(seed)
     params = list(method.parameters())
     for p in params:
@@ -80,7 +82,7 @@ def fit_predictors(model, blocks: torch.Tensor, batches: int, batch: int = 4, se
     `batches` forward passes (top-k routing, no gradients): the targets of training, for a fraction of its cost."""
     from tqdm.auto import tqdm
     method = method_of(model)
-    device = next(model.parameters()).device
+    device = device_of(model)
     g = torch.Generator().manual_seed(seed)
     seen = collect_inputs(model, blocks, batches, batch, g, progress)
     for i in tqdm(range(len(method.layers)), desc="fitting predictors", disable=not progress):
@@ -93,7 +95,7 @@ def collect_inputs(model, blocks, batches, batch, g, progress) -> dict[int, list
     """{routed block i: [its input hidden states, one [b, S, d] tensor per forward]} under top-k routing."""
     from tqdm.auto import tqdm
     method = method_of(model)
-    device = next(model.parameters()).device
+    device = device_of(model)
     seen = {i: [] for i in range(len(method.layers))}
     hooks = [routed(model, i).register_forward_pre_hook(
         lambda m, a, kw, i=i: seen[i].append((a[0] if a else kw["hidden_states"]).detach().cpu()) and None,
