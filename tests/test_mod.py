@@ -6,6 +6,7 @@ from peft import LoraConfig
 
 import depthmix
 from conftest import CAUSAL, LORA_TARGETS, batch, tiny
+from depthmix.blocks import CACHE_ARG
 from depthmix.tuners.mod.cache import KEY
 from depthmix.tuners.mod.layer import capacity_k, topk_membership
 
@@ -201,7 +202,7 @@ def test_cached_generate_equals_full_recompute(family, b):
     full = logits(dm, cached.sequences, torch.cat([mask, torch.ones(b, 7, dtype=torch.long)], 1), "causal")
     assert torch.equal(full[:, 7:-1].argmax(-1), cached.sequences[:, 8:])
     # each routed block's store holds exactly the tokens it processed: its own length per block and sequence
-    stores = cached.past_key_values.__dict__[KEY]
+    stores = getattr(cached, CACHE_ARG).__dict__[KEY]
     lengths = torch.stack([stores[i].length for i in range(len(dm.method.layers))])
     dm.method.reset_stats()
     logits(dm, cached.sequences[:, :-1], torch.cat([mask, torch.ones(b, 6, dtype=torch.long)], 1), "causal")

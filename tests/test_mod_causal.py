@@ -8,6 +8,7 @@ import depthmix
 import depthmix.evaluation.lm_eval as harness
 import depthmix.train
 from conftest import CAUSAL, batch, tiny
+from depthmix.blocks import CACHE_ARG
 from depthmix.cli.main import main
 from depthmix.models import load_tokenizer
 from depthmix.tuners.mod.cache import KEY
@@ -134,7 +135,7 @@ def test_one_token_prompt_decodes_through_every_routed_block(family):
         uncached = dm.generate(**kw, use_cache=False)
         dense = tiny(family)(input_ids=ids).logits[:, 0]
     assert torch.equal(out.sequences, uncached)
-    stores = out.past_key_values.__dict__[KEY]
+    stores = getattr(out, CACHE_ARG).__dict__[KEY]
     assert [stores[i].length.tolist() for i in range(2)] == [[1], [1]]  # the sink, and nothing else (zero routers)
     torch.testing.assert_close(out.logits[0], dense, rtol=0, atol=1e-6)
 

@@ -9,6 +9,16 @@ from torch import nn
 _CLASSES: dict[tuple[type, type], type] = {}
 
 
+def _cache_arg() -> str:
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+    return "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+# transformers 5.24 renamed the KV cache of block calls and model outputs from `past_key_values` to `cache`;
+# routed block calls read and replace it under this name.
+CACHE_ARG = _cache_arg()
+
+
 def swap_class(module: nn.Module, mixin: type) -> None:
     """Give `module` the class `(mixin, original)`, named like the original.
 

@@ -11,7 +11,7 @@ from torch import nn
 from ...config import ConfigError, pick_layers
 from ..base import Method, float32_linear
 from .cache import KEY, store_for
-from ...blocks import take_rows_all
+from ...blocks import CACHE_ARG, take_rows_all
 from .layer import (MoDBlock, attn_impl, first_real, gather_tokens, membership, pack, packed_mask,
                     predictor_hidden, slots, subset_mask, take_packed, topk_membership, topk_slots)
 
@@ -147,9 +147,9 @@ class MoD(Method):
         r, decide = self.scores(i, x)
         # an eval-mode base model routes causally even if the method module was left in train mode
         causal = self.active_routing(self.training and module.training) == "causal"
-        cache = named.get("past_key_values")
+        cache = named.get(CACHE_ARG)
         if cache is not None and self.training and torch.is_grad_enabled():
-            named["past_key_values"] = cache = None  # training never decodes: keep no subset K/V
+            named[CACHE_ARG] = cache = None  # training never decodes: keep no subset K/V
         slots_, sel, topk = self._select(i, r, decide, valid, cache, causal)
         self._record(i, sel, valid, decide, topk)
         if self.training and torch.is_grad_enabled() and self.config.aux_weight > 0 and topk is not None:
@@ -244,7 +244,7 @@ class MoD(Method):
         xr = x if pick is None else x.index_select(0, rows)
         if self._keeps_kv():
             begin = start if pick is None else start.index_select(0, rows)
-            kw["past_key_values"] = store.view(torch.ones_like(begin), 1, pick)
+            kw[CACHE_ARG] = store.view(torch.ones_like(begin), 1, pick)
             kw["attention_mask"] = subset_mask(begin, 1, int(begin.max()) + 1, attn_impl(module), x.dtype, x.device)
         weight = self._weight(r)
         if weight is not None and pick is not None:
@@ -339,7 +339,7 @@ class MoD(Method):
         if isinstance(pos, torch.Tensor) and pos.dim() == 2:
             kw["position_ids"] = gather_tokens(pos, idx)
         kw.pop("cache_position", None)
-        cache = kw.get("past_key_values")
+        cache = kw.get(CACHE_ARG)
         if not self._keeps_kv():  # an MLP: token-wise, no mask, no K/V
             return kw
         impl = attn_impl(module)
@@ -347,7 +347,7 @@ class MoD(Method):
             store = self._store(cache, i)
             start = store.start(idx.shape[0], idx.device)
             kv = int((start + top).max())
-            kw["past_key_values"] = store.view(count, top)
+            kw[CACHE_ARG] = store.view(count, top)
             kw["attention_mask"] = subset_mask(start, top, kv, impl, xs.dtype, xs.device)
         else:
             kw["attention_mask"] = subset_mask(None, top, top, impl, xs.dtype, xs.device)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ...blocks import take_rows_all, unrecorded
+from ...blocks import CACHE_ARG, take_rows_all, unrecorded
 from ...config import pick_layers
 from ..base import Method, float32_linear
 from .dist import agree, keep, must_agree
@@ -101,7 +101,7 @@ class MoLEx(Method):
         named = self.arch.bind(block, args, kwargs)
         z = named.pop(next(iter(named)))
         t = self.layers[i]
-        cache = named.get("past_key_values")
+        cache = named.get(CACHE_ARG)
         if cache is not None and not self.supports_cache and cache.get_seq_length(t) > 0:
             raise RuntimeError("MoLEx token routing in a causal LM cannot decode from a KV cache; "
                                "use use_cache=False (DepthMixModel.generate does this for you)")
@@ -172,17 +172,17 @@ class MoLEx(Method):
     def _spare(self, j, z, named):
         """Expert j on row 0 alone, for a rank none of whose rows chose it; the caller throws the output away."""
         kw = dict(named)
-        if kw.get("past_key_values") is not None:  # decoding: no cache to write into, so no mask over one either
-            kw.pop("past_key_values")
+        if kw.get(CACHE_ARG) is not None:  # decoding: no cache to write into, so no mask over one either
+            kw.pop(CACHE_ARG)
             kw.pop("attention_mask", None)
         return self._expert(j, z, kw, torch.zeros(1, dtype=torch.long, device=z.device), None)
 
     def _expert(self, j, z, named, rows, state):
         """Block j on z (rows of it), called through the module so FSDP/ZeRO-3 hooks gather its weights."""
         kw = take_rows_all(named, rows, z.shape[0])
-        if kw.get("past_key_values") is not None:
+        if kw.get(CACHE_ARG) is not None:
             # Expert j at layer t attends over z_t, not z_j: it needs its own cache, holding only these rows.
-            kw["past_key_values"] = state.setdefault("caches", {}).setdefault(j, DynamicCache()) if state is not None else None
+            kw[CACHE_ARG] = state.setdefault("caches", {}).setdefault(j, DynamicCache()) if state is not None else None
         zr = z if rows is None else z.index_select(0, rows)
         with unrecorded():
             return self.arch.blocks[j](zr, depthmix_plain=True, **kw)
