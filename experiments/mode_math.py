@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import subprocess
 import sys
 import time
@@ -61,8 +62,12 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int, default=300, help="SingleEq problems scored (secondary metric)")
     p.add_argument("--validation-size", type=int, default=200)
     p.add_argument("--heldout-size", type=int, default=500)
-    p.add_argument("--summary-only", action="store_true")
+    p.add_argument("--summary-only", action="store_true", help="only write the results from finished runs")
+    p.add_argument("--table", action="store_true", help="print the Markdown of the results files and stop")
     args = p.parse_args()
+    if args.table:
+        print(tables(Path(args.results)))
+        return
     out = Path(args.out)
     splits = prepare(Path(args.data_dir), out / "data", args.train_size, args.validation_size, args.heldout_size)
     if not args.summary_only:
@@ -122,21 +127,64 @@ def gold_nll(folder: Path, split_dir: Path, file: Path) -> None:
 
 def sweep(args, out: Path, splits: dict) -> dict:
     """Phase 1 on seed 0: the best learning rate per arm, then the best distillation options for MoDE + LoRA."""
+    def scored(name, flags):
+        value = run(args, out / "sweep" / name, 0, flags, splits, "validation", 8)["gold_nll"]
+        write_sweep(args, out)  # progress as data, after every run
+        return value
+
     best = {}
     for arm, lrs in LRS.items():
         if len(lrs) == 1:  # nothing to choose: no run
             best[arm] = {"lr": lrs[0], "validation_nll": {}}
             continue
-        scores = {lr: run(args, out / "sweep" / f"{arm}-lr{lr}", 0, [*ARMS[arm], "--lr", lr], splits, "validation",
-                          8)["gold_nll"] for lr in lrs}
+        scores = {lr: scored(f"{arm}-lr{lr}", [*ARMS[arm], "--lr", lr]) for lr in lrs}
         best[arm] = {"lr": min(scores, key=scores.get), "validation_nll": scores}
     lr = best["mode+lora"]["lr"]
-    scores = {name: run(args, out / "sweep" / f"mode+lora-lr{lr}-{name}", 0, [*ARMS["mode+lora"], "--lr", lr, *flags],
-                        splits, "validation", 8)["gold_nll"] for name, flags in DISTILL.items()}
+    scores = {name: scored(f"mode+lora-lr{lr}-{name}", [*ARMS["mode+lora"], "--lr", lr, *flags])
+              for name, flags in DISTILL.items()}
     best["distill"] = {"options": min(scores, key=scores.get), "validation_nll": scores}
     (out / "sweep.json").write_text(json.dumps(best, indent=2))
     print(f"phase 1: {json.dumps(best)}", flush=True)
     return best
+
+
+def write_sweep(args, out: Path) -> None:
+    """docs/results/mode-math-sweep.json: every finished phase-1 run (seed 0, validation gold NLL), so far."""
+    from depthmix.io import write_json
+    runs = []
+    for nll in sorted((out / "sweep").glob("*/nll-validation.json")):
+        name = nll.parent.name
+        arm, lr, options = re.fullmatch(r"(.+?)-lr([0-9.]+e-?[0-9]+)(?:-(.+))?", name).groups()
+        m = json.loads((nll.parent / "metrics.json").read_text())
+        runs.append({"run": name, "arm": arm, "lr": lr, "options": options or None, "seed": 0,
+                     "value": json.loads(nll.read_text())["gold_nll"], "train_seconds": m["train_seconds"],
+                     "train_steps": m["train_steps"]})
+    planned = sum(len(v) for v in LRS.values() if len(v) > 1) + len(DISTILL)
+    write_json(Path(args.results) / "mode-math-sweep.json", {
+        "experiment": "mode-math-sweep", "task": "reasoning/math (validation worked answers)", "metric": "gold_nll",
+        "higher_is_better": False, "validation": f"{args.validation_size} problems of math_train",
+        "train": f"{args.train_size} problems, {args.epochs} epochs", "runs": runs, "planned": planned,
+        "lrs": LRS, "distill": DISTILL})
+
+
+def tables(results: Path) -> str:
+    from depthmix.evaluation.compare import table
+    parts = []
+    sweep_file = results / "mode-math-sweep.json"
+    if sweep_file.exists():
+        rec = json.loads(sweep_file.read_text())
+        parts.append(f"**Phase 1** (seed 0; {rec['metric']} on the {rec['validation']}; {len(rec['runs'])} of "
+                     f"{rec['planned']} runs finished):\n\n| run | arm | lr | options | validation gold NLL | "
+                     "train minutes |\n| --- | --- | --- | --- | --- | --- |")
+        parts[-1] += "".join(f"\n| {r['run']} | {r['arm']} | {r['lr']} | {r['options'] or '—'} | {r['value']:.4f} | "
+                             f"{r['train_seconds'] / 60:.0f} |" for r in rec["runs"])
+    for name in ("mode-math", "mode-math-singleeq"):
+        file = results / f"{name}.json"
+        if file.exists():
+            r = json.loads(file.read_text())
+            parts.append(f"**{r['task']}, {r['metric']}** (paired seeds):\n\n{table(r)}\n\n"
+                         + "\n".join(f"- {v}" for v in r["verdicts"].values()))
+    return "\n\n".join(parts) if parts else "no results yet"
 
 
 def final_flags(arm: str, best: dict) -> list[str]:
@@ -147,9 +195,11 @@ def final_flags(arm: str, best: dict) -> list[str]:
 def summarize(args, out: Path) -> None:
     from depthmix.evaluation.compare import compare, table
     from depthmix.io import write_json
+    if (out / "sweep").exists():
+        write_sweep(args, out)
     sweep_file = out / "sweep.json"
     if not sweep_file.exists():
-        print("phase 1 not finished: nothing to summarise")
+        print("phase 1 not finished: only docs/results/mode-math-sweep.json written")
         return
     best = json.loads(sweep_file.read_text())
     runs_nll, runs_acc = [], []
