@@ -74,6 +74,9 @@ def main() -> None:
         from depthmix.cli.main import main as cli
         sys.exit(cli(sys.argv[1:]))
     args = parse_args()
+    if args.table:
+        print(tables(Path(args.results)))
+        return
     out = Path(args.out)
     for name in args.tasks:
         folders = prepare(args, name, out / "data" / name)
@@ -100,7 +103,8 @@ def parse_args():
     p.add_argument("--eval-size", type=int, help="dev rows scored (default: all)")
     p.add_argument("--epochs", type=float, help="default: SST-2 3, pydoc/topics 10")
     p.add_argument("--save-steps", type=int, default=200, help="checkpoint interval (where a stopped run resumes)")
-    p.add_argument("--summary-only", action="store_true")
+    p.add_argument("--summary-only", action="store_true", help="only write the results from finished runs")
+    p.add_argument("--table", action="store_true", help="print the Markdown of the results files and stop")
     args = p.parse_args()
     if "lora" not in args.arms:
         p.error("--arms: the baseline arm 'lora' is needed for the paired differences")
@@ -184,8 +188,11 @@ def sweep(args, name: str, out: Path, folders: dict) -> dict:
     done = json.loads(file.read_text()) if file.exists() else {"best_lr": {}, "validation_accuracy": {}}
     best, scores = done["best_lr"], done["validation_accuracy"]  # other arms' choices stay (runs of --arms subsets)
     for arm in args.arms:
-        scores[arm] = {lr: accuracy(run(args, name, out / "sweep" / f"{arm}-lr{lr}", 0, [*ARMS[arm], "--lr", lr],
-                                        folders["validation"])) for lr in args.lrs}
+        scores[arm] = {}
+        for lr in args.lrs:
+            scores[arm][lr] = accuracy(run(args, name, out / "sweep" / f"{arm}-lr{lr}", 0, [*ARMS[arm], "--lr", lr],
+                                           folders["validation"]))
+            write_sweep(args, name, out)  # progress as data, after every run
         best[arm] = max(sorted(args.lrs, key=float), key=lambda lr: scores[arm][lr])
     file.write_text(json.dumps({"best_lr": best, "validation_accuracy": scores}, indent=2))
     print(f"{name} phase 1: {json.dumps({arm: best[arm] for arm in args.arms})}", flush=True)
@@ -197,9 +204,46 @@ def accuracy(metrics: dict) -> float:
 
 
 # -- results ----------------------------------------------------------------------------------------------------
+def write_sweep(args, name: str, out: Path) -> None:
+    """docs/results/molex-<task>-sweep.json: every finished phase-1 run (seed 0, validation accuracy), so far."""
+    from depthmix.io import write_json
+    runs = []
+    for file in sorted((out / "sweep").glob("*-lr*/metrics.json")):
+        arm, lr = file.parent.name.rsplit("-lr", 1)
+        m = json.loads(file.read_text())
+        runs.append({"run": file.parent.name, "arm": arm, "lr": lr, "seed": 0, "value": accuracy(m),
+                     "train_seconds": m["train_seconds"], "train_steps": m["train_steps"]})
+    write_json(Path(args.results) / f"molex-{name}-sweep.json", {
+        "experiment": f"molex-{name}-sweep", "task": TASKS[name]["task"], "metric": "accuracy",
+        "higher_is_better": True, "split": "validation rows carved from train", "runs": runs,
+        "planned": len(ARMS) * len(args.lrs), "lrs": args.lrs, "arms": ARMS})
+
+
+def tables(results: Path) -> str:
+    from depthmix.evaluation.compare import table
+    parts = []
+    for name in TASKS:
+        file = results / f"molex-{name}-sweep.json"
+        if file.exists():
+            rec = json.loads(file.read_text())
+            parts.append(f"**{rec['task']}, phase 1** (seed 0; {rec['metric']} on the {rec['split']}; "
+                         f"{len(rec['runs'])} of {rec['planned']} runs finished):\n\n| arm | lr | validation accuracy "
+                         "| train minutes |\n| --- | --- | --- | --- |")
+            parts[-1] += "".join(f"\n| {r['arm']} | {r['lr']} | {r['value']:.4f} | {r['train_seconds'] / 60:.0f} |"
+                                 for r in rec["runs"])
+        file = results / f"molex-{name}.json"
+        if file.exists():
+            r = json.loads(file.read_text())
+            parts.append(f"**{r['task']}, {r['metric']} on dev** (paired seeds):\n\n{table(r)}\n\n"
+                         + "\n".join(f"- {v}" for v in r["verdicts"].values()))
+    return "\n\n".join(parts) if parts else "no results yet"
+
+
 def summarize(args, name: str, out: Path, folders: dict) -> None:
     from depthmix.evaluation.compare import compare, table
     from depthmix.io import write_json
+    if (out / "sweep").exists():
+        write_sweep(args, name, out)
     sweep_file = out / "sweep.json"
     if not sweep_file.exists():
         print(f"{name}: phase 1 not finished, nothing to summarise")
