@@ -12,10 +12,10 @@ best learning rate (MoDE alone with MoDE + LoRA's distillation options); primary
 
     OMP_NUM_THREADS=2 nice python experiments/mode_math.py --data-dir ../shared/data --out runs/mode_math
 
-Cost (estimated from a smoke run on the shared 2-core CPU): a training step of batch 8 x <= 256 tokens takes a few
-seconds on a quiet machine, so one run of 500 problems x 2 epochs (125 steps) is ~5-10 min, plus ~1 min for
-the gold NLL and ~10 min for 300 SingleEq generations; phase 1 is 12 runs (6 learning rates, 6 MoDE options),
-phase 2 nine: ~4-5 hours in all.
+Cost, measured on the shared 2-core CPU with OMP_NUM_THREADS=1 beside another experiment: one phase-1 run (500
+problems x 2 epochs = 125 steps of batch 8 x <= 256 tokens, then the gold NLL of 200 problems) takes 36-39 min;
+phase 1 is 12 runs (6 learning rates, 6 MoDE options), phase 2 nine runs, each also scoring 500 held-out problems
+and generating 300 SingleEq answers: some 14-16 hours of one core in all (the smoke run had estimated 4-5 hours).
 
 Resumable: a finished run (metrics.json + nll.json) is skipped, so the script can be stopped at any time and run
 again. Writes docs/results/mode-math.json (primary) and docs/results/mode-math-singleeq.json (secondary), both from
@@ -81,20 +81,27 @@ def main() -> None:
 
 def prepare(data: Path, root: Path, train_size: int, validation_size: int, heldout_size: int) -> dict:
     """Three data folders, each with a reasoning/math_train.json as the task reads it: train, validation, held-out."""
+    from depthmix.io import atomic_write
     rows = json.loads((data / "reasoning" / "math_train.json").read_text())
     order = list(range(len(rows)))
     random.Random(1234).shuffle(order)
     a, b = validation_size, validation_size + heldout_size
+    if b + train_size > len(order):
+        raise SystemExit(f"{validation_size} validation + {heldout_size} held-out + {train_size} training problems, "
+                         f"but math_train.json has {len(order)}")
     parts = {"validation": order[:a], "heldout": order[a:b], "train": order[b:b + train_size]}
     folders = {}
     for name, idx in parts.items():
         folder = root / name
         file = folder / "reasoning" / "math_train.json"
-        if not file.exists():
+        if not file.exists():  # written last and atomically: its presence marks the folder complete
             file.parent.mkdir(parents=True, exist_ok=True)
-            file.write_text(json.dumps([rows[i] for i in idx]))
             # the evaluation task (SingleEq) reads its test set from the same folder as the training file
-            (file.parent / "SingleEq_test.json").symlink_to((data / "reasoning" / "SingleEq_test.json").resolve())
+            link = file.parent / "SingleEq_test.json"
+            link.unlink(missing_ok=True)
+            link.symlink_to((data / "reasoning" / "SingleEq_test.json").resolve())
+            text = json.dumps([rows[i] for i in idx])
+            atomic_write(file, lambda tmp: Path(tmp).write_text(text))
         folders[name] = folder
     return folders
 

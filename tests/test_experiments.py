@@ -1,0 +1,96 @@
+"""The experiment scripts' own logic: the splits they tune on, the sizes they plan, the minima they report."""
+import importlib.util
+import json
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import shared_data
+
+ROOT = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(f"experiment_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def isoflop():
+    return script("mod_isoflop_sizes")
+
+
+@pytest.mark.parametrize("shape", [(2, 16), (2, 48), (4, 64), (8, 96)])
+def test_planned_size_is_the_built_size(isoflop, shape):
+    from depthmix.train.pretrain import PretrainOptions, build
+    layers, hidden = shape
+    model = build(PretrainOptions(layers=layers, hidden=hidden, heads=max(1, hidden // 16), seq_len=64), vocab=256)
+    total = sum(p.numel() for p in model.parameters())
+    assert total - 256 * hidden == isoflop.llama_nonembedding(layers, hidden)  # tied embedding, no position table
+
+
+def test_grid_is_centred_on_the_compute_optimal_size(isoflop):
+    for budget in (1e12, 3e12, 1e13):
+        shapes = isoflop.grid(budget)
+        assert len(shapes) == isoflop.SWEEP
+        sizes = [isoflop.llama_nonembedding(*s) for s in shapes]
+        assert sizes == sorted(sizes)
+        nearest = min(isoflop.LADDER, key=lambda s: abs(math.log(isoflop.llama_nonembedding(*s) / isoflop.n_opt(budget))))
+        assert shapes[len(shapes) // 2] == nearest
+
+
+def test_parabola_minimum_and_the_edge(isoflop):
+    points = [(10 ** x, 2.0 + 0.5 * (x - 4.3) ** 2) for x in (3.5, 4.0, 4.5, 5.0, 5.5)]
+    fit = isoflop.parabola_min(points)
+    assert fit["bracketed"] and fit["params"] == pytest.approx(10 ** 4.3, rel=1e-6)
+    assert fit["loss"] == pytest.approx(2.0, abs=1e-9)
+    falling = [(p, -math.log(p)) for p, _ in points]
+    edge = isoflop.parabola_min(falling)
+    assert not edge["bracketed"] and edge["index"] == len(points) - 1
+
+
+def test_loglog_interpolation_is_exact_on_a_power_law(isoflop):
+    xs = [1e3, 1e4, 1e5]
+    ys = [x ** 0.7 for x in xs]
+    assert isoflop.loglog_interp(xs, ys, 3e3) == pytest.approx(3e3 ** 0.7)
+    assert isoflop.loglog_interp(xs, ys, 1.0) == ys[0] and isoflop.loglog_interp(xs, ys, 1e9) == ys[-1]
+
+
+def test_molex_study_tunes_on_rows_carved_from_train_never_on_dev(tmp_path):
+    data = shared_data()
+    molex = script("molex_sst2")
+    args = SimpleNamespace(data_dir=str(data), validation_size=50, train_size=200, eval_size=None)
+    folders = molex.prepare(args, "sst2", tmp_path / "sst2")
+    read = lambda folder, split: json.loads((folders[folder] / f"{split}.json").read_text())  # noqa: E731
+    train, validation, dev = read("validation", "train"), read("validation", "eval"), read("final", "eval")
+    assert read("final", "train") == train and len(train["label"]) == 200 and len(validation["label"]) == 50
+    # disjoint rows of train: no row is used twice (SST-2's train set itself repeats a few phrases)
+    from depthmix.data.tasks import get_task
+    source = Counter(zip(*get_task("glue/sst2").load("train", args.data_dir).to_dict().values()))
+    drawn = Counter(zip(*train.values())) + Counter(zip(*validation.values()))
+    assert not drawn - source
+    assert not set(validation["text_a"]) & set(dev["text_a"])
+    assert len(dev["label"]) == 872  # all of SST-2's dev set, scored only in phase 2
+    again = molex.prepare(args, "sst2", tmp_path / "again")  # the same split on every call
+    assert json.loads((again["validation"] / "eval.json").read_text()) == validation
+
+
+def test_mode_study_splits_are_disjoint_and_complete(tmp_path):
+    data = shared_data()
+    mode = script("mode_math")
+    folders = mode.prepare(data, tmp_path, train_size=100, validation_size=20, heldout_size=30)
+    parts = {k: json.loads((v / "reasoning" / "math_train.json").read_text()) for k, v in folders.items()}
+    assert {k: len(v) for k, v in parts.items()} == {"validation": 20, "heldout": 30, "train": 100}
+    keys = {k: {json.dumps(r, sort_keys=True) for r in v} for k, v in parts.items()}
+    assert not keys["train"] & keys["validation"] and not keys["train"] & keys["heldout"]
+    assert not keys["validation"] & keys["heldout"]
+    assert all((v / "reasoning" / "SingleEq_test.json").is_file() for v in folders.values())
+    with pytest.raises(SystemExit, match="math_train.json has"):
+        mode.prepare(data, tmp_path / "big", train_size=10 ** 6, validation_size=20, heldout_size=30)
