@@ -150,7 +150,8 @@ def sweep(args, out: Path, splits: dict) -> dict:
     scores = {name: scored(f"mode+lora-lr{lr}-{name}", [*ARMS["mode+lora"], "--lr", lr, *flags])
               for name, flags in DISTILL.items()}
     best["distill"] = {"options": min(scores, key=scores.get), "validation_nll": scores}
-    (out / "sweep.json").write_text(json.dumps(best, indent=2))
+    from depthmix.io import write_json
+    write_json(out / "sweep.json", best)
     print(f"phase 1: {json.dumps(best)}", flush=True)
     return best
 
