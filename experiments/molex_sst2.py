@@ -194,7 +194,8 @@ def sweep(args, name: str, out: Path, folders: dict) -> dict:
                                            folders["validation"]))
             write_sweep(args, name, out)  # progress as data, after every run
         best[arm] = max(sorted(args.lrs, key=float), key=lambda lr: scores[arm][lr])
-    file.write_text(json.dumps({"best_lr": best, "validation_accuracy": scores}, indent=2))
+    from depthmix.io import write_json
+    write_json(file, {"best_lr": best, "validation_accuracy": scores})
     print(f"{name} phase 1: {json.dumps({arm: best[arm] for arm in args.arms})}", flush=True)
     return best
 
