@@ -94,3 +94,14 @@ def test_mode_study_splits_are_disjoint_and_complete(tmp_path):
     assert all((v / "reasoning" / "SingleEq_test.json").is_file() for v in folders.values())
     with pytest.raises(SystemExit, match="math_train.json has"):
         mode.prepare(data, tmp_path / "big", train_size=10 ** 6, validation_size=20, heldout_size=30)
+
+
+def test_molex_study_extends_the_learning_rate_grid_past_its_best_edge():
+    molex = script("molex_sst2")
+    grid = len(molex.LRS)
+    assert molex.edge_lr({"5e-4": 0.86, "1e-3": 0.87, "2e-3": 0.88}, grid) == "4e-3"
+    assert molex.edge_lr({"5e-4": 0.89, "1e-3": 0.87, "2e-3": 0.88}, grid) == "2.5e-4"
+    assert molex.edge_lr({"5e-4": 0.86, "1e-3": 0.89, "2e-3": 0.88}, grid) is None  # bracketed
+    assert molex.edge_lr({"5e-4": 0.88, "1e-3": 0.88, "2e-3": 0.88}, grid) == "2.5e-4"  # ties: the smaller
+    full = {"5e-4": 0.8, "1e-3": 0.81, "2e-3": 0.82, "4e-3": 0.83, "8e-3": 0.84}
+    assert molex.edge_lr(full, grid) is None  # at most EXTEND beyond the grid
