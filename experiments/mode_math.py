@@ -5,7 +5,8 @@ validation set (200, for choosing options), a held-out set (500, the primary met
 trains on the same --train-size problems of the pool for --epochs epochs (seeds change the initialisation and the
 order). The arithmetic test sets stay unseen until the secondary metric (SingleEq accuracy, greedy generation).
 
-Phase 1 (seed 0, validation gold NLL): the learning rate of each arm (LoRA, MoDE + LoRA) and MoDE's distillation
+Phase 1 (seed 0, validation gold NLL): the learning rate of each arm (LoRA, MoDE + LoRA; beyond the grid's edge
+while the best is there, sweeps.py) and MoDE's distillation
 options (lambda in {0, 0.1, 1}, summed or averaged over the shallower layers, into the backbone or the norms only).
 Phase 2 (paired seeds): LoRA vs MoDE + LoRA at its best options vs MoDE alone (norms + router), each at its own
 best learning rate (MoDE alone with MoDE + LoRA's distillation options); primary metric the gold-response NLL on the 500 held-out problems, secondary SingleEq accuracy.
@@ -31,6 +32,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import sweeps  # experiments/sweeps.py, beside this script
 
 MODEL = "smollm2-135m"
 COMMON = ["--model", MODEL, "--task", "singleeq", "--batch-size", "8", "--max-length", "256", "--lora-r", "8",
@@ -144,8 +147,9 @@ def sweep(args, out: Path, splits: dict) -> dict:
         if len(lrs) == 1:  # nothing to choose: no run
             best[arm] = {"lr": lrs[0], "validation_nll": {}}
             continue
-        scores = {lr: scored(f"{arm}-lr{lr}", [*ARMS[arm], "--lr", lr]) for lr in lrs}
-        best[arm] = {"lr": min(scores, key=scores.get), "validation_nll": scores}
+        lr, scores = sweeps.tune(lambda lr, arm=arm: scored(f"{arm}-lr{lr}", [*ARMS[arm], "--lr", lr]), lrs,
+                                 higher_is_better=False)
+        best[arm] = {"lr": lr, "validation_nll": scores}
     lr = best["mode+lora"]["lr"]
     scores = {name: scored(f"mode+lora-lr{lr}-{name}", [*ARMS["mode+lora"], "--lr", lr, *flags])
               for name, flags in DISTILL.items()}
@@ -172,7 +176,7 @@ def write_sweep(args, out: Path) -> None:
         "experiment": "mode-math-sweep", "task": "reasoning/math (validation worked answers)", "metric": "gold_nll",
         "higher_is_better": False, "validation": f"{args.validation_size} problems of math_train",
         "train": f"{args.train_size} problems, {args.epochs} epochs", "runs": runs, "planned": planned,
-        "lrs": LRS, "distill": DISTILL})
+        "lrs": LRS, "edge_extension": sweeps.RULE, "distill": DISTILL})
 
 
 def tables(results: Path) -> str:
@@ -181,8 +185,8 @@ def tables(results: Path) -> str:
     sweep_file = results / "mode-math-sweep.json"
     if sweep_file.exists():
         rec = json.loads(sweep_file.read_text())
-        parts.append(f"**Phase 1** (seed 0; {rec['metric']} on the {rec['validation']}; {len(rec['runs'])} of "
-                     f"{rec['planned']} runs finished):\n\n| run | arm | lr | options | validation gold NLL | "
+        parts.append(f"**Phase 1** (seed 0; {rec['metric']} on the {rec['validation']}; {len(rec['runs'])} runs "
+                     f"finished; {rec['planned']} planned, plus edge extensions):\n\n| run | arm | lr | options | validation gold NLL | "
                      "train minutes |\n| --- | --- | --- | --- | --- | --- |")
         parts[-1] += "".join(f"\n| {r['run']} | {r['arm']} | {r['lr']} | {r['options'] or '—'} | {r['value']:.4f} | "
                              f"{r['train_seconds'] / 60:.0f} |" for r in rec["runs"])

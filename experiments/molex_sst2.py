@@ -14,7 +14,7 @@ Sequence routing for every MoLEx arm (one expert per sentence; the authors' code
 Data: each task's training set is split once (seed 1234) into a validation set and a training set; dev (SST-2
 dev.tsv, 872 sentences; pydoc/topics' held-out passages, 271) is never used for a choice.
 Phase 1 (seed 0, validation accuracy): the LoRA learning rate of each arm, from --lrs; while an arm's best is on
-the edge of the rates tried, the next one beyond it (x2 or /2) is run, at most EXTEND per arm.
+the edge of the rates tried, the next one beyond it (x2 or /2) is run, at most two per arm (sweeps.py).
 Phase 2 (seeds 0-4, dev accuracy): each arm at its chosen learning rate, trained on the same training set;
 compare() writes docs/results/molex-sst2.json and docs/results/molex-pydoc.json (summary, paired differences
 against LoRA with 95% CI and the smallest detectable difference, verdicts); setup records the binomial standard
@@ -48,6 +48,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import sweeps  # experiments/sweeps.py, beside this script
+
 MODEL = "minilm-l6"
 COMMON = ["--model", MODEL, "--lora-r", "8", "--lora-alpha", "16", "--weight-decay", "0.1", "--train-pooler",
           "--warmup", "0.06", "--eval-batch-size", "64", "--logging-steps", "20", "--save-total-limit", "1",
@@ -65,7 +67,6 @@ ARMS = {
     "molex-frozen": [*MOLEX, "--gate-grad", "frozen", "--no-learn-alpha", "--alpha", "0.5"],
 }
 LRS = ["5e-4", "1e-3", "2e-3"]
-EXTEND = 2  # learning rates tried beyond the grid's edge per arm, while the best one is on that edge
 CARVED = "carved/"  # task names of this experiment: the base task's rows, from this experiment's split files
 SPLIT_SEED = 1234
 
@@ -190,33 +191,16 @@ def sweep(args, name: str, out: Path, folders: dict) -> dict:
     done = json.loads(file.read_text()) if file.exists() else {"best_lr": {}, "validation_accuracy": {}}
     best, scores = done["best_lr"], done["validation_accuracy"]  # other arms' choices stay (runs of --arms subsets)
     for arm in args.arms:
-        scores[arm] = {}
-        lrs = list(args.lrs)
-        while lrs:
-            lr = lrs.pop(0)
-            scores[arm][lr] = accuracy(run(args, name, out / "sweep" / f"{arm}-lr{lr}", 0, [*ARMS[arm], "--lr", lr],
-                                           folders["validation"]))
+        def score(lr, arm=arm):
+            value = accuracy(run(args, name, out / "sweep" / f"{arm}-lr{lr}", 0, [*ARMS[arm], "--lr", lr],
+                                 folders["validation"]))
             write_sweep(args, name, out)  # progress as data, after every run
-            if not lrs:
-                lrs = [lr for lr in [edge_lr(scores[arm], len(args.lrs))] if lr]
-        best[arm] = max(sorted(scores[arm], key=float), key=lambda lr: scores[arm][lr])
+            return value
+        best[arm], scores[arm] = sweeps.tune(score, args.lrs, higher_is_better=True)
     from depthmix.io import write_json
     write_json(file, {"best_lr": best, "validation_accuracy": scores})
     print(f"{name} phase 1: {json.dumps({arm: best[arm] for arm in args.arms})}", flush=True)
     return best
-
-
-def edge_lr(scores: dict, grid: int) -> str | None:
-    """The learning rate beyond the sweep's edge (x2 or /2) while the best one is on that edge, at most EXTEND
-    beyond the grid per arm: a baseline tuned at the edge of its grid is not tuned."""
-    lrs = sorted(scores, key=float)
-    if len(lrs) < 2 or len(lrs) >= grid + EXTEND:
-        return None
-    top = max(lrs, key=lambda lr: (scores[lr], -float(lr)))  # ties: the smaller
-    if top not in (lrs[0], lrs[-1]):
-        return None
-    mant, exp = f"{float(top) * (2 if top == lrs[-1] else 0.5):e}".split("e")
-    return f"{float(mant):g}e{int(exp)}"
 
 
 def accuracy(metrics: dict) -> float:
@@ -237,8 +221,7 @@ def write_sweep(args, name: str, out: Path) -> None:
         "experiment": f"molex-{name}-sweep", "task": TASKS[name]["task"], "metric": "accuracy",
         "higher_is_better": True, "split": "validation rows carved from train", "runs": runs,
         "planned": len(ARMS) * len(args.lrs), "lrs": args.lrs, "arms": ARMS,
-        "edge_extension": f"while an arm's best learning rate is on the edge of those tried, the next one beyond it "
-                          f"(x2 or /2) is run too, at most {EXTEND} per arm"})
+        "edge_extension": sweeps.RULE})
 
 
 def tables(results: Path) -> str:

@@ -18,6 +18,8 @@ def script(name: str):
     spec = importlib.util.spec_from_file_location(f"experiment_{name}", ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # the scripts import sweeps.py from beside them
     spec.loader.exec_module(module)
     return module
 
@@ -96,12 +98,16 @@ def test_mode_study_splits_are_disjoint_and_complete(tmp_path):
         mode.prepare(data, tmp_path / "big", train_size=10 ** 6, validation_size=20, heldout_size=30)
 
 
-def test_molex_study_extends_the_learning_rate_grid_past_its_best_edge():
-    molex = script("molex_sst2")
-    grid = len(molex.LRS)
-    assert molex.edge_lr({"5e-4": 0.86, "1e-3": 0.87, "2e-3": 0.88}, grid) == "4e-3"
-    assert molex.edge_lr({"5e-4": 0.89, "1e-3": 0.87, "2e-3": 0.88}, grid) == "2.5e-4"
-    assert molex.edge_lr({"5e-4": 0.86, "1e-3": 0.89, "2e-3": 0.88}, grid) is None  # bracketed
-    assert molex.edge_lr({"5e-4": 0.88, "1e-3": 0.88, "2e-3": 0.88}, grid) == "2.5e-4"  # ties: the smaller
-    full = {"5e-4": 0.8, "1e-3": 0.81, "2e-3": 0.82, "4e-3": 0.83, "8e-3": 0.84}
-    assert molex.edge_lr(full, grid) is None  # at most EXTEND beyond the grid
+def test_a_learning_rate_sweep_goes_past_the_edge_where_its_best_lies():
+    sweeps = script("sweeps")
+    grid = ["5e-4", "1e-3", "2e-3"]
+    assert sweeps.edge_lr({"5e-4": 0.86, "1e-3": 0.87, "2e-3": 0.88}, 3, True) == "4e-3"
+    assert sweeps.edge_lr({"5e-4": 0.86, "1e-3": 0.87, "2e-3": 0.88}, 3, False) == "2.5e-4"  # NLL: lower is better
+    assert sweeps.edge_lr({"5e-4": 0.86, "1e-3": 0.89, "2e-3": 0.88}, 3, True) is None  # bracketed
+    assert sweeps.edge_lr({"5e-4": 0.88, "1e-3": 0.88, "2e-3": 0.88}, 3, True) == "2.5e-4"  # ties: the smaller
+    curve = {"2.5e-4": 0.5, "5e-4": 0.6, "1e-3": 0.7, "2e-3": 0.8, "4e-3": 0.9, "8e-3": 0.95, "1.6e-2": 0.99}
+    tried = []
+    best, scores = sweeps.tune(lambda lr: tried.append(lr) or curve[lr], grid, higher_is_better=True)
+    assert tried == grid + ["4e-3", "8e-3"] and best == "8e-3"  # at most EXTEND beyond the grid
+    peaked = {"5e-4": 0.80, "1e-3": 0.81, "2e-3": 0.85, "4e-3": 0.83}
+    assert sweeps.tune(peaked.get, grid, higher_is_better=True) == ("2e-3", {k: peaked[k] for k in peaked})

@@ -1,0 +1,36 @@
+"""What the experiment scripts share about tuning: a learning rate at the edge of its grid is not tuned."""
+from __future__ import annotations
+
+EXTEND = 2  # learning rates tried beyond the grid's edge per arm, while the best one is on that edge
+RULE = (f"while an arm's best learning rate is on the edge of those tried, the next one beyond it (x2 or /2) is run "
+        f"too, at most {EXTEND} per arm")
+
+
+def best_lr(scores: dict[str, float], higher_is_better: bool) -> str:
+    """The best learning rate; ties go to the smaller."""
+    sign = 1 if higher_is_better else -1
+    return max(sorted(scores, key=float), key=lambda lr: sign * scores[lr])
+
+
+def edge_lr(scores: dict[str, float], grid: int, higher_is_better: bool) -> str | None:
+    """The learning rate beyond the edge (x2 or /2) where the best one tried lies, at most EXTEND beyond the grid
+    of `grid` rates; None where the best is bracketed."""
+    lrs = sorted(scores, key=float)
+    if len(lrs) < 2 or len(lrs) >= grid + EXTEND:
+        return None
+    top = best_lr(scores, higher_is_better)
+    if top not in (lrs[0], lrs[-1]):
+        return None
+    mant, exp = f"{float(top) * (2 if top == lrs[-1] else 0.5):e}".split("e")
+    return f"{float(mant):g}e{int(exp)}"
+
+
+def tune(score, grid: list[str], higher_is_better: bool) -> tuple[str, dict[str, float]]:
+    """score(lr) for each rate of the grid, then beyond its edge while the best is there: (best, scores)."""
+    scores, todo = {}, list(grid)
+    while todo:
+        lr = todo.pop(0)
+        scores[lr] = score(lr)
+        if not todo:
+            todo = [lr for lr in [edge_lr(scores, len(grid), higher_is_better)] if lr]
+    return best_lr(scores, higher_is_better), scores
