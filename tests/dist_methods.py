@@ -1,8 +1,8 @@
 """Run by tests/test_distributed.py under torchrun (gloo, CPU): every method trains a tiny Llama + LoRA for a few
-SGD steps, wrapped in FSDP2, FSDP1 or DDP (see wrap). Each rank trains on its own data and writes its trainable
+SGD steps, wrapped in FSDP2, FSDP1, DDP or DeepSpeed ZeRO-3 (see wrap). Each rank trains on its own data and writes its trainable
 weights, the tokens it generated and, for MoLEx, the experts it picked at each step and layer.
 
-    dist_methods.py OUT fsdp|fsdp1|ddp METHOD...
+    dist_methods.py OUT fsdp|fsdp1|ddp|zero3 METHOD...
 
 build, batches, loss_of and generate (how="none") are what the test's single-process reference run uses too."""
 import contextlib
@@ -61,7 +61,23 @@ def picked(method, before: torch.Tensor) -> list[list[int]]:
 
 
 def wrap(model, how: str):
-    """DDP; FSDP2 (`fully_shard` on every block, then the root); or FSDP1 (a wrapper around every block)."""
+    """DDP; FSDP2 (`fully_shard` on every block, then the root); FSDP1 (a wrapper around every block); or DeepSpeed
+    ZeRO-3 (every parameter partitioned, gathered by hooks as its module runs): (wrapped model, optimizer)."""
+    if how == "zero3":
+        params = [p for p in model.parameters() if p.requires_grad]
+        import deepspeed
+        config = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True,
+                  # threshold 0: this tiny model's weights would all stay whole (unpartitioned) under the default
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config,
+                                                 optimizer=torch.optim.SGD(params, lr=LR))
+        assert all(p.numel() == 0 for p in model.arch.blocks.parameters())  # partitioned: a rank holds a shard
+        return engine, opt
+    wrapped = shard(model, how)  # FSDP replaces the parameters: the optimizer takes the new ones
+    return wrapped, torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=LR)
+
+
+def shard(model, how: str):
     if how == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model)
@@ -95,7 +111,13 @@ def root_gathered(wrapped, how: str):
 
 
 def full_weights(model, wrapped, how: str, names: list[str]) -> dict[str, list]:
-    gathered = type(wrapped).summon_full_params(wrapped) if how == "fsdp1" else contextlib.nullcontext()
+    if how == "fsdp1":
+        gathered = type(wrapped).summon_full_params(wrapped)
+    elif how == "zero3":
+        import deepspeed
+        gathered = deepspeed.zero.GatheredParameters([p for n, p in model.named_parameters() if n in names])
+    else:
+        gathered = contextlib.nullcontext()
     with gathered:
         params = {n.replace("_fsdp_wrapped_module.", ""): p for n, p in model.named_parameters()}
         return {n: (params[n].full_tensor() if hasattr(params[n], "full_tensor") else params[n]).tolist()
@@ -106,16 +128,20 @@ def run(method: str, how: str, rank: int, out: str) -> None:
     model = build(method)
     mol = model.method if method.startswith("molex") else None
     names = list(model.adapter_names)
-    wrapped = wrap(model, how)
-    opt = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=LR)
+    wrapped, opt = wrap(model, how)
     choices = []
     if mol is not None:
         mol.recording = True
     for ids in batches(rank):
         before = None if mol is None else mol.counts.clone()
-        loss_of(wrapped, ids).backward()
-        opt.step()
-        opt.zero_grad()
+        loss = loss_of(wrapped, ids)
+        if how == "zero3":  # the engine reduces the gradients and steps its optimizer
+            wrapped.backward(loss)
+            wrapped.step()
+        else:
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
         if mol is not None:
             choices.append(picked(mol, before))
     wrapped.eval()

@@ -1,6 +1,6 @@
 """Two-process training on CPU (gloo) under torchrun: DDP through the HF Trainer, and every method under FSDP2
-(`fully_shard`), FSDP1 and DDP with a plain loop, against the same training in one process. Every launch has a
-time limit, so a hang (ranks making different collectives) fails fast."""
+(`fully_shard`), FSDP1, DDP and DeepSpeed ZeRO-3 with a plain loop, against the same training in one process.
+Every launch has a time limit, so a hang (ranks making different collectives) fails fast."""
 import functools
 import json
 import os
@@ -29,7 +29,7 @@ def free_port() -> int:
 
 def torchrun(script: str, out: Path, *args) -> None:
     """Run `script out *args` on 2 processes, stopping them after LIMIT seconds (a hang fails the test)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(HERE / script), str(out), *args]
     # a file, not a pipe: a worker that outlives torchrun would hold a pipe open
@@ -86,7 +86,7 @@ def reference(method: str):
     return start, end, tokens
 
 
-@pytest.mark.parametrize("how", ["fsdp", "fsdp1", "ddp"])
+@pytest.mark.parametrize("how", ["fsdp", "fsdp1", "ddp", "zero3"])
 def test_every_method_trains_on_two_processes(tmp_path, how):
     torchrun("dist_methods.py", tmp_path, how, *METHODS)
     for method in METHODS:

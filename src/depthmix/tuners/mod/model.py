@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...blocks import CACHE_ARG, take_rows_all
 from ...config import ConfigError, pick_layers
+from ...sharding import keep, must_call
 from ..base import Method, float32_linear
 from .cache import KEY, store_for
-from ...blocks import CACHE_ARG, take_rows_all
 from .layer import (MoDBlock, attn_impl, first_real, gather_tokens, membership, pack, packed_mask,
                     predictor_hidden, slots, subset_mask, take_packed, topk_membership, topk_slots)
 
@@ -192,7 +193,7 @@ class MoD(Method):
         if top == 0:
             if cache is not None:
                 self._store(cache, i).start(x.shape[0], x.device)
-            return self._rest(x)
+            return self._idle(module, forward, x, named)
         weight = self._weight(r)
         xs = gather_tokens(x, idx)
         kw = self._subset_kwargs(module, i, named, idx, count, top, xs)
@@ -207,7 +208,7 @@ class MoD(Method):
         causal and apart from the others), so the module's work follows what the rows really route."""
         packed = pack(sel)
         if packed is None:
-            return self._rest(x)
+            return self._idle(module, forward, x, named)
         idx, seg, flat, slot = packed
         b, s, d = x.shape
         xs = take_packed(x, idx, b)
@@ -237,7 +238,7 @@ class MoD(Method):
         rows = sel[:, 0].nonzero().squeeze(1)  # decoding is inference: this sync is allowed
         n = rows.numel()
         if n == 0:
-            return self._rest(x)
+            return self._idle(module, forward, x, named)
         pick = None if n == b else rows
         kw = take_rows_all(named, pick, b)
         kw.pop("cache_position", None)
@@ -251,6 +252,19 @@ class MoD(Method):
             weight = weight.index_select(0, rows)
         y = self._update(xr if self.config.skip == "block" else None, self._run(forward, xr, kw), weight)
         return y if pick is None else self._rest(x).index_copy(0, rows, y)
+
+    def _idle(self, module, forward, x, named):
+        """No token here is processed. Where the module's weights are sharded, every rank must call it all the same
+        (gathering them is a collective): on one token, without the KV cache, its output thrown away."""
+        rest = self._rest(x)
+        if not must_call([module]):
+            return rest
+        one = torch.zeros(1, dtype=torch.long, device=x.device)
+        kw = take_rows_all(named, one, x.shape[0])
+        kw.pop(CACHE_ARG, None)
+        xs = x[:1, :1]
+        kw = self._subset_kwargs(module, None, kw, one.view(1, 1), torch.ones_like(one), 1, xs)
+        return keep(rest, [self._run(forward, xs, kw)])
 
     def _keeps_kv(self) -> bool:
         """Whether the routed module attends (keeps K/V of the tokens it processed): not a routed MLP, which is

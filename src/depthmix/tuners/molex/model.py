@@ -11,7 +11,8 @@ from transformers import DynamicCache
 from ...blocks import CACHE_ARG, take_rows_all, unrecorded
 from ...config import pick_layers
 from ..base import Method, float32_linear
-from .dist import agree, keep, must_agree
+from ...sharding import keep, must_call
+from .dist import agree
 from .layer import MoLExBlock, balance_loss, route
 
 
@@ -167,7 +168,7 @@ class MoLEx(Method):
     def _groups(self, local, z):
         """The experts to call, in order. Sharded blocks (FSDP, ZeRO-3): the union over the ranks, so that every rank
         calls the same blocks in the same order (each call gathers the block's weights with collectives)."""
-        return agree(local, self.arch.num_layers, z.device) if must_agree(self.arch.blocks) else local
+        return agree(local, self.arch.num_layers, z.device) if must_call(self.arch.blocks) else local
 
     def _spare(self, j, z, named):
         """Expert j on row 0 alone, for a rank none of whose rows chose it; the caller throws the output away."""
