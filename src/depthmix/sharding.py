@@ -17,9 +17,10 @@ def is_sharded(module) -> bool:
     """Whether calling `module` gathers weights: it or a module under it is an FSDP unit, or its parameters are
     partitioned by ZeRO-3."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules()):
+    p = next(module.parameters(), None)
+    if p is not None and hasattr(p, "ds_id"):  # ZeRO-3 converts every parameter (small ones stay whole, but tagged)
         return True
-    return any(hasattr(p, "ds_id") for p in module.parameters())  # a DeepSpeed ZeRO-3 parameter
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules())
 
 
 def must_call(modules) -> bool:
