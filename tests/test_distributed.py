@@ -69,6 +69,32 @@ def test_two_process_ddp_training_ends_with_identical_weights(tmp_path):
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
 
 
+def test_two_process_zero3_training_saves_the_whole_adapter(tmp_path):
+    from depthmix.depthmix_model import read_adapter_config, read_weights
+    from depthmix.train import TrainOptions, build_model
+    torchrun("dist_train.py", tmp_path, "zero3")
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == f"rank {rank} of 2 done, steps=6 DeepSpeedEngine"
+    saved = tmp_path / "adapter"
+    tensors = read_weights(saved, read_adapter_config(saved))  # checks the recorded sha256 too
+    from depthmix.data import get_task
+    task = get_task("pydoc/topics")
+    fresh, _ = build_model(TrainOptions(method="molex", model="minilm-l6", task=task.name,
+                                        method_config={"granularity": "token"}), task.head, task.num_labels)
+    expected = fresh.adapter_state_dict()
+    assert {k: v.shape for k, v in tensors.items()} == {k: v.shape for k, v in expected.items()}  # not shards
+    assert any(tensors[k].abs().sum() > 0 for k in tensors if "lora_B" in k)  # trained: LoRA B starts at zero
+    fresh.load_adapter_weights(saved)
+
+
+def test_zero3_that_would_save_an_empty_adapter_is_refused_before_training(tmp_path):
+    torchrun("dist_train.py", tmp_path, "zero3-nogather")
+    for rank in (0, 1):
+        text = (tmp_path / f"rank{rank}.txt").read_text()
+        assert text.startswith("refused: DeepSpeed ZeRO-3") and "stage3_gather_16bit_weights_on_model_save" in text
+    assert not (tmp_path / "adapter").exists()
+
+
 @functools.cache
 def reference(method: str):
     """The same training in one process: each step's loss is the mean of the two ranks' losses."""

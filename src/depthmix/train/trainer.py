@@ -27,12 +27,27 @@ def _default_router_lr(method: str) -> float | None:
     return METHODS[method][0].router_lr if method in METHODS else None
 
 
+def check_zero3_save(trainer: Trainer) -> None:
+    """Under ZeRO-3 a rank holds a shard of each weight: the adapter is saved from the weights DeepSpeed gathers at
+    save time, which it does only when asked to. Without that the Trainer would save an empty adapter after the
+    whole training: refuse before it starts."""
+    if not trainer.is_deepspeed_enabled:
+        return
+    zero = trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        raise ConfigError("DeepSpeed ZeRO-3: zero_optimization.stage3_gather_16bit_weights_on_model_save is "
+                          f"{zero.get('stage3_gather_16bit_weights_on_model_save')!r}; depthmix saves the adapter "
+                          "from the weights gathered at save time, so set it to true (accelerate config: "
+                          "zero3_save_16bit_model: true)")
+
+
 class DepthMixTrainer(Trainer):
     """Trainer that gives routers their own learning rate and checkpoints only the adapter."""
 
     def __init__(self, *args, router_lr: float | None = None, router_weight_decay: float = 0.0,
                  retrofit_loss: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        check_zero3_save(self)
         self.router_lr = router_lr
         self.router_weight_decay = router_weight_decay
         self.retrofit_loss = retrofit_loss
