@@ -25,7 +25,7 @@ data = task.encode(task.load("train", max_samples=64), tok, 32)
 deepspeed = None
 if how.startswith("zero3"):
     deepspeed = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                 "zero_allow_untested_optimizer": True,  # the Trainer's AdamW with depthmix's parameter groups
+                 "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,  # the Trainer's AdamW with depthmix's parameter groups
                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                                        "stage3_gather_16bit_weights_on_model_save": how == "zero3"}}
 args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, max_steps=6, learning_rate=1e-3,
