@@ -21,6 +21,9 @@ torch.manual_seed(0)
 opts = TrainOptions(method="molex", model="minilm-l6", task="pydoc/topics", method_config={"granularity": "token"})
 task = get_task(opts.task)
 model, tok = build_model(opts, task.head, task.num_labels)
+for m in model.modules():  # no dropout: DDP and ZeRO-3 draw their random numbers differently, and are compared
+    if isinstance(m, torch.nn.Dropout):
+        m.p = 0.0
 data = task.encode(task.load("train", max_samples=64), tok, 32)
 deepspeed = None
 if how.startswith("zero3"):
