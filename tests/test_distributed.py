@@ -27,11 +27,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script: str, out: Path, *args) -> None:
-    """Run `script out *args` on 2 processes, stopping them after LIMIT seconds (a hang fails the test)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+def torchrun(script: str, out: Path, *args, env: dict | None = None) -> None:
+    """Run `script out *args` (or, for script "-m", `python -m *args`: the log goes to out) on 2 processes,
+    stopping them after LIMIT seconds (a hang fails the test)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", **(env or {}))
+    target = ["-m", *args] if script == "-m" else [str(HERE / script), str(out), *args]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(HERE / script), str(out), *args]
+           *target]
     # a file, not a pipe: a worker that outlives torchrun would hold a pipe open
     with open(out / "torchrun.log", "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -144,3 +146,36 @@ def ranks_differed(a, b) -> bool:
     """Whether at some step and layer t one rank called an expert (t's own block aside) that the other did not:
     the case where the ranks would have gathered different blocks."""
     return any((set(x) ^ set(y)) - {t} for step_a, step_b in zip(a, b) for t, (x, y) in enumerate(zip(step_a, step_b)))
+
+
+def test_depthmix_train_under_accelerate_zero3_saves_and_evaluates(tmp_path):
+    """`accelerate launch` with a ZeRO-3 config, as the environment it sets: training shards the weights from
+    loading on; the adapter is saved from the gathered weights and rank 0 evaluates a whole copy of it."""
+    from depthmix.depthmix_model import read_adapter_config, read_weights
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+           "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}
+    out = tmp_path / "run"
+    torchrun("-m", tmp_path, "depthmix.cli.main", "train", "--model", "minilm-l6", "--task", "pydoc/topics",
+             "--method", "molex", "--max-steps", "4", "--max-train-samples", "32", "--max-eval-samples", "16",
+             "--batch-size", "4", "--output-dir", str(out), "--no-progress", env=env)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_steps"] == 4 and 0 <= metrics["metrics"]["accuracy"] <= 1
+    assert metrics["total_params"] > 20_000_000 > metrics["trainable_params"] > 0  # whole sizes, not shards
+    tensors = read_weights(out, read_adapter_config(out))
+    assert min(t.numel() for t in tensors.values()) > 0
+    assert read_adapter_config(out)["info"]["base_model"] == "minilm-l6"
+
+
+def test_fsdp_training_that_would_save_no_adapter_is_refused():
+    """The HF Trainer saves nothing of ours under FSDP's sharded state dicts (it calls _save only for a full one);
+    FSDP through the Trainer needs accelerators, so the check is tested on the trainer's state alone."""
+    from types import SimpleNamespace
+
+    from depthmix.config import ConfigError
+    from depthmix.train.trainer import check_sharded_save
+    trainer = SimpleNamespace(is_fsdp_enabled=True, is_deepspeed_enabled=False, accelerator=SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=SimpleNamespace(state_dict_type="StateDictType.SHARDED_STATE_DICT"))))
+    with pytest.raises(ConfigError, match="FSDP: state_dict_type is StateDictType.SHARDED_STATE_DICT"):
+        check_sharded_save(trainer)
+    trainer.accelerator.state.fsdp_plugin.state_dict_type = "StateDictType.FULL_STATE_DICT"
+    check_sharded_save(trainer)

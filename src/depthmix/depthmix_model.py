@@ -209,8 +209,9 @@ class DepthMixModel(nn.Module):
         return {n: params[n] for n in self.adapter_names}
 
     def trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
+        def n(p):  # a ZeRO-3 rank holds a shard (or nothing) of p: ds_numel is p's whole size
+            return getattr(p, "ds_numel", p.numel())
+        return sum(n(p) for p in self.parameters() if p.requires_grad), sum(n(p) for p in self.parameters())
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.trainable_parameters()

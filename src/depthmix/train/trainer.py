@@ -27,14 +27,30 @@ def _default_router_lr(method: str) -> float | None:
     return METHODS[method][0].router_lr if method in METHODS else None
 
 
-def check_zero3_save(trainer: Trainer) -> None:
-    """Under ZeRO-3 a rank holds a shard of each weight: the adapter is saved from the weights DeepSpeed gathers at
-    save time, which it does only when asked to. Without that the Trainer would save an empty adapter after the
-    whole training: refuse before it starts."""
+def sharded(trainer: Trainer) -> bool:
+    """Whether a rank holds only shards of the weights (FSDP, DeepSpeed ZeRO-3)."""
+    if trainer.is_fsdp_enabled:
+        return True
     if not trainer.is_deepspeed_enabled:
+        return False
+    return trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+
+
+def check_sharded_save(trainer: Trainer) -> None:
+    """Where a rank holds shards, the adapter is saved from the weights gathered at save time, which FSDP and
+    DeepSpeed do only when asked to. Without that the Trainer would save no or an empty adapter after the whole
+    training: refuse before it starts."""
+    if not sharded(trainer):
+        return
+    if trainer.is_fsdp_enabled:
+        kind = str(trainer.accelerator.state.fsdp_plugin.state_dict_type)
+        if "FULL_STATE_DICT" not in kind:
+            raise ConfigError(f"FSDP: state_dict_type is {kind}; depthmix saves the adapter from the full state dict "
+                              "gathered at save time, so set it to FULL_STATE_DICT (accelerate config: "
+                              "fsdp_state_dict_type: FULL_STATE_DICT)")
         return
     zero = trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+    if zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
         raise ConfigError("DeepSpeed ZeRO-3: zero_optimization.stage3_gather_16bit_weights_on_model_save is "
                           f"{zero.get('stage3_gather_16bit_weights_on_model_save')!r}; depthmix saves the adapter "
                           "from the weights gathered at save time, so set it to true (accelerate config: "
@@ -47,7 +63,8 @@ class DepthMixTrainer(Trainer):
     def __init__(self, *args, router_lr: float | None = None, router_weight_decay: float = 0.0,
                  retrofit_loss: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        check_zero3_save(self)
+        check_sharded_save(self)
+        self.adapter_info: dict = {}  # recorded beside the adapter's config by save_model
         self.router_lr = router_lr
         self.router_weight_decay = router_weight_decay
         self.retrofit_loss = retrofit_loss
@@ -84,7 +101,7 @@ class DepthMixTrainer(Trainer):
         if not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir
-        self.model.save_pretrained(output_dir, state_dict=state_dict)
+        self.model.save_pretrained(output_dir, state_dict=state_dict, info=self.adapter_info)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
@@ -158,21 +175,23 @@ def _train(opts: TrainOptions, task, args: TrainingArguments, resume: str | None
                               processing_class=tokenizer, router_lr=opts.router_lr or _default_router_lr(opts.method),
                               router_weight_decay=opts.router_weight_decay,
                               retrofit_loss=opts.retrofit_loss)
+    trainable, total = model.trainable_parameters()  # before training shards them
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     train_time = time.time() - start
+    trainer.adapter_info = {"base_model": opts.model, "task": opts.task, "method": opts.method}
+    trainer.save_model(str(out))  # on every rank: FSDP and ZeRO-3 gather the weights here
     if not trainer.is_world_process_zero():
         return {}
-
-    info = {"base_model": opts.model, "task": opts.task, "method": opts.method}
-    model.save_pretrained(out, info=info)
-    tokenizer.save_pretrained(out)
+    if sharded(trainer):  # this rank holds shards: evaluate a whole copy, as saved
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+        unset_hf_deepspeed_config()  # training is over: from_pretrained must not partition the copy (a collective)
+        model, tokenizer, _ = load_trained(str(out), opts.model, task.head, task.num_labels)
     if model.method is not None:  # e.g. MoD's realized capacity: of the evaluation alone
         model.method.reset_stats()
     extra = {k: v for k, v in (("max_new_tokens", opts.eval_max_new_tokens), ("mode", opts.eval_mode)) if v}
     metrics = task.evaluate(model, tokenizer, eval_rows, batch_size=opts.eval_batch_size,
                             max_length=opts.max_length, progress=opts.progress, **extra)
-    trainable, total = model.trainable_parameters()
     summary = {
         "task": opts.task, "method": opts.method, "model": opts.model, "seed": opts.seed, "lora": opts.lora,
         "metrics": metrics, "train_loss": result.training_loss, "train_steps": result.global_step,
