@@ -148,22 +148,37 @@ def ranks_differed(a, b) -> bool:
     return any((set(x) ^ set(y)) - {t} for step_a, step_b in zip(a, b) for t, (x, y) in enumerate(zip(step_a, step_b)))
 
 
-def test_depthmix_train_under_accelerate_zero3_saves_and_evaluates(tmp_path):
+def test_depthmix_train_under_accelerate_zero3_saves_evaluates_and_resumes(tmp_path):
     """`accelerate launch` with a ZeRO-3 config, as the environment it sets: training shards the weights from
-    loading on; the adapter is saved from the gathered weights and rank 0 evaluates a whole copy of it."""
+    loading on; the adapter is saved from the gathered weights and rank 0 evaluates a whole copy of it; a run
+    stopped after its first checkpoint and resumed ends with the same adapter."""
+    import shutil
+
     from depthmix.depthmix_model import read_adapter_config, read_weights
     env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
            "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}
     out = tmp_path / "run"
-    torchrun("-m", tmp_path, "depthmix.cli.main", "train", "--model", "minilm-l6", "--task", "pydoc/topics",
-             "--method", "molex", "--max-steps", "4", "--max-train-samples", "32", "--max-eval-samples", "16",
-             "--batch-size", "4", "--output-dir", str(out), "--no-progress", env=env)
+    cmd = ["depthmix.cli.main", "train", "--model", "minilm-l6", "--task", "pydoc/topics", "--method", "molex",
+           "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "3", "--max-train-samples", "32",
+           "--max-eval-samples", "16", "--batch-size", "4", "--output-dir", str(out), "--no-progress"]
+    torchrun("-m", tmp_path, *cmd, env=env)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_steps"] == 4 and 0 <= metrics["metrics"]["accuracy"] <= 1
     assert metrics["total_params"] > 20_000_000 > metrics["trainable_params"] > 0  # whole sizes, not shards
     tensors = read_weights(out, read_adapter_config(out))
     assert min(t.numel() for t in tensors.values()) > 0
     assert read_adapter_config(out)["info"]["base_model"] == "minilm-l6"
+
+    # as if stopped after step 2: only the first checkpoint (adapter + DeepSpeed's engine state) is left
+    for name in ("checkpoint-4", "metrics.json", "adapter_model.safetensors", "depthmix_config.json"):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+        else:
+            (out / name).unlink()
+    torchrun("-m", tmp_path, *cmd, "--resume", env=env)
+    resumed = read_weights(out, read_adapter_config(out))
+    for k in tensors:
+        torch.testing.assert_close(resumed[k], tensors[k], atol=1e-6, rtol=0, msg=k)
 
 
 def test_fsdp_training_that_would_save_no_adapter_is_refused():
