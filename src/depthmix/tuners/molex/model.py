@@ -10,8 +10,8 @@ from transformers import DynamicCache
 
 from ...blocks import CACHE_ARG, take_rows_all, unrecorded
 from ...config import pick_layers
-from ..base import Method, float32_linear
 from ...sharding import keep, must_call
+from ..base import Method, float32_linear
 from .dist import agree
 from .layer import MoLExBlock, balance_loss, route
 
