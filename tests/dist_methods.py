@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under torchrun (gloo, CPU): every method trains a tiny Llama + LoRA for a few
-SGD steps, wrapped in FSDP2, FSDP1, DDP or DeepSpeed ZeRO-3 (see wrap). Each rank trains on its own data and writes its trainable
-weights, the tokens it generated and, for MoLEx, the experts it picked at each step and layer.
+SGD steps, wrapped in FSDP2, FSDP1, DDP or DeepSpeed ZeRO-3 (see wrap). Each rank trains on its own data and
+writes its trainable weights, the tokens it generated and, for MoLEx, the experts it picked at each step and layer.
 
     dist_methods.py OUT fsdp|fsdp1|ddp|zero3 METHOD...
 
@@ -64,9 +64,10 @@ def wrap(model, how: str):
     """DDP; FSDP2 (`fully_shard` on every block, then the root); FSDP1 (a wrapper around every block); or DeepSpeed
     ZeRO-3 (every parameter partitioned, gathered by hooks as its module runs): (wrapped model, optimizer)."""
     if how == "zero3":
-        params = [p for p in model.parameters() if p.requires_grad]
         import deepspeed
-        config = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True,
+        params = [p for p in model.parameters() if p.requires_grad]
+        config = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10 ** 9,
+                  "zero_allow_untested_optimizer": True,  # plain SGD, as the one-process reference
                   # threshold 0: this tiny model's weights would all stay whole (unpartitioned) under the default
                   "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
         engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config,
