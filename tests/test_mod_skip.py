@@ -201,3 +201,27 @@ def test_causal_routing_packs_the_rows_it_processes(family, skip, monkeypatch):
         keep = mask[row].bool()
         alone = logits(dm, ids[row, keep][None], mask[row, keep][None], "causal")
         torch.testing.assert_close(full[row][keep], alone[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("skip", SKIPS)
+def test_with_sharded_weights_a_module_with_nothing_to_do_is_still_called(family, skip, monkeypatch):
+    """Under ZeRO-3 skipping a module's call on one rank deadlocks the others (tests/test_distributed.py). Forced
+    here on one process: with no token routed, each routed module still runs (on a spare token), and the logits
+    and the cached generation are exactly those of the plain skip."""
+    from depthmix.tuners.mod import model as mod_model
+    dm = mod(family, capacity=0.25, layers=[1, 3], skip=skip)
+    with torch.no_grad():  # predictors that route no token: every routed module has nothing to do
+        for p in dm.method.predictors:
+            p[2].weight.zero_()
+            p[2].bias.fill_(-10.0)
+    calls = []
+    for i in range(len(dm.method.layers)):
+        leaf = [m for m in dm.method.routed_module(i).modules() if next(m.parameters(recurse=False), None) is not None]
+        leaf[0].register_forward_hook(lambda *_: calls.append(1))
+    ids, mask = batch(family, b=3, s=10)
+    plain = logits(dm, ids, mask, "causal"), generate(dm, ids, mask)
+    assert not calls
+    monkeypatch.setattr(mod_model, "must_call", lambda modules: True)
+    sharded = logits(dm, ids, mask, "causal"), generate(dm, ids, mask)
+    assert calls  # every skip still called the module
+    assert torch.equal(sharded[0], plain[0]) and torch.equal(sharded[1], plain[1])
