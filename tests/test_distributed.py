@@ -27,21 +27,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script: str, out: Path, *args, env: dict | None = None) -> None:
-    """Run `script out *args` (or, for script "-m", `python -m *args`: the log goes to out) on 2 processes,
-    stopping them after LIMIT seconds (a hang fails the test)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", **(env or {}))
-    target = ["-m", *args] if script == "-m" else [str(HERE / script), str(out), *args]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           *target]
-    # a file, not a pipe: a worker that outlives torchrun would hold a pipe open
+def torchrun(script: str, out: Path, *args) -> None:
+    """Run `script out *args` on 2 processes, stopping them after LIMIT seconds (a hang fails the test)."""
+    launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(free_port()), str(HERE / script), str(out), *args], out)
+
+
+def accelerate_launch(config: Path, out: Path, *args) -> None:
+    """`accelerate launch --config_file config -m *args` (its config sets 2 processes), with the same limit."""
+    launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
+            str(free_port()), "-m", *args], out)
+
+
+def launch(cmd: list[str], out: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    # a file, not a pipe: a worker that outlives the launcher would hold a pipe open
     with open(out / "torchrun.log", "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             proc.wait(timeout=LIMIT)
         except subprocess.TimeoutExpired:
             stop(proc)
-            pytest.fail(f"{script} {args} did not finish in {LIMIT} s (a hang?):\n{tail(out)}")
+            pytest.fail(f"{cmd} did not finish in {LIMIT} s (a hang?):\n{tail(out)}")
     assert proc.returncode == 0, tail(out)
 
 
@@ -149,19 +156,19 @@ def ranks_differed(a, b) -> bool:
 
 
 def test_depthmix_train_under_accelerate_zero3_saves_evaluates_and_resumes(tmp_path):
-    """`accelerate launch` with a ZeRO-3 config, as the environment it sets: training shards the weights from
-    loading on; the adapter is saved from the gathered weights and rank 0 evaluates a whole copy of it; a run
-    stopped after its first checkpoint and resumed ends with the same adapter."""
+    """`accelerate launch` with the README's ZeRO-3 config: training shards the weights from loading on; the
+    adapter is saved from the gathered weights and rank 0 evaluates a whole copy of it; a run stopped after its
+    first checkpoint and resumed ends with the same adapter."""
     import shutil
 
     from depthmix.depthmix_model import read_adapter_config, read_weights
-    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
-           "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}
+    config = HERE.parent / "examples" / "accelerate" / "zero3.yaml"
     out = tmp_path / "run"
     cmd = ["depthmix.cli.main", "train", "--model", "minilm-l6", "--task", "pydoc/topics", "--method", "molex",
            "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "3", "--max-train-samples", "32",
            "--max-eval-samples", "16", "--batch-size", "4", "--output-dir", str(out), "--no-progress"]
-    torchrun("-m", tmp_path, *cmd, env=env)
+    accelerate_launch(config, tmp_path, *cmd)
+    assert any((out / "checkpoint-2").glob("global_step2/zero_pp_rank_1_*optim_states.pt"))  # really ZeRO, 2 ranks
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_steps"] == 4 and 0 <= metrics["metrics"]["accuracy"] <= 1
     assert metrics["total_params"] > 20_000_000 > metrics["trainable_params"] > 0  # whole sizes, not shards
@@ -175,7 +182,7 @@ def test_depthmix_train_under_accelerate_zero3_saves_evaluates_and_resumes(tmp_p
             shutil.rmtree(out / name)
         else:
             (out / name).unlink()
-    torchrun("-m", tmp_path, *cmd, "--resume", env=env)
+    accelerate_launch(config, tmp_path, *cmd, "--resume")
     resumed = read_weights(out, read_adapter_config(out))
     for k in tensors:
         torch.testing.assert_close(resumed[k], tensors[k], atol=1e-6, rtol=0, msg=k)
