@@ -180,7 +180,6 @@ def write_sweep(args, out: Path) -> None:
 
 
 def tables(results: Path) -> str:
-    from depthmix.evaluation.compare import table
     parts = []
     sweep_file = results / "mode-math-sweep.json"
     if sweep_file.exists():
@@ -193,9 +192,7 @@ def tables(results: Path) -> str:
     for name in ("mode-math", "mode-math-singleeq"):
         file = results / f"{name}.json"
         if file.exists():
-            r = json.loads(file.read_text())
-            parts.append(f"**{r['task']}, {r['metric']}** (paired seeds):\n\n{table(r)}\n\n"
-                         + "\n".join(f"- {v}" for v in r["verdicts"].values()))
+            parts.append(sweeps.report(json.loads(file.read_text())))
     return "\n\n".join(parts) if parts else "no results yet"
 
 
@@ -205,7 +202,7 @@ def final_flags(arm: str, best: dict) -> list[str]:
 
 
 def summarize(args, out: Path) -> None:
-    from depthmix.evaluation.compare import compare, table
+    from depthmix.evaluation.compare import compare
     from depthmix.io import write_json
     if (out / "sweep").exists():
         write_sweep(args, out)
@@ -235,9 +232,7 @@ def summarize(args, out: Path) -> None:
     secondary = compare("mode-math-singleeq", "singleeq", "accuracy", True, "lora", runs_acc, setup)
     write_json(results / "mode-math.json", primary)
     write_json(results / "mode-math-singleeq.json", secondary)
-    for r in (primary, secondary):
-        print(table(r))
-        print("\n".join(r["verdicts"].values()))
+    print(sweeps.report(primary), sweeps.report(secondary), sep="\n\n")
 
 
 if __name__ == "__main__":

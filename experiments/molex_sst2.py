@@ -225,7 +225,6 @@ def write_sweep(args, name: str, out: Path) -> None:
 
 
 def tables(results: Path) -> str:
-    from depthmix.evaluation.compare import table
     parts = []
     for name in TASKS:
         file = results / f"molex-{name}-sweep.json"
@@ -238,14 +237,12 @@ def tables(results: Path) -> str:
                                  for r in rec["runs"])
         file = results / f"molex-{name}.json"
         if file.exists():
-            r = json.loads(file.read_text())
-            parts.append(f"**{r['task']}, {r['metric']} on dev** (paired seeds):\n\n{table(r)}\n\n"
-                         + "\n".join(f"- {v}" for v in r["verdicts"].values()))
+            parts.append(sweeps.report(json.loads(file.read_text()), " on dev"))
     return "\n\n".join(parts) if parts else "no results yet"
 
 
 def summarize(args, name: str, out: Path, folders: dict) -> None:
-    from depthmix.evaluation.compare import compare, table
+    from depthmix.evaluation.compare import compare
     from depthmix.io import write_json
     if (out / "sweep").exists():
         write_sweep(args, name, out)
@@ -266,8 +263,7 @@ def summarize(args, name: str, out: Path, folders: dict) -> None:
     result = compare(f"molex-{name}", TASKS[name]["task"], "accuracy", True, "lora", runs,
                      setup(args, name, folders, json.loads(sweep_file.read_text()), runs))
     write_json(Path(args.results) / f"molex-{name}.json", result)
-    print(table(result))
-    print("\n".join(result["verdicts"].values()))
+    print(sweeps.report(result, " on dev"))
 
 
 def setup(args, name: str, folders: dict, sweep_result: dict, runs: list[dict]) -> dict:

@@ -1,4 +1,5 @@
-"""What the experiment scripts share about tuning: a learning rate at the edge of its grid is not tuned."""
+"""What the long studies share: a learning rate at the edge of its grid is not tuned, and how a finished
+comparison (depthmix.evaluation.compare) reads in the docs."""
 from __future__ import annotations
 
 EXTEND = 2  # learning rates tried beyond the grid's edge per arm, while the best one is on that edge
@@ -34,3 +35,10 @@ def tune(score, grid: list[str], higher_is_better: bool) -> tuple[str, dict[str,
         if not todo:
             todo = [lr for lr in [edge_lr(scores, len(grid), higher_is_better)] if lr]
     return best_lr(scores, higher_is_better), scores
+
+
+def report(result: dict, where: str = "") -> str:
+    """The Markdown of one comparison: its heading, table and verdicts."""
+    from depthmix.evaluation.compare import table
+    return (f"**{result['task']}, {result['metric']}{where}** (paired seeds):\n\n{table(result)}\n\n"
+            + "\n".join(f"- {v}" for v in result["verdicts"].values()))

@@ -111,3 +111,14 @@ def test_a_learning_rate_sweep_goes_past_the_edge_where_its_best_lies():
     assert tried == grid + ["4e-3", "8e-3"] and best == "8e-3"  # at most EXTEND beyond the grid
     peaked = {"5e-4": 0.80, "1e-3": 0.81, "2e-3": 0.85, "4e-3": 0.83}
     assert sweeps.tune(peaked.get, grid, higher_is_better=True) == ("2e-3", {k: peaked[k] for k in peaked})
+
+
+def test_a_finished_comparison_reads_in_the_docs_as_heading_table_and_verdicts():
+    from depthmix.evaluation.compare import compare, table
+    sweeps = script("sweeps")
+    runs = [{"arm": arm, "seed": s, "value": v + (0.01 if arm == "molex" else 0)}
+            for s, v in enumerate([0.80, 0.82, 0.81]) for arm in ("lora", "molex")]
+    result = compare("molex-sst2", "glue/sst2", "accuracy", True, "lora", runs, {})
+    text = sweeps.report(result, " on dev")
+    assert text.startswith("**glue/sst2, accuracy on dev** (paired seeds):\n\n" + table(result))
+    assert all(f"- {v}" in text for v in result["verdicts"].values()) and result["verdicts"]
