@@ -28,12 +28,9 @@ def edge_lr(scores: dict[str, float], grid: int, higher_is_better: bool) -> str 
 
 def tune(score, grid: list[str], higher_is_better: bool) -> tuple[str, dict[str, float]]:
     """score(lr) for each rate of the grid, then beyond its edge while the best is there: (best, scores)."""
-    scores, todo = {}, list(grid)
-    while todo:
-        lr = todo.pop(0)
+    scores = {lr: score(lr) for lr in grid}
+    while (lr := edge_lr(scores, len(grid), higher_is_better)) is not None:
         scores[lr] = score(lr)
-        if not todo:
-            todo = [lr for lr in [edge_lr(scores, len(grid), higher_is_better)] if lr]
     return best_lr(scores, higher_is_better), scores
 
 
