@@ -9,14 +9,16 @@ Phase 1 (seed 0, validation gold NLL): the learning rate of each arm (LoRA, MoDE
 while the best is there, sweeps.py) and MoDE's distillation
 options (lambda in {0, 0.1, 1}, summed or averaged over the shallower layers, into the backbone or the norms only).
 Phase 2 (paired seeds): LoRA vs MoDE + LoRA at its best options vs MoDE alone (norms + router), each at its own
-best learning rate (MoDE alone with MoDE + LoRA's distillation options); primary metric the gold-response NLL on the 500 held-out problems, secondary SingleEq accuracy.
+best learning rate (MoDE alone with MoDE + LoRA's distillation options); primary metric the gold-response NLL on
+the 500 held-out problems, secondary SingleEq accuracy. Seed 0 of LoRA and of MoDE + LoRA is phase 1's run at the
+chosen options (the same seed, rows and flags train the same model), scored again.
 
     OMP_NUM_THREADS=2 nice python experiments/mode_math.py --data-dir ../shared/data --out runs/mode_math
 
 Cost, measured on the shared 2-core CPU with OMP_NUM_THREADS=1 beside another experiment: one phase-1 run (500
 problems x 2 epochs = 125 steps of batch 8 x <= 256 tokens, then the gold NLL of 200 problems) takes 36-39 min;
-phase 1 is 12 runs (6 learning rates, 6 MoDE options), phase 2 nine runs, each also scoring 500 held-out problems
-and generating 300 SingleEq answers: some 14-16 hours of one core in all (the smoke run had estimated 4-5 hours).
+phase 1 is 12 runs (6 learning rates, 6 MoDE options), phase 2 seven trainings and nine scorings (500 held-out
+problems, 300 SingleEq answers generated): some 13-15 hours of one core in all (the smoke run had estimated 4-5).
 
 Resumable: a finished run (metrics.json + nll.json) is skipped, so the script can be stopped at any time and run
 again. Writes docs/results/mode-math.json (primary) and docs/results/mode-math-singleeq.json (secondary), both from
@@ -77,8 +79,11 @@ def main() -> None:
         best = sweep(args, out, splits)
         for seed in args.seeds:
             for arm in ARMS:
-                run(args, out / "final" / f"{arm}-s{seed}", seed, final_flags(arm, best), splits, "heldout",
-                    args.eval_samples)
+                folder, trained = out / "final" / f"{arm}-s{seed}", phase1_run(arm, best)
+                if seed == sweeps.PHASE1_SEED and trained and (out / "sweep" / trained / "metrics.json").exists():
+                    rescore(args, folder, out / "sweep" / trained, splits)
+                else:
+                    run(args, folder, seed, final_flags(arm, best), splits, "heldout", args.eval_samples)
     summarize(args, out)
 
 
@@ -122,6 +127,31 @@ def run(args, folder: Path, seed: int, flags: list[str], splits: dict, nll_split
     return {**json.loads((folder / "metrics.json").read_text()), **json.loads(nll_file.read_text())}
 
 
+def rescore(args, folder: Path, trained: Path, splits: dict) -> None:
+    """Phase 2's seed-0 run: phase 1's run at the chosen options, scored on the held-out problems and SingleEq
+    (sweeps.REUSED)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "nll-heldout.json").exists():
+        gold_nll(trained, splits["heldout"], folder / "nll-heldout.json")
+    if not (folder / "metrics.json").exists():
+        out = folder / "eval-singleeq.json"
+        cmd = [sys.executable, "-m", "depthmix.cli.main", "eval", "--adapter", str(trained), "--task", "singleeq",
+               "--data-dir", str(splits["train"]), "--max-eval-samples", str(args.eval_samples),
+               "--max-new-tokens", "160", "--batch-size", "32", "--max-length", "256", "--output", str(out)]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        sweeps.reuse(trained, folder, json.loads(out.read_text()))
+
+
+def phase1_run(arm: str, best: dict) -> str | None:
+    """The phase-1 run that trained what phase 2's seed 0 of this arm trains; None for an arm phase 1 did not tune
+    (MoDE alone)."""
+    lr = best[arm]["lr"]
+    if len(LRS[arm]) == 1:
+        return None
+    return f"{arm}-lr{lr}" if arm == "lora" else f"{arm}-lr{lr}-{best['distill']['options']}"
+
+
 def gold_nll(folder: Path, split_dir: Path, file: Path) -> None:
     """Mean NLL per token of the gold worked answers (prompt masked, teacher forced, eval mode: no lookahead)."""
     from depthmix.data.tasks import get_task
@@ -138,7 +168,7 @@ def gold_nll(folder: Path, split_dir: Path, file: Path) -> None:
 def sweep(args, out: Path, splits: dict) -> dict:
     """Phase 1 on seed 0: the best learning rate per arm, then the best distillation options for MoDE + LoRA."""
     def scored(name, flags):
-        value = run(args, out / "sweep" / name, 0, flags, splits, "validation", 8)["gold_nll"]
+        value = run(args, out / "sweep" / name, sweeps.PHASE1_SEED, flags, splits, "validation", 8)["gold_nll"]
         write_sweep(args, out)  # progress as data, after every run
         return value
 
@@ -225,6 +255,7 @@ def summarize(args, out: Path) -> None:
     setup = {"model": MODEL, "train": f"{args.train_size} problems of reasoning/math_train.json, {args.epochs} epochs, "
              "batch 8, LoRA r 8 on q_proj/v_proj", "validation": f"{args.validation_size} problems of math_train (phase 1)",
              "heldout": f"{args.heldout_size} problems of math_train, never trained on", "phase1": best,
+             "phase2_seed0": sweeps.REUSED,
              "arms": {arm: final_flags(arm, best) for arm in ARMS}}
     results = Path(args.results)
     primary = compare("mode-math", "reasoning/math (held-out worked answers)", "gold_nll", False, "lora", runs_nll,

@@ -16,20 +16,19 @@ dev.tsv, 872 sentences; pydoc/topics' held-out passages, 271) is never used for 
 Phase 1 (seed 0, validation accuracy): the LoRA learning rate of each arm, from --lrs; while an arm's best is on
 the edge of the rates tried, the next one beyond it (x2 or /2) is run, at most two per arm (sweeps.py).
 Phase 2 (seeds 0-4, dev accuracy): each arm at its chosen learning rate, trained on the same training set;
+seed 0 is phase 1's run at that rate, scored on dev (the same seed, rows and flags train the same model);
 compare() writes docs/results/molex-sst2.json and docs/results/molex-pydoc.json (summary, paired differences
 against LoRA with 95% CI and the smallest detectable difference, verdicts); setup records the binomial standard
 error of one run's accuracy on dev, the other limit on power.
 
     OMP_NUM_THREADS=2 nice python experiments/molex_sst2.py --out runs/molex_sst2
 
-Cost: (4 arms x 3 learning rates + 4 arms x 5 seeds) x 2 tasks = 64 runs. Measured on this machine while it
-was loaded (load average 8-10 on 2 cores, OMP_NUM_THREADS=2), SST-2 batch 32 x <= 64 tokens, 20 steps: LoRA
-4.7 s per step, MoLEx (straight-through) 6.2 s per step, plus about 15 s of start-up and the evaluation per run.
-A full SST-2 run (10,000 sentences, 3 epochs = 938 steps) so takes about 75 min (LoRA) to 100 min (MoLEx arms),
-a pydoc/topics run (942 passages, 10 epochs, batch 16 x <= 128 = 590 steps) about 50 to 65 min if its steps
-cost what SST-2's do (not measured beyond the smoke test's 4-step runs: 10 s per step for LoRA, 16 s for the
-frozen-gate arm, first step included): some 80 hours in all at that load, less on an idle machine. The smoke test (tiny sizes, every phase, both result files; each
-of its runs took 1.5-4 min of wall time, mostly start-up, on the loaded machine):
+Cost: (4 arms x 3 learning rates + 4 arms x 4 seeds) x 2 tasks = 56 runs, plus edge extensions. The SST-2
+phase-1 runs (10,000 sentences, 3 epochs = 939 steps of batch 32 x <= 64 tokens) recorded 11-20 min of training
+(LoRA) and 12-28 min (MoLEx arms) on one core of the shared 2-core CPU (OMP_NUM_THREADS=1, beside another
+experiment; a resumed run records its last stretch only), plus start-up and evaluation; each run's time is in
+docs/results/molex-sst2-sweep.json. The smoke test (tiny sizes, every phase, both result files; each of its runs
+took 1.5-4 min of wall time, mostly start-up, on the loaded machine):
 
     python experiments/molex_sst2.py --out /tmp/molex_smoke --results /tmp/molex_smoke/results \
         --train-size 64 --validation-size 32 --eval-size 32 --epochs 1 --lrs 1e-3 --seeds 0 1
@@ -72,7 +71,7 @@ SPLIT_SEED = 1234
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["train"]:  # one run, in its own process: `depthmix train` that knows the carved tasks
+    if sys.argv[1:2] in (["train"], ["eval"]):  # in its own process: `depthmix train|eval` knowing the carved tasks
         register_carved()
         from depthmix.cli.main import main as cli
         sys.exit(cli(sys.argv[1:]))
@@ -87,8 +86,11 @@ def main() -> None:
             best = sweep(args, name, out / name, folders)
             for seed in args.seeds:
                 for arm in args.arms:
-                    run(args, name, out / name / "final" / f"{arm}-s{seed}", seed, [*ARMS[arm], "--lr", best[arm]],
-                        folders["final"])
+                    folder = out / name / "final" / f"{arm}-s{seed}"
+                    if seed == sweeps.PHASE1_SEED and not any(folder.glob("checkpoint-*")):
+                        rescore(name, folder, out / name / "sweep" / f"{arm}-lr{best[arm]}", folders["final"])
+                    else:
+                        run(args, name, folder, seed, [*ARMS[arm], "--lr", best[arm]], folders["final"])
         summarize(args, name, out / name, folders)
 
 
@@ -185,6 +187,19 @@ def run(args, name: str, folder: Path, seed: int, flags: list[str], data: Path) 
     return json.loads(metrics.read_text())
 
 
+def rescore(name: str, folder: Path, trained: Path, data: Path) -> dict:
+    """Phase 2's seed-0 run: phase 1's run at the chosen rate, scored on dev (sweeps.REUSED)."""
+    if not (folder / "metrics.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        spec, dev = TASKS[name], folder / "eval-dev.json"
+        cmd = [sys.executable, __file__, "eval", "--adapter", str(trained), "--task", CARVED + spec["task"],
+               "--data-dir", str(data), "--batch-size", "64", "--max-length", str(spec["length"]), "--output", str(dev)]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        sweeps.reuse(trained, folder, json.loads(dev.read_text()))
+    return json.loads((folder / "metrics.json").read_text())
+
+
 def sweep(args, name: str, out: Path, folders: dict) -> dict:
     """Phase 1, seed 0: each arm's learning rate, by accuracy on the rows carved from train (ties: the smaller)."""
     file = out / "sweep.json"
@@ -192,8 +207,8 @@ def sweep(args, name: str, out: Path, folders: dict) -> dict:
     best, scores = done["best_lr"], done["validation_accuracy"]  # other arms' choices stay (runs of --arms subsets)
     for arm in args.arms:
         def score(lr, arm=arm):
-            value = accuracy(run(args, name, out / "sweep" / f"{arm}-lr{lr}", 0, [*ARMS[arm], "--lr", lr],
-                                 folders["validation"]))
+            value = accuracy(run(args, name, out / "sweep" / f"{arm}-lr{lr}", sweeps.PHASE1_SEED,
+                                 [*ARMS[arm], "--lr", lr], folders["validation"]))
             write_sweep(args, name, out)  # progress as data, after every run
             return value
         best[arm], scores[arm] = sweeps.tune(score, args.lrs, higher_is_better=True)
@@ -279,7 +294,7 @@ def setup(args, name: str, folders: dict, sweep_result: dict, runs: list[dict]) 
         "rows": sizes,
         "split": f"the task's training set shuffled with seed {SPLIT_SEED}: the first {sizes['validation']} rows "
                  "validate (phase 1), the next ones train; dev scores phase 2 only",
-        "phase1": {"seed": 0, "lrs": args.lrs, **sweep_result},
+        "phase1": {"seed": sweeps.PHASE1_SEED, "lrs": args.lrs, **sweep_result}, "phase2_seed0": sweeps.REUSED,
         # one run's accuracy on dev is a binomial proportion: its s.e. bounds what one seed can resolve
         "binomial_se_per_run": {arm: math.sqrt(m * (1 - m) / sizes["dev"]) for arm, m in sorted(means.items())},
     }

@@ -39,3 +39,23 @@ def report(result: dict, where: str = "") -> str:
     from depthmix.evaluation.compare import table
     return (f"**{result['task']}, {result['metric']}{where}** (paired seeds):\n\n{table(result)}\n\n"
             + "\n".join(f"- {v}" for v in result["verdicts"].values()))
+
+
+PHASE1_SEED = 0
+REUSED = ("phase 2's seed-0 run of an arm tuned in phase 1 is phase 1's run at the chosen options (the same seed, "
+          "training rows and flags train the same model: tests/test_experiments.py), scored on phase 2's data "
+          "rather than trained again")
+
+
+def reuse(trained, folder, evaluation: dict) -> dict:
+    """folder/metrics.json for phase 2's seed-0 run: the phase-1 run `trained`'s record with `evaluation` (what
+    `depthmix eval` wrote for phase 2's data) in place of its own evaluation."""
+    import json
+    from pathlib import Path
+
+    from depthmix.io import write_json
+    record = json.loads((Path(trained) / "metrics.json").read_text())
+    record.update(metrics=evaluation["metrics"], method_state=evaluation["method_state"],
+                  routing=evaluation.get("routing", record.get("routing")), trained_in=str(trained))
+    write_json(Path(folder) / "metrics.json", record)  # last, atomic: its presence marks the run finished
+    return record

@@ -84,6 +84,43 @@ def test_molex_study_tunes_on_rows_carved_from_train_never_on_dev(tmp_path):
     assert json.loads((again["validation"] / "eval.json").read_text()) == validation
 
 
+def test_phase_two_seed_zero_is_phase_one_run_scored_on_dev(tmp_path):
+    """sweeps.REUSED: what a run is evaluated on does not touch its training, so phase 2's seed 0 (the phase-1 run
+    at the chosen rate, scored on dev) is the run phase 2 would have trained."""
+    from safetensors.torch import load_file
+    molex = script("molex_sst2")
+    args = SimpleNamespace(data_dir=str(shared_data()), validation_size=8, train_size=32, eval_size=12, epochs=1,
+                           save_steps=100)
+    folders = molex.prepare(args, "pydoc", tmp_path / "data")
+    flags = [*molex.ARMS["molex-ours"], "--lr", "1e-3"]  # random gates and a learnt alpha: all drawn at the start
+    phase1 = tmp_path / "sweep" / "molex-ours-lr1e-3"
+    molex.run(args, "pydoc", phase1, 0, flags, folders["validation"])
+    fresh = molex.run(args, "pydoc", tmp_path / "fresh", 0, flags, folders["final"])
+    reused = molex.rescore("pydoc", tmp_path / "final" / "molex-ours-s0", phase1, folders["final"])
+    assert reused["trained_in"] == str(phase1) and reused["train_loss"] == fresh["train_loss"]
+    assert reused["metrics"] == fresh["metrics"]
+    assert json.loads((tmp_path / "final" / "molex-ours-s0" / "eval-dev.json").read_text())["examples"] == 12
+    weights = [load_file(folder / "adapter_model.safetensors") for folder in (phase1, tmp_path / "fresh")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(weights[0][k].equal(weights[1][k]) for k in weights[0])
+
+
+def test_mode_study_reuses_the_phase_one_run_with_phase_two_flags(tmp_path, monkeypatch):
+    mode = script("mode_math")
+    trained = {}  # phase-1 run name -> its flags
+
+    def run(args, folder, seed, flags, *rest):
+        trained[folder.name] = flags
+        return {"gold_nll": 1.0 - 0.1 * ("1e-3" in folder.name) - 0.01 * ("kl0.1-mean-norms" in folder.name)}
+    monkeypatch.setattr(mode, "run", run)
+    monkeypatch.setattr(mode, "write_sweep", lambda *a: None)
+    best = mode.sweep(SimpleNamespace(), tmp_path, {})
+    assert best["distill"]["options"] == "kl0.1-mean-norms"
+    for arm in ("lora", "mode+lora"):
+        assert trained[mode.phase1_run(arm, best)] == mode.final_flags(arm, best)
+    assert mode.phase1_run("mode", best) is None  # not tuned: phase 2 trains all its seeds
+
+
 def test_mode_study_splits_are_disjoint_and_complete(tmp_path):
     data = shared_data()
     mode = script("mode_math")
