@@ -48,21 +48,23 @@ def test_grid_is_centred_on_the_compute_optimal_size(isoflop):
         assert shapes[len(shapes) // 2] == nearest
 
 
-def test_parabola_minimum_and_the_edge(isoflop):
+def test_parabola_minimum_and_the_edge():
+    curves = script("isoflop_curves")
     points = [(10 ** x, 2.0 + 0.5 * (x - 4.3) ** 2) for x in (3.5, 4.0, 4.5, 5.0, 5.5)]
-    fit = isoflop.parabola_min(points)
+    fit = curves.parabola_min(points)
     assert fit["bracketed"] and fit["params"] == pytest.approx(10 ** 4.3, rel=1e-6)
     assert fit["loss"] == pytest.approx(2.0, abs=1e-9)
     falling = [(p, -math.log(p)) for p, _ in points]
-    edge = isoflop.parabola_min(falling)
+    edge = curves.parabola_min(falling)
     assert not edge["bracketed"] and edge["index"] == len(points) - 1
 
 
-def test_loglog_interpolation_is_exact_on_a_power_law(isoflop):
+def test_loglog_interpolation_is_exact_on_a_power_law():
+    curves = script("isoflop_curves")
     xs = [1e3, 1e4, 1e5]
     ys = [x ** 0.7 for x in xs]
-    assert isoflop.loglog_interp(xs, ys, 3e3) == pytest.approx(3e3 ** 0.7)
-    assert isoflop.loglog_interp(xs, ys, 1.0) == ys[0] and isoflop.loglog_interp(xs, ys, 1e9) == ys[-1]
+    assert curves.loglog_interp(xs, ys, 3e3) == pytest.approx(3e3 ** 0.7)
+    assert curves.loglog_interp(xs, ys, 1.0) == ys[0] and curves.loglog_interp(xs, ys, 1e9) == ys[-1]
 
 
 def test_molex_study_tunes_on_rows_carved_from_train_never_on_dev(tmp_path):
