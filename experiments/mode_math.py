@@ -214,11 +214,9 @@ def tables(results: Path) -> str:
     sweep_file = results / "mode-math-sweep.json"
     if sweep_file.exists():
         rec = json.loads(sweep_file.read_text())
-        parts.append(f"**Phase 1** (seed 0; {rec['metric']} on the {rec['validation']}; {len(rec['runs'])} runs "
-                     f"finished; {rec['planned']} planned, plus edge extensions):\n\n| run | arm | lr | options | validation gold NLL | "
-                     "train minutes |\n| --- | --- | --- | --- | --- | --- |")
-        parts[-1] += "".join(f"\n| {r['run']} | {r['arm']} | {r['lr']} | {r['options'] or '—'} | {r['value']:.4f} | "
-                             f"{r['train_seconds'] / 60:.0f} |" for r in rec["runs"])
+        parts.append(sweeps.phase1_table(rec, "Phase 1", rec["validation"], {
+            "run": lambda r: r["run"], "arm": lambda r: r["arm"], "lr": lambda r: r["lr"],
+            "options": lambda r: r["options"] or "—", "validation gold NLL": lambda r: f"{r['value']:.4f}"}))
     for name in ("mode-math", "mode-math-singleeq"):
         file = results / f"{name}.json"
         if file.exists():

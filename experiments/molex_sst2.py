@@ -245,11 +245,8 @@ def tables(results: Path) -> str:
         file = results / f"molex-{name}-sweep.json"
         if file.exists():
             rec = json.loads(file.read_text())
-            parts.append(f"**{rec['task']}, phase 1** (seed 0; {rec['metric']} on the {rec['split']}; "
-                         f"{len(rec['runs'])} runs finished; {rec['planned']} planned, plus edge extensions):\n\n| arm | lr | validation accuracy "
-                         "| train minutes |\n| --- | --- | --- | --- |")
-            parts[-1] += "".join(f"\n| {r['arm']} | {r['lr']} | {r['value']:.4f} | {r['train_seconds'] / 60:.0f} |"
-                                 for r in rec["runs"])
+            parts.append(sweeps.phase1_table(rec, f"{rec['task']}, phase 1", rec["split"], {
+                "arm": lambda r: r["arm"], "lr": lambda r: r["lr"], "validation accuracy": lambda r: f"{r['value']:.4f}"}))
         file = results / f"molex-{name}.json"
         if file.exists():
             parts.append(sweeps.report(json.loads(file.read_text()), " on dev"))

@@ -59,3 +59,13 @@ def reuse(trained, folder, evaluation: dict) -> dict:
                   routing=evaluation.get("routing", record.get("routing")), trained_in=str(trained))
     write_json(Path(folder) / "metrics.json", record)  # last, atomic: its presence marks the run finished
     return record
+
+
+def phase1_table(rec: dict, heading: str, where: str, columns: dict) -> str:
+    """The Markdown of a phase-1 sweep file: its heading, then a row per finished run (columns: header -> the cell
+    of a run; the training minutes come last)."""
+    columns = {**columns, "train minutes": lambda r: f"{r['train_seconds'] / 60:.0f}"}
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(r) for cell in columns.values()) + " |" for r in rec["runs"]]
+    return (f"**{heading}** (seed {PHASE1_SEED}; {rec['metric']} on the {where}; {len(rec['runs'])} runs finished; "
+            f"{rec['planned']} planned, plus edge extensions):\n\n" + "\n".join(lines))
