@@ -117,7 +117,7 @@ class MoD(Method):
     def reset_stats(self) -> None:
         # per routed block: processed tokens, valid tokens, correct causal decisions, decisions scored
         device = self.stats.device if hasattr(self, "stats") else None
-        self.stats = torch.zeros(len(self.layers), 4, dtype=torch.float64, device=device)
+        self.stats = torch.zeros(len(self.layers), 4, dtype=torch.long, device=device)
 
     def summary(self) -> dict:
         s = self.stats.cpu()  # the one read of the device-side counts
@@ -136,29 +136,34 @@ class MoD(Method):
     # -- the routed forward of block self.layers[i] (or of its sub-layer) -----------------------------------
     def scores(self, i: int, x: torch.Tensor):
         """Router logits r [B, S] and the causal decision logits [B, S] (predictor, or the router itself)."""
-        xf = x.float()
-        r = self.routers[i](xf).squeeze(-1)
-        if self.config.causal == "predictor":
-            return r, self.predictors[i](xf.detach()).squeeze(-1)
-        return r, r
+        r = self.router(i, x)
+        return r, (self.predictors[i](x.float().detach()).squeeze(-1) if self.config.causal == "predictor" else r)
+
+    def router(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self.routers[i](x.float()).squeeze(-1)
 
     def route(self, module, i: int, forward, args, kwargs):
         x, named = self._split(module, args, kwargs)
         valid = self.valid_mask(x)
-        r, decide = self.scores(i, x)
         # an eval-mode base model routes causally even if the method module was left in train mode
         causal = self.active_routing(self.training and module.training) == "causal"
         cache = named.get(CACHE_ARG)
         if cache is not None and self.training and torch.is_grad_enabled():
             named[CACHE_ARG] = cache = None  # training never decodes: keep no subset K/V
-        slots_, sel, topk = self._select(i, r, decide, valid, cache, causal)
+        step = x.shape[1] == 1 and (cache is not None or (causal and self._continues(x)))
+        if step and causal and self.config.causal == "predictor":
+            # a decoding step needs the router's logits only for the rows that process their token (_step)
+            r, decide = None, self.predictors[i](x.float().detach()).squeeze(-1)
+        else:
+            r, decide = self.scores(i, x)
+        slots_, sel, topk = self._select(i, r, decide, valid, cache, causal, x)
         self._record(i, sel, valid, decide, topk)
         if self.training and torch.is_grad_enabled() and self.config.aux_weight > 0 and topk is not None:
             w = valid.to(decide.dtype)
             bce = F.binary_cross_entropy_with_logits(decide, topk.to(decide.dtype), reduction="none")
             self.add_aux(self.config.aux_weight * (bce * w).sum() / w.sum().clamp(min=1))
 
-        if x.shape[1] == 1 and (cache is not None or (causal and self._continues(x))):
+        if step:
             out = self._step(module, i, forward, x, named, sel, r, cache)
         else:
             out = self._subset(module, i, forward, x, named, sel, valid, r, cache, causal, slots_)
@@ -247,9 +252,11 @@ class MoD(Method):
             begin = start if pick is None else start.index_select(0, rows)
             kw[CACHE_ARG] = store.view(torch.ones_like(begin), 1, pick)
             kw["attention_mask"] = subset_mask(begin, 1, int(begin.max()) + 1, attn_impl(module), x.dtype, x.device)
+        if r is None:
+            r = self.router(i, xr)
+        elif pick is not None:
+            r = r.index_select(0, rows)
         weight = self._weight(r)
-        if weight is not None and pick is not None:
-            weight = weight.index_select(0, rows)
         y = self._update(xr if self.config.skip == "block" else None, self._run(forward, xr, kw), weight)
         return y if pick is None else self._rest(x).index_copy(0, rows, y)
 
@@ -277,7 +284,7 @@ class MoD(Method):
         mask = self.inputs.get("attention_mask")
         return mask is not None and mask.dim() == 2 and mask.shape[1] > x.shape[1]
 
-    def _select(self, i, r, decide, valid, cache, causal: bool):
+    def _select(self, i, r, decide, valid, cache, causal: bool, x):
         """The slots (idx, count, K) of the tokens block i processes, as a [B, S] selection, and their top-k
         membership: the selection in top-k mode (static shapes, no host sync: what training runs), the target of
         the causal decision otherwise (there only for statistics, and None in decoding steps, where a sequence's
@@ -291,6 +298,8 @@ class MoD(Method):
             idx, count, top = topk_slots(r.detach(), valid, self.config.capacity, keep)
             topk = membership(idx, count, top, valid)
             return (idx, count, top), topk, topk
+        if fresh and r is None:
+            r = self.router(i, x)
         topk = topk_membership(r.detach(), valid, self.config.capacity, keep) if fresh else None
         sel = (decide.detach() > 0) & valid
         sel = sel if keep is None else sel | keep
@@ -302,7 +311,7 @@ class MoD(Method):
         (the first real token always enters it)."""
         if not self.config.keeps_first:
             return None
-        first = first_real(valid)
+        first = valid if valid.shape[1] == 1 else first_real(valid)
         mask = self.inputs.get("attention_mask")
         if cache is None and self._continues(valid):  # a routed MLP while decoding: the row's whole mask says
             first = first_real(mask.to(device=valid.device, dtype=torch.bool))[:, -valid.shape[1]:]
@@ -372,6 +381,8 @@ class MoD(Method):
         with torch.no_grad():
             if self.stats.device != sel.device:
                 self.stats = self.stats.to(sel.device)
-            n = valid.sum()
-            right = (((decide > 0) == topk) & valid).sum() if topk is not None else torch.zeros_like(n)
-            self.stats[i] += torch.stack([sel.sum(), n, right, n if topk is not None else right]).to(self.stats)
+            if topk is None:  # a decoding step: no decision to score (the fewest ops: it runs once per token)
+                self.stats[i].narrow(0, 0, 2).add_(torch.stack([sel, valid]).flatten(1).sum(1))
+                return
+            right = ((decide > 0) == topk) & valid
+            self.stats[i].add_(torch.stack([sel, valid, right, valid]).flatten(1).sum(1))
