@@ -220,7 +220,8 @@ def tables(results: Path) -> str:
     for name in ("mode-math", "mode-math-singleeq"):
         file = results / f"{name}.json"
         if file.exists():
-            parts.append(sweeps.report(json.loads(file.read_text())))
+            picture = f"\n\n![{name}: every run, and the paired differences](img/{name}.png)"
+            parts.append(sweeps.report(json.loads(file.read_text())) + picture)
     return "\n\n".join(parts) if parts else "no results yet"
 
 
@@ -230,6 +231,7 @@ def final_flags(arm: str, best: dict) -> list[str]:
 
 
 def summarize(args, out: Path) -> None:
+    from depthmix import plots
     from depthmix.evaluation.compare import compare
     from depthmix.io import write_json
     if (out / "sweep").exists():
@@ -259,8 +261,9 @@ def summarize(args, out: Path) -> None:
     primary = compare("mode-math", "reasoning/math (held-out worked answers)", "gold_nll", False, "lora", runs_nll,
                       setup)
     secondary = compare("mode-math-singleeq", "singleeq", "accuracy", True, "lora", runs_acc, setup)
-    write_json(results / "mode-math.json", primary)
-    write_json(results / "mode-math-singleeq.json", secondary)
+    for result in (primary, secondary):
+        write_json(results / f"{result['experiment']}.json", result)
+        plots.paired(result, results.parent / "img" / f"{result['experiment']}.png")
     print(sweeps.report(primary), sweeps.report(secondary), sep="\n\n")
 
 

@@ -246,14 +246,17 @@ def tables(results: Path) -> str:
         if file.exists():
             rec = json.loads(file.read_text())
             parts.append(sweeps.phase1_table(rec, f"{rec['task']}, phase 1", rec["split"], {
-                "arm": lambda r: r["arm"], "lr": lambda r: r["lr"], "validation accuracy": lambda r: f"{r['value']:.4f}"}))
+                "arm": lambda r: r["arm"], "lr": lambda r: r["lr"],
+                "validation accuracy": lambda r: f"{r['value']:.4f}"}))
         file = results / f"molex-{name}.json"
         if file.exists():
-            parts.append(sweeps.report(json.loads(file.read_text()), " on dev"))
+            picture = f"\n\n![{name}: every run, and the paired differences](img/molex-{name}.png)"
+            parts.append(sweeps.report(json.loads(file.read_text()), " on dev") + picture)
     return "\n\n".join(parts) if parts else "no results yet"
 
 
 def summarize(args, name: str, out: Path, folders: dict) -> None:
+    from depthmix import plots
     from depthmix.evaluation.compare import compare
     from depthmix.io import write_json
     if (out / "sweep").exists():
@@ -275,6 +278,7 @@ def summarize(args, name: str, out: Path, folders: dict) -> None:
     result = compare(f"molex-{name}", TASKS[name]["task"], "accuracy", True, "lora", runs,
                      setup(args, name, folders, json.loads(sweep_file.read_text()), runs))
     write_json(Path(args.results) / f"molex-{name}.json", result)
+    plots.paired(result, Path(args.results).parent / "img" / f"molex-{name}.png")
     print(sweeps.report(result, " on dev"))
 
 

@@ -34,3 +34,20 @@ def test_only_seeds_both_arms_finished_are_paired():
     r = compare("x", "t", "accuracy", True, "lora", runs([0.5, 0.6, 0.7], [0.52]), {})
     assert r["paired"]["mode"]["n"] == 1 and "no test possible" in r["verdicts"]["mode"]
     assert paired_test([0.1, 0.1])["p_value"] == 0.0  # identical non-zero differences: certain, not NaN
+
+
+def test_a_comparison_is_drawn_and_a_wrong_file_is_refused_naming_it(tmp_path, capsys):
+    import json
+
+    from depthmix.cli.main import main
+    r = compare("x", "glue/sst2", "accuracy", True, "lora", runs([0.5, 0.6, 0.7], [0.52, 0.55, 0.72]), {})
+    file = tmp_path / "x.json"
+    file.write_text(json.dumps(r))
+    assert main(["plot", "compare", str(file)]) == 0
+    png = tmp_path / "x.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    del r["paired"]
+    file.write_text(json.dumps(r))
+    assert main(["plot", "compare", str(file), "--output", str(tmp_path / "y.png")]) != 0
+    err = capsys.readouterr().err
+    assert str(file) in err and "missing: paired" in err and not (tmp_path / "y.png").exists()

@@ -1,6 +1,7 @@
-"""Pictures: loss curves, the MoLEx layer-choice heat map, bar charts of results."""
+"""Pictures: loss curves, the MoLEx layer-choice heat map, bar charts of results, paired-seed comparisons."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -93,4 +94,47 @@ def layer_weights(results: dict[str, tuple], layers: list[int], path, title: str
     ax.set_ylim(10 ** np.floor(np.log10(max(smallest, 1e-6))), 1.5)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def paired(result: dict, path) -> Path:
+    """A comparison over paired seeds (depthmix.evaluation.compare): left, every run's value by arm, each seed's runs
+    joined by a line; right, each arm's mean difference from the baseline with its 95% CI, over a grey band of
+    +- the smallest difference the seeds could detect."""
+    arms = list(result["summary"])
+    seeds = sorted({r["seed"] for r in result["runs"]})
+    value = {(r["arm"], r["seed"]): r["value"] for r in result["runs"]}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(4.0 + 2.2 * len(arms), 4),
+                                      width_ratios=[len(arms), max(1, len(arms) - 1)])
+    for i, seed in enumerate(seeds):
+        pts = [(x, value[(a, seed)]) for x, a in enumerate(arms) if (a, seed) in value]
+        left.plot(*zip(*pts), "o-", color=plt.cm.tab10(i % 10), alpha=0.7, ms=4, lw=1, label=f"seed {seed}")
+    for x, a in enumerate(arms):
+        left.hlines(result["summary"][a]["mean"], x - 0.25, x + 0.25, color="black", lw=2)
+    left.set_xticks(range(len(arms)), arms, rotation=20, ha="right")
+    better = "higher" if result["higher_is_better"] else "lower"
+    left.set_ylabel(textwrap.fill(f"{result['metric']} ({better} is better)", 40), fontsize=9)
+    left.set_title(result["task"], fontsize=10)
+    if len(seeds) <= 10:
+        left.legend(fontsize=7)
+    others = [a for a in arms if a in result["paired"]]
+    for x, a in enumerate(others):
+        p = result["paired"][a]
+        if p["ci95"] is None:
+            right.plot([x], [p["mean_diff"]], "o", color="gray")
+            continue
+        mdd = p["min_detectable_diff"]
+        right.bar(x, 2 * mdd, bottom=-mdd, width=0.5, color="lightgray",
+                  label="± smallest detectable" if x == 0 else None)
+        lo, hi = p["ci95"]
+        right.errorbar([x], [p["mean_diff"]], yerr=[[p["mean_diff"] - lo], [hi - p["mean_diff"]]], fmt="o",
+                       color="black", capsize=5, label="mean, 95% CI" if x == 0 else None)
+    right.axhline(0, color="black", lw=0.8)
+    right.margins(y=0.08)
+    right.set_xticks(range(len(others)), others, rotation=20, ha="right")
+    right.set_xlim(-0.6, len(others) - 0.4)
+    right.set_ylabel(f"paired difference vs {result['baseline']}")
+    right.set_title(f"{len(seeds)} seed(s)", fontsize=10)
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=7)
     return _save(fig, path)

@@ -1,4 +1,4 @@
-"""depthmix plot routing / loss."""
+"""depthmix plot routing / loss / compare."""
 from __future__ import annotations
 
 import json
@@ -23,6 +23,13 @@ def register(sub) -> None:
     lo.add_argument("runs", nargs="+", help="output folders of `depthmix train`")
     lo.add_argument("--output", required=True, help="PNG path")
     lo.set_defaults(func=run_loss)
+    c = kinds.add_parser("compare", help="a comparison over paired seeds (a results JSON of depthmix.evaluation."
+                                         "compare, e.g. docs/results/molex-sst2.json): every run by arm and seed, and "
+                                         "each arm's paired difference from the baseline with its 95%% CI and the "
+                                         "smallest difference the seeds could detect")
+    c.add_argument("result", help="results JSON")
+    c.add_argument("--output", help="PNG path (default: the JSON's path with .png)")
+    c.set_defaults(func=run_compare)
 
 
 def run_routing(args) -> int:
@@ -54,4 +61,21 @@ def run_loss(args) -> int:
     written = loss_curve([], args.output, curves=curves)  # None (and a message) when no loss was logged
     if written is not None:
         print(f"wrote {written}")
+    return 0
+
+
+COMPARISON = ("task", "metric", "higher_is_better", "baseline", "runs", "summary", "paired")
+
+
+def run_compare(args) -> int:
+    from ..io import read_json
+    from ..plots import paired
+    result = read_json(args.result)
+    missing = [k for k in COMPARISON if k not in result] if isinstance(result, dict) else list(COMPARISON)
+    if missing:
+        raise ConfigError(f"{args.result}: not a comparison over paired seeds (missing: {', '.join(missing)})")
+    bad = [r for r in result["runs"] if not {"arm", "seed", "value"} <= set(r)]
+    if bad:
+        raise ConfigError(f"{args.result}: a run without arm, seed and value: {bad[0]}")
+    print(f"wrote {paired(result, args.output or Path(args.result).with_suffix('.png'))}")
     return 0
