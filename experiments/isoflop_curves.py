@@ -150,3 +150,21 @@ def markdown(files: list[Path]) -> str:
         out.append(f"![{s['corpus']} {s['budget_label']}](img/mod-isoflop-{s['corpus']}-{s['budget_label']}.png)")
         out.append("")
     return "\n".join(out)
+
+
+def verdicts(files: list[Path], path: Path) -> Path | None:
+    """Every finished budget's paired difference (MoD - dense at the two minima, per seed) in one picture, and the
+    same against ladder + one-block controls where those ran."""
+    from depthmix.plots import differences
+    paired = {}
+    for f in files:
+        r = json.loads(f.read_text())
+        s = r["setup"]
+        if "mod" in r["paired"]:
+            paired[f"{s['corpus']} {s['budget_label']}"] = r["paired"]["mod"]
+        if r.get("controls"):
+            paired[f"{s['corpus']} {s['budget_label']} + controls"] = r["controls"]["paired"]
+    if not paired:
+        return None
+    return differences(paired, path, "MoD - dense at the isoFLOP minima\n(nats/byte, paired by seed)",
+                       "MoD vs dense from scratch, isoFLOP")

@@ -72,7 +72,7 @@ import sys
 import time
 from pathlib import Path
 
-from isoflop_curves import loglog_interp, markdown, parabola_min, plot  # beside this script
+from isoflop_curves import loglog_interp, markdown, parabola_min, plot, verdicts  # beside this script
 
 CORPORA = {  # name: (train file, held-out file or None = last 10% of the train file)
     "tinyshakespeare": ("lm/tinyshakespeare.txt", None),
@@ -368,6 +368,10 @@ def summarize(args) -> list[Path]:
             plot(result, Path(args.img) / f"{name}.png")
             written.append(Path(args.results) / f"{name}.json")
             print(f"wrote {args.results}/{name}.json, {args.img}/{name}.png", flush=True)
+    every = sorted(Path(args.results).glob("mod-isoflop-*-*.json"),
+                   key=lambda f: (float(f.stem.rsplit("-", 1)[1]), f.stem))  # by budget
+    if verdicts(every, Path(args.img) / "mod-isoflop-verdicts.png"):
+        print(f"wrote {args.img}/mod-isoflop-verdicts.png", flush=True)
     return written
 
 

@@ -117,24 +117,36 @@ def paired(result: dict, path) -> Path:
     left.set_title(result["task"], fontsize=10)
     if len(seeds) <= 10:
         left.legend(fontsize=7)
-    others = [a for a in arms if a in result["paired"]]
-    for x, a in enumerate(others):
-        p = result["paired"][a]
-        if p["ci95"] is None:
-            right.plot([x], [p["mean_diff"]], "o", color="gray")
-            continue
-        mdd = p["min_detectable_diff"]
-        right.bar(x, 2 * mdd, bottom=-mdd, width=0.5, color="lightgray",
-                  label="± smallest detectable" if x == 0 else None)
-        lo, hi = p["ci95"]
-        right.errorbar([x], [p["mean_diff"]], yerr=[[p["mean_diff"] - lo], [hi - p["mean_diff"]]], fmt="o",
-                       color="black", capsize=5, label="mean, 95% CI" if x == 0 else None)
-    right.axhline(0, color="black", lw=0.8)
-    right.margins(y=0.08)
-    right.set_xticks(range(len(others)), others, rotation=20, ha="right")
-    right.set_xlim(-0.6, len(others) - 0.4)
+    _differences(right, {a: result["paired"][a] for a in arms if a in result["paired"]})
     right.set_ylabel(f"paired difference vs {result['baseline']}")
     right.set_title(f"{len(seeds)} seed(s)", fontsize=10)
-    if right.get_legend_handles_labels()[0]:
-        right.legend(fontsize=7)
     return _save(fig, path)
+
+
+def differences(paired: dict[str, dict], path, ylabel: str, title: str) -> Path:
+    """Several paired comparisons side by side: paired = {label: paired_test(...)}."""
+    fig, ax = plt.subplots(figsize=(2.5 + 1.1 * len(paired), 4))
+    _differences(ax, paired)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _differences(ax, paired: dict[str, dict]) -> None:
+    """Each mean paired difference with its 95% CI, over a grey band of +- the smallest detectable difference."""
+    for x, (label, p) in enumerate(paired.items()):
+        if p["ci95"] is None:
+            ax.plot([x], [p["mean_diff"]], "o", color="gray")
+            continue
+        mdd = p["min_detectable_diff"]
+        ax.bar(x, 2 * mdd, bottom=-mdd, width=0.5, color="lightgray",
+               label="± smallest detectable" if x == 0 else None)
+        lo, hi = p["ci95"]
+        ax.errorbar([x], [p["mean_diff"]], yerr=[[p["mean_diff"] - lo], [hi - p["mean_diff"]]], fmt="o",
+                    color="black", capsize=5, label="mean, 95% CI" if x == 0 else None)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.margins(y=0.08)
+    ax.set_xticks(range(len(paired)), list(paired), rotation=20, ha="right")
+    ax.set_xlim(-0.6, len(paired) - 0.4)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
