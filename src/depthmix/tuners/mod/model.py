@@ -137,10 +137,13 @@ class MoD(Method):
     def scores(self, i: int, x: torch.Tensor):
         """Router logits r [B, S] and the causal decision logits [B, S] (predictor, or the router itself)."""
         r = self.router(i, x)
-        return r, (self.predictors[i](x.float().detach()).squeeze(-1) if self.config.causal == "predictor" else r)
+        return r, (self.predictor(i, x) if self.config.causal == "predictor" else r)
 
     def router(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return self.routers[i](x.float()).squeeze(-1)
+
+    def predictor(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self.predictors[i](x.float().detach()).squeeze(-1)
 
     def route(self, module, i: int, forward, args, kwargs):
         x, named = self._split(module, args, kwargs)
@@ -153,7 +156,7 @@ class MoD(Method):
         step = x.shape[1] == 1 and (cache is not None or (causal and self._continues(x)))
         if step and causal and self.config.causal == "predictor":
             # a decoding step needs the router's logits only for the rows that process their token (_step)
-            r, decide = None, self.predictors[i](x.float().detach()).squeeze(-1)
+            r, decide = None, self.predictor(i, x)
         else:
             r, decide = self.scores(i, x)
         slots_, sel, topk = self._select(i, r, decide, valid, cache, causal, x)
