@@ -20,9 +20,10 @@ problems x 2 epochs = 125 steps of batch 8 x <= 256 tokens, then the gold NLL of
 phase 1 is 12 runs (6 learning rates, 6 MoDE options), phase 2 seven trainings and nine scorings (500 held-out
 problems, 300 SingleEq answers generated): some 13-15 hours of one core in all (the smoke run had estimated 4-5).
 
-Resumable: a finished run (metrics.json + nll.json) is skipped, so the script can be stopped at any time and run
-again. Writes docs/results/mode-math.json (primary) and docs/results/mode-math-singleeq.json (secondary), both from
-the runs, with paired differences and the smallest detectable difference.
+Resumable: a finished run (metrics.json + nll.json) is skipped and a stopped one continues from its last checkpoint
+(every 25 steps), so the script can be stopped at any time and run again. Writes docs/results/mode-math.json
+(primary) and docs/results/mode-math-singleeq.json (secondary), both from the runs, with paired differences and
+the smallest detectable difference.
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ import sweeps  # experiments/sweeps.py, beside this script
 
 MODEL = "smollm2-135m"
 COMMON = ["--model", MODEL, "--task", "singleeq", "--batch-size", "8", "--max-length", "256", "--lora-r", "8",
-          "--lora-alpha", "16", "--eval-batch-size", "32", "--logging-steps", "10", "--save-steps", "100000",
-          "--no-progress"]
+          "--lora-alpha", "16", "--eval-batch-size", "32", "--logging-steps", "10", "--save-steps", "25",
+          "--save-total-limit", "1", "--no-progress"]
 LRS = {"lora": ["5e-4", "1e-3", "2e-3"], "mode+lora": ["5e-4", "1e-3", "2e-3"], "mode": ["1e-3"]}
 DISTILL = {  # MoDE options swept on the validation set at the MoDE + LoRA arm's best learning rate
     "kl0": ["--distill-weight", "0"],
@@ -116,9 +117,10 @@ def prepare(data: Path, root: Path, train_size: int, validation_size: int, heldo
 
 def run(args, folder: Path, seed: int, flags: list[str], splits: dict, nll_split: str, eval_samples: int) -> dict:
     if not (folder / "metrics.json").exists():
+        resume = ["--resume"] if any(folder.glob("checkpoint-*")) else []  # a stopped run continues (see --save-steps)
         cmd = [sys.executable, "-m", "depthmix.cli.main", "train", *COMMON, "--data-dir", str(splits["train"]),
                "--epochs", args.epochs, "--seed", str(seed), "--max-eval-samples", str(eval_samples),
-               "--eval-max-new-tokens", "160", "--output-dir", str(folder), *flags]
+               "--eval-max-new-tokens", "160", "--output-dir", str(folder), *flags, *resume]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     nll_file = folder / f"nll-{nll_split}.json"
