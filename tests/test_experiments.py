@@ -123,6 +123,26 @@ def test_mode_study_reuses_the_phase_one_run_with_phase_two_flags(tmp_path, monk
     assert mode.phase1_run("mode", best) is None  # not tuned: phase 2 trains all its seeds
 
 
+def test_a_stopped_study_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    mode = script("mode_math")
+    calls = []
+
+    def train(cmd, check):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--output-dir") + 1])
+        (out / "metrics.json").write_text("{}")
+        (out / "nll-validation.json").write_text('{"gold_nll": 1.0}')
+    monkeypatch.setattr(mode.subprocess, "run", train)
+    args = SimpleNamespace(epochs="2")
+    for name, stopped in (("fresh", False), ("stopped", True)):
+        folder = tmp_path / name
+        (folder / "checkpoint-50" if stopped else folder).mkdir(parents=True)
+        mode.run(args, folder, 0, ["--method", "lora"], {"train": tmp_path}, "validation", 8)
+    assert ["--resume" in cmd for cmd in calls] == [False, True]
+    assert "--save-steps" in calls[0] and mode.run(args, tmp_path / "fresh", 0, [], {}, "validation", 8)  # done: skipped
+    assert len(calls) == 2
+
+
 def test_mode_study_splits_are_disjoint_and_complete(tmp_path):
     data = shared_data()
     mode = script("mode_math")
