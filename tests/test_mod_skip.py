@@ -171,19 +171,18 @@ def test_untrained_retrofit_decodes_only_the_sink_through_a_routed_sublayer(fami
     assert torch.equal(cached, generate(dm, ids, mask, n=4, use_cache=False))
 
 
-@pytest.mark.parametrize("skip", SKIPS)
-def test_causal_routing_packs_the_rows_it_processes(family, skip, monkeypatch):
-    """Causal routing at batch 4, rows processing 5, 3, 2 and 2 of their tokens: one packed row of 12 tokens runs
-    through each routed module (padding every row to the busiest would run 4 x 5), and each row's logits equal
-    the row alone."""
+def by_token_routing(family, skip, monkeypatch):
+    """Rows processing 5, 3, 2 and 2 of their tokens (decisions by token id, multiples of 4 processed, the same in
+    a row alone), and a hook recording the (rows, tokens) shape each call of the first routed module gets."""
     dm = depthmix.apply(tiny(family), depthmix.MoDConfig(update="retrofit", causal="aux_loss", skip=skip,
                                                          layers=[1, 3])).eval()
 
-    def by_token(i, x):  # decisions by token id (multiples of 4 processed), the same in a row alone
+    def by_token(i, x):
         d = torch.where(dm.method.inputs["input_ids"] % 4 == 0, 5.0, -5.0)[:, -x.shape[1]:]
         return d, d
 
     monkeypatch.setattr(dm.method, "scores", by_token)
+    monkeypatch.setattr(dm.method, "predictor", lambda i, x: by_token(i, x)[1])
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 15, (4, 12), generator=g) * 4 + torch.randint(1, 4, (4, 12), generator=g)  # none
     for row, picks in enumerate(([0, 2, 5, 8, 11], [0, 7, 10], [0, 9], [11])):
@@ -195,12 +194,39 @@ def test_causal_routing_packs_the_rows_it_processes(family, skip, monkeypatch):
     calls = []
     projection(dm.method.routed_module(0)).register_forward_pre_hook(
         lambda m, a: calls.append(tuple(a[0].shape[:2])) and None)
+    return dm, ids, mask, calls
+
+
+@pytest.mark.parametrize("skip", SKIPS)
+def test_causal_routing_packs_the_rows_it_processes(family, skip, monkeypatch):
+    """Causal routing at batch 4: one packed row of 12 tokens runs through each routed module (padding every row
+    to the busiest would run 4 x 5), and each row's logits equal the row alone."""
+    dm, ids, mask, calls = by_token_routing(family, skip, monkeypatch)
     full = logits(dm, ids, mask, "causal")
     assert calls == [(1, 12)] and dm.method.stats[0, 0] == 12
     for row in range(4):
         keep = mask[row].bool()
         alone = logits(dm, ids[row, keep][None], mask[row, keep][None], "causal")
         torch.testing.assert_close(full[row][keep], alone[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("skip", SKIPS)
+def test_a_cached_prompt_is_packed_too(family, skip, monkeypatch):
+    """generate() at batch 4: the prompt's call packs the rows' 12 processed tokens into one row (their keys and
+    values then go to each sequence's own store), and the generation equals the uncached one."""
+    dm, ids, mask, calls = by_token_routing(family, skip, monkeypatch)
+    cached = generate(dm, ids, mask, n=4, return_dict_in_generate=True)
+    assert calls[0] == (1, 12)
+    if skip != "mlp":  # a routed MLP keeps no keys/values
+        from depthmix.blocks import CACHE_ARG
+        from depthmix.tuners.mod.cache import KEY
+        from depthmix.tuners.mod.layer import first_real
+        store = getattr(cached, CACHE_ARG).__dict__[KEY][0]
+        valid = torch.cat([mask, torch.ones(4, 3, dtype=torch.long)], 1).bool()
+        processed = ((cached.sequences[:, :-1] % 4 == 0) | first_real(valid)) & valid  # the sink, kept
+        assert store.length.tolist() == processed.sum(1).tolist()
+    calls.clear()
+    assert torch.equal(cached.sequences, generate(dm, ids, mask, n=4, use_cache=False))
 
 
 @pytest.mark.parametrize("skip", SKIPS)

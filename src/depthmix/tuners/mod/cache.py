@@ -18,6 +18,7 @@ class BlockStore:
     def __init__(self):
         self.keys = self.values = None
         self.length = None  # [B] long
+        self.written = False  # known on the host: an empty store may take a packed first call (PackedView)
 
     def start(self, batch: int, device) -> torch.Tensor:
         if self.length is None:
@@ -60,6 +61,7 @@ class BlockStore:
         self.keys[at, torch.arange(key.shape[1], device=key.device).view(1, -1, 1), pos] = key
         self.values[at, torch.arange(value.shape[1], device=key.device).view(1, -1, 1), pos] = value
         self.length = self.length.index_add(0, rows, count)
+        self.written = True
         if every:
             return self.keys[:, :, :end], self.values[:, :, :end]
         return self.keys[:, :, :end].index_select(0, rows), self.values[:, :, :end].index_select(0, rows)
@@ -76,3 +78,27 @@ class StoreView:
 
     def get_seq_length(self, layer_idx=0) -> int:
         return int(self.store.length.max()) if self.store.length is not None else 0
+
+
+class PackedView:
+    """Stands in for the HF cache inside a routed block's first call on packed rows (layer.pack): the store is
+    empty, so this call's keys/values are each sequence's whole context: they go back to the attention as they
+    came (packed, under the packed mask) and into each sequence's store row, in order."""
+
+    def __init__(self, store: BlockStore, packed, batch: int):
+        self.store, self.packed, self.batch = store, packed, batch
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        self.store.write(self._rows(key_states), self._rows(value_states), self.packed.counts)
+        return key_states, value_states
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """[G, H, T, D] packed -> [B, H, K, D]: each sequence's tokens in order, padded to the busiest."""
+        g, h, n, d = t.shape
+        tokens = t.transpose(1, 2).reshape(g * n, h, d).index_select(0, self.packed.slot)
+        rows = t.new_zeros(self.batch, self.packed.most, h, d)
+        rows[self.packed.row, self.packed.rank] = tokens
+        return rows.transpose(1, 2)
+
+    def get_seq_length(self, layer_idx=0) -> int:
+        return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -80,18 +81,27 @@ def slots(sel: torch.Tensor):
     return order, count, top
 
 
-def pack(sel: torch.Tensor):
+class Packed(NamedTuple):
+    idx: torch.Tensor  # [G, T] positions in the flattened [B * S]
+    seg: torch.Tensor  # [G, T] the row each slot belongs to, -1 for unused slots
+    flat: torch.Tensor  # [N] the flattened positions of the selected tokens, row by row, in order
+    slot: torch.Tensor  # [N] where each of them sits in the flattened [G * T]
+    row: torch.Tensor  # [N] the row of each, and its rank among that row's selected tokens
+    rank: torch.Tensor
+    counts: torch.Tensor  # [B] selected tokens per row, and the largest of them (a Python int)
+    most: int
+
+
+def pack(sel: torch.Tensor) -> Packed | None:
     """The selected tokens of every row packed into G rows of at most S slots each (whole rows placed in order,
     a new packed row started when the next one does not fit), instead of every row padded to the busiest: the
     work follows the realized capacity. Causal routing at inference only (the row counts are read on the host).
-
-    Returns None where nothing is selected, else idx [G, T] (positions in the flattened [B * S]), seg [G, T] (the
-    row each slot belongs to, -1 for unused slots), flat [N] (the flattened positions of the selected tokens, row
-    by row, in order) and slot [N] (where each of them sits in the flattened [G * T])."""
+    None where nothing is selected."""
     b, s = sel.shape
     counts = sel.sum(1)
     group, offset, fill = [], [], []
-    for c in counts.tolist():
+    host = counts.tolist()
+    for c in host:
         if not fill or fill[-1] + c > s:
             fill.append(0)
         group.append(len(fill) - 1)
@@ -108,7 +118,7 @@ def pack(sel: torch.Tensor):
     slot = (torch.tensor(group, device=dev) * t + torch.tensor(offset, device=dev))[row] + rank
     idx = torch.zeros(len(fill) * t, dtype=torch.long, device=dev).index_copy(0, slot, flat)
     seg = torch.full((len(fill) * t,), -1, dtype=torch.long, device=dev).index_copy(0, slot, row)
-    return idx.view(-1, t), seg.view(-1, t), flat, slot
+    return Packed(idx.view(-1, t), seg.view(-1, t), flat, slot, row, rank, counts, max(host))
 
 
 def packed_mask(seg: torch.Tensor, impl: str, dtype):
