@@ -40,6 +40,7 @@ try:
                               router_lr=1e-2)
 except ConfigError as e:
     Path(out, f"rank{rank}.txt").write_text(f"refused: {e}")
+    torch.distributed.destroy_process_group()
     sys.exit(0)
 trainer.train()
 if how == "ddp":
@@ -50,3 +51,4 @@ else:
 # one file per rank: the two processes share stdout, where their lines can interleave
 Path(out, f"rank{rank}.txt").write_text(f"rank {rank} of {os.environ['WORLD_SIZE']} done, "
                                         f"steps={trainer.state.global_step} {type(trainer.model_wrapped).__name__}")
+torch.distributed.destroy_process_group()  # left to the interpreter's exit, gloo's threads can abort the process

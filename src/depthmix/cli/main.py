@@ -55,6 +55,17 @@ def main(argv=None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"depthmix {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Under torchrun or accelerate launch the process group the Trainer joined is still up when a command returns.
+    It is destroyed here, as PyTorch asks: left to the interpreter's exit, gloo's worker threads can abort the
+    process ("terminate called without an active exception", exit -6) after a run that succeeded."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
