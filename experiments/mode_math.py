@@ -136,13 +136,9 @@ def rescore(args, folder: Path, trained: Path, splits: dict) -> None:
     if not (folder / "nll-heldout.json").exists():
         gold_nll(trained, splits["heldout"], folder / "nll-heldout.json")
     if not (folder / "metrics.json").exists():
-        out = folder / "eval-singleeq.json"
-        cmd = [sys.executable, "-m", "depthmix.cli.main", "eval", "--adapter", str(trained), "--task", "singleeq",
-               "--data-dir", str(splits["train"]), "--max-eval-samples", str(args.eval_samples),
-               "--max-new-tokens", "160", "--batch-size", "32", "--max-length", "256", "--output", str(out)]
-        print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-        sweeps.reuse(trained, folder, json.loads(out.read_text()))
+        flags = ["--task", "singleeq", "--data-dir", str(splits["train"]), "--max-eval-samples",
+                 str(args.eval_samples), "--max-new-tokens", "160", "--batch-size", "32", "--max-length", "256"]
+        sweeps.rescore([sys.executable, "-m", "depthmix.cli.main"], trained, folder, flags, "eval-singleeq.json")
 
 
 def phase1_run(arm: str, best: dict) -> str | None:
@@ -222,8 +218,7 @@ def tables(results: Path) -> str:
     for name in ("mode-math", "mode-math-singleeq"):
         file = results / f"{name}.json"
         if file.exists():
-            picture = f"\n\n![{name}: every run, and the paired differences](img/{name}.png)"
-            parts.append(sweeps.report(json.loads(file.read_text())) + picture)
+            parts.append(sweeps.report(json.loads(file.read_text()), picture=True))
     return "\n\n".join(parts) if parts else "no results yet"
 
 
@@ -233,9 +228,7 @@ def final_flags(arm: str, best: dict) -> list[str]:
 
 
 def summarize(args, out: Path) -> None:
-    from depthmix import plots
     from depthmix.evaluation.compare import compare
-    from depthmix.io import write_json
     if (out / "sweep").exists():
         write_sweep(args, out)
     sweep_file = out / "sweep.json"
@@ -264,8 +257,7 @@ def summarize(args, out: Path) -> None:
                       setup)
     secondary = compare("mode-math-singleeq", "singleeq", "accuracy", True, "lora", runs_acc, setup)
     for result in (primary, secondary):
-        write_json(results / f"{result['experiment']}.json", result)
-        plots.paired(result, results.parent / "img" / f"{result['experiment']}.png")
+        sweeps.write(result, results)
     print(sweeps.report(primary), sweeps.report(secondary), sep="\n\n")
 
 

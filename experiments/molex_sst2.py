@@ -190,13 +190,9 @@ def run(args, name: str, folder: Path, seed: int, flags: list[str], data: Path) 
 def rescore(name: str, folder: Path, trained: Path, data: Path) -> dict:
     """Phase 2's seed-0 run: phase 1's run at the chosen rate, scored on dev (sweeps.REUSED)."""
     if not (folder / "metrics.json").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        spec, dev = TASKS[name], folder / "eval-dev.json"
-        cmd = [sys.executable, __file__, "eval", "--adapter", str(trained), "--task", CARVED + spec["task"],
-               "--data-dir", str(data), "--batch-size", "64", "--max-length", str(spec["length"]), "--output", str(dev)]
-        print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-        sweeps.reuse(trained, folder, json.loads(dev.read_text()))
+        flags = ["--task", CARVED + TASKS[name]["task"], "--data-dir", str(data), "--batch-size", "64",
+                 "--max-length", str(TASKS[name]["length"])]
+        sweeps.rescore([sys.executable, __file__], trained, folder, flags, "eval-dev.json")
     return json.loads((folder / "metrics.json").read_text())
 
 
@@ -250,15 +246,12 @@ def tables(results: Path) -> str:
                 "validation accuracy": lambda r: f"{r['value']:.4f}"}))
         file = results / f"molex-{name}.json"
         if file.exists():
-            picture = f"\n\n![{name}: every run, and the paired differences](img/molex-{name}.png)"
-            parts.append(sweeps.report(json.loads(file.read_text()), " on dev") + picture)
+            parts.append(sweeps.report(json.loads(file.read_text()), " on dev", picture=True))
     return "\n\n".join(parts) if parts else "no results yet"
 
 
 def summarize(args, name: str, out: Path, folders: dict) -> None:
-    from depthmix import plots
     from depthmix.evaluation.compare import compare
-    from depthmix.io import write_json
     if (out / "sweep").exists():
         write_sweep(args, name, out)
     sweep_file = out / "sweep.json"
@@ -277,8 +270,7 @@ def summarize(args, name: str, out: Path, folders: dict) -> None:
         return
     result = compare(f"molex-{name}", TASKS[name]["task"], "accuracy", True, "lora", runs,
                      setup(args, name, folders, json.loads(sweep_file.read_text()), runs))
-    write_json(Path(args.results) / f"molex-{name}.json", result)
-    plots.paired(result, Path(args.results).parent / "img" / f"molex-{name}.png")
+    sweeps.write(result, Path(args.results))
     print(sweeps.report(result, " on dev"))
 
 

@@ -2,6 +2,10 @@
 comparison (depthmix.evaluation.compare) reads in the docs."""
 from __future__ import annotations
 
+import json
+import subprocess
+from pathlib import Path
+
 EXTEND = 2  # learning rates tried beyond the grid's edge per arm, while the best one is on that edge
 RULE = (f"while an arm's best learning rate is on the edge of those tried, the next one beyond it (x2 or /2) is run "
         f"too, at most {EXTEND} per arm")
@@ -34,11 +38,22 @@ def tune(score, grid: list[str], higher_is_better: bool) -> tuple[str, dict[str,
     return best_lr(scores, higher_is_better), scores
 
 
-def report(result: dict, where: str = "") -> str:
-    """The Markdown of one comparison: its heading, table and verdicts."""
+def report(result: dict, where: str = "", picture: bool = False) -> str:
+    """The Markdown of one comparison: its heading, table and verdicts (and, for the docs, the picture write()
+    drew)."""
     from depthmix.evaluation.compare import table
+    name = result["experiment"]
     return (f"**{result['task']}, {result['metric']}{where}** (paired seeds):\n\n{table(result)}\n\n"
-            + "\n".join(f"- {v}" for v in result["verdicts"].values()))
+            + "\n".join(f"- {v}" for v in result["verdicts"].values())
+            + (f"\n\n![{name}: every run, and the paired differences](img/{name}.png)" if picture else ""))
+
+
+def write(result: dict, results: Path) -> None:
+    """A finished comparison as <results>/<experiment>.json and its picture <results>/../img/<experiment>.png."""
+    from depthmix import plots
+    from depthmix.io import write_json
+    write_json(results / f"{result['experiment']}.json", result)
+    plots.paired(result, results.parent / "img" / f"{result['experiment']}.png")
 
 
 PHASE1_SEED = 0
@@ -47,17 +62,19 @@ REUSED = ("phase 2's seed-0 run of an arm tuned in phase 1 is phase 1's run at t
           "rather than trained again")
 
 
-def reuse(trained, folder, evaluation: dict) -> dict:
-    """folder/metrics.json for phase 2's seed-0 run: the phase-1 run `trained`'s record with `evaluation` (what
-    `depthmix eval` wrote for phase 2's data) in place of its own evaluation."""
-    import json
-    from pathlib import Path
-
+def rescore(program: list[str], trained: Path, folder: Path, flags: list[str], output: str) -> dict:
+    """Phase 2's seed-0 run (REUSED): `program eval` scores the phase-1 run `trained` on phase 2's data (flags)
+    into folder/output, and folder/metrics.json is trained's record with that evaluation in place of its own."""
     from depthmix.io import write_json
-    record = json.loads((Path(trained) / "metrics.json").read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [*program, "eval", "--adapter", str(trained), *flags, "--output", str(folder / output)]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    evaluation = json.loads((folder / output).read_text())
+    record = json.loads((trained / "metrics.json").read_text())
     record.update(metrics=evaluation["metrics"], method_state=evaluation["method_state"],
                   routing=evaluation.get("routing", record.get("routing")), trained_in=str(trained))
-    write_json(Path(folder) / "metrics.json", record)  # last, atomic: its presence marks the run finished
+    write_json(folder / "metrics.json", record)  # last, atomic: its presence marks the run finished
     return record
 
 
