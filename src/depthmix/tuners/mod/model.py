@@ -195,8 +195,10 @@ class MoD(Method):
         if cache is None and (slots_[2] == x.shape[1] if slots_ is not None else bool((sel == valid).all())):
             # every real token is selected (top-k: K = S gives k = n in every row): run the module as it was
             return self._dense(forward, x, named, sel, self._weight(r))
-        if slots_ is None and x.shape[0] > 1 and (cache is None or not self._store(cache, i).written):
-            return self._packed(module, i, forward, x, named, sel, r, cache)
+        if slots_ is None and x.shape[0] > 1:
+            store = None if cache is None else self._store(cache, i)
+            if store is None or not store.written:
+                return self._packed(module, forward, x, named, sel, r, store)
         idx, count, top = slots_ if slots_ is not None else slots(sel)
         if top == 0:
             if cache is not None:
@@ -211,13 +213,13 @@ class MoD(Method):
         new = torch.where(keep.unsqueeze(-1), new, xs if rest is not None else torch.zeros_like(new))
         return self._rest(x).scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), new)
 
-    def _packed(self, module, i, forward, x, named, sel, r, cache):
-        """Causal routing at batch > 1 (no cache, or the first call into an empty one: a prompt): the processed
-        tokens of all rows packed together (each row causal and apart from the others), so the module's work
-        follows what the rows really route."""
+    def _packed(self, module, forward, x, named, sel, r, store):
+        """Causal routing at batch > 1 (no cache, or the first call into an empty one, `store`: a prompt): the
+        processed tokens of all rows packed together (each row causal and apart from the others), so the module's
+        work follows what the rows really route."""
         b, s, d = x.shape
-        if cache is not None:
-            self._store(cache, i).start(b, x.device)
+        if store is not None:
+            store.start(b, x.device)
         packed = pack(sel)
         if packed is None:
             return self._idle(module, forward, x, named)
@@ -233,8 +235,8 @@ class MoD(Method):
             kw["position_ids"] = take_packed(pos, idx, b)
         if self._keeps_kv():
             kw["attention_mask"] = packed_mask(seg, attn_impl(module), x.dtype)
-            if cache is not None:
-                kw[CACHE_ARG] = PackedView(self._store(cache, i), packed, b)
+            if store is not None:
+                kw[CACHE_ARG] = PackedView(store, packed, b)
         weight = self._weight(r)
         weight = None if weight is None else take_packed(weight, idx, b)
         new = self._update(xs if self.config.skip == "block" else None, self._run(forward, xs, kw), weight)
