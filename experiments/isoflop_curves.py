@@ -41,11 +41,10 @@ def loglog_interp(xs: list[float], ys: list[float], x: float) -> float:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.ticker
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from depthmix.plots import plt, save
     fig, ax = plt.subplots(figsize=(6, 4))
     colors = {"dense": "tab:blue", "mod": "tab:orange"}
     for family, pts in result["curves"].items():
@@ -75,10 +74,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("held-out loss (nats/byte, causal)")
     ax.set_title(f"isoFLOP {s['budget_label']} FLOPs, {s['corpus']}" + (" (partial)" if s["partial"] else ""))
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def markdown(files: list[Path]) -> str:

@@ -352,7 +352,7 @@ def fmt(v):
 
 
 def draw(rec, path):
-    from depthmix.plots import _save, plt
+    from depthmix.plots import plt, save
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for arm, marker in (("mod", "o"), ("layerdrop", "s")):
         pts = [p for p in rec["points"] if p["arm"] == arm]
@@ -370,7 +370,7 @@ def draw(rec, path):
     b.set_xlabel("decode tokens/s / dense (batch 1)")
     b.axvline(1.2, color="gray", ls=":", lw=1)
     fig.suptitle("SmolLM2-135M: MoD retrofit vs dropping layers")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def write(runs, args, todo):

@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _save(fig, path) -> Path:
+def save(fig, path) -> Path:
+    """Write a figure as a PNG (creating its folder) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -41,7 +42,7 @@ def loss_curve(log_history: list[dict], path, title: str = "training loss", curv
     ax.set_title(title)
     if ax.get_lines():
         ax.legend()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def routing_heatmap(counts, layers: list[int], path, title: str = "MoLEx layer choice") -> Path:
@@ -61,7 +62,7 @@ def routing_heatmap(counts, layers: list[int], path, title: str = "MoLEx layer c
                 ax.text(j, i, f"{freq[i, j]:.2f}", ha="center", va="center", fontsize=7,
                         color="black" if freq[i, j] > 0.6 else "white")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of sequences")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def bars(results: dict[str, tuple[float, float]], path, ylabel: str, title: str) -> Path:
@@ -72,7 +73,7 @@ def bars(results: dict[str, tuple[float, float]], path, ylabel: str, title: str)
            color=plt.cm.tab10(np.arange(len(labels))))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def layer_weights(results: dict[str, tuple], layers: list[int], path, title: str = "MoDE routing weights") -> Path:
@@ -94,7 +95,7 @@ def layer_weights(results: dict[str, tuple], layers: list[int], path, title: str
     ax.set_ylim(10 ** np.floor(np.log10(max(smallest, 1e-6))), 1.5)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def paired(result: dict, path) -> Path:
@@ -120,7 +121,7 @@ def paired(result: dict, path) -> Path:
     _differences(right, {a: result["paired"][a] for a in arms if a in result["paired"]})
     right.set_ylabel(f"paired difference vs {result['baseline']}")
     right.set_title(f"{len(seeds)} seed(s)", fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def differences(paired: dict[str, dict], path, ylabel: str, title: str) -> Path:
@@ -129,7 +130,7 @@ def differences(paired: dict[str, dict], path, ylabel: str, title: str) -> Path:
     _differences(ax, paired)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _differences(ax, paired: dict[str, dict]) -> None:
