@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under torchrun (gloo, CPU): every method trains a tiny Llama + LoRA for a few
 SGD steps, wrapped in FSDP2, FSDP1, DDP or DeepSpeed ZeRO-3 (see wrap). Each rank trains on its own data and
-writes its trainable weights, the tokens it generated and, for MoLEx, the experts it picked at each step and layer.
+writes its trainable weights, the tokens it generated and, for MoLEx, the experts it picked at each step and layer;
+under FSDP rank 0 also saves the adapter from the full state dict, as `depthmix train` does through the Trainer.
 
     dist_methods.py OUT fsdp|fsdp1|ddp|zero3 METHOD...
 
@@ -125,6 +126,20 @@ def full_weights(model, wrapped, how: str, names: list[str]) -> dict[str, list]:
                 for n in names}
 
 
+def trainer_state_dict(wrapped, how: str) -> dict:
+    """The state dict the HF Trainer hands to _save under FSDP (FULL_STATE_DICT), gathered on every rank as
+    `accelerate`'s Accelerator.get_state_dict gathers it (on rank 0 only, for FSDP1)."""
+    if how == "fsdp1":
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        # accelerate also offloads to the CPU, which on a CPU-only torch 2.13 segfaults (and moves nothing here)
+        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+        with type(wrapped).state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, config):
+            return wrapped.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
+    return get_model_state_dict(wrapped, options=options)
+
+
 def run(method: str, how: str, rank: int, out: str) -> None:
     model = build(method)
     mol = model.method if method.startswith("molex") else None
@@ -154,6 +169,10 @@ def run(method: str, how: str, rank: int, out: str) -> None:
             if rank == 0:
                 loss_of(model, batches(rank)[0])
             torch.distributed.barrier()
+    if how in ("fsdp", "fsdp1"):  # saved as `depthmix train` does under FSDP: from the Trainer's full state dict
+        state = trainer_state_dict(wrapped, how)
+        if rank == 0:
+            wrapped.save_pretrained(os.path.join(out, f"{how}-{method}-adapter"), state_dict=state)
     result = {"weights": full_weights(model, wrapped, how, names), "choices": choices, "generated": tokens.tolist()}
     with open(os.path.join(out, f"{how}-{method}-rank{rank}.json"), "w") as f:
         json.dump(result, f)

@@ -145,6 +145,12 @@ def test_every_method_trains_on_two_processes(tmp_path, how):
             # and as one process on both ranks' data: right gradients, no expert's weights swapped for another's
             torch.testing.assert_close(a[n], end[n], atol=1e-5, rtol=1e-4, msg=f"{method} {n}")
         assert [rank["generated"] for rank in ranks] == tokens, method
+        if how.startswith("fsdp"):  # the adapter saved from FSDP's full state dict loads as the trained weights
+            loaded = dist_methods.build(method)
+            loaded.load_adapter_weights(tmp_path / f"{how}-{method}-adapter")
+            for n, p in loaded.named_parameters():
+                if n in end:
+                    torch.testing.assert_close(p.detach(), end[n], atol=1e-5, rtol=1e-4, msg=f"{method} {n}")
         if method.startswith("molex"):
             assert ranks_differed(*(rank["choices"] for rank in ranks)), method
 

@@ -138,6 +138,19 @@ def test_missing_sha256_is_refused(tmp_path):
     assert_unchanged(base, "llama", before)
 
 
+
+def test_save_from_a_state_dict_without_the_adapter_names_writes_nothing(tmp_path):
+    """A gathered state dict whose keys carry a wrapper's prefix (DDP's `module.`) names the problem; no file."""
+    dm = depthmix.apply(tiny("llama"), depthmix.MoLExConfig(), lora=lora("llama"))
+    prefixed = {f"module.{n}": p for n, p in dm.state_dict().items()}
+    names = rf"lacks {len(dm.adapter_names)} adapter tensors, e.g. \['base_model\.model"
+    with pytest.raises(depthmix.AdapterError, match=names):
+        dm.save_pretrained(tmp_path / "adapter", state_dict=prefixed)
+    assert not (tmp_path / "adapter").exists()
+    dm.save_pretrained(tmp_path / "adapter", state_dict=dm.state_dict())  # the same keys unprefixed: saved whole
+    assert io.read_json(tmp_path / "adapter" / CONFIG_NAME)["weights_sha256"]
+
+
 # -- apply: checked first, undone when a later step fails --------------------------------------------------------
 def test_bad_lora_target_is_refused(family):
     base = tiny(family)

@@ -233,7 +233,14 @@ class DepthMixModel(nn.Module):
         state_dict: a full state dict gathered by FSDP/DeepSpeed, to take the adapter tensors from.
         info: free-form facts recorded beside the config (base model name, task...)."""
         path = Path(path)
-        tensors = self.adapter_state_dict() if state_dict is None else {n: state_dict[n] for n in self.adapter_names}
+        if state_dict is None:
+            tensors = self.adapter_state_dict()
+        else:
+            missing = [n for n in self.adapter_names if n not in state_dict]
+            if missing:  # names under a wrapper's prefix, say: nothing is written rather than a partial adapter
+                raise AdapterError(f"save_pretrained({path}): the gathered state dict lacks {len(missing)} adapter "
+                                   f"tensors, e.g. {missing[:3]} (its keys look like {list(state_dict)[:3]})")
+            tensors = {n: state_dict[n] for n in self.adapter_names}
         digest = io.save_tensors(path / WEIGHTS_NAME, tensors, {"format": FORMAT})
         io.write_json(path / CONFIG_NAME, {
             "format": FORMAT,
