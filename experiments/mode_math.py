@@ -5,9 +5,10 @@ validation set (200, for choosing options), a held-out set (500, the primary met
 trains on the same --train-size problems of the pool for --epochs epochs (seeds change the initialisation and the
 order). The arithmetic test sets stay unseen until the secondary metric (SingleEq accuracy, greedy generation).
 
-Phase 1 (seed 0, validation gold NLL): the learning rate of each arm (LoRA, MoDE + LoRA; beyond the grid's edge
-while the best is there, sweeps.py) and MoDE's distillation
-options (lambda in {0, 0.1, 1}, summed or averaged over the shallower layers, into the backbone or the norms only).
+Phase 1 (seed 0, validation gold NLL): the learning rate of each arm (LoRA, MoDE + LoRA at the paper's options;
+beyond the grid's edge while the best is there, sweeps.py), MoDE's distillation options at that rate (lambda in
+{0, 0.1, 1}, summed or averaged over the shallower layers, into the backbone or the norms only), then MoDE + LoRA's
+rate again at the chosen options (unless they are the paper's), so that it is tuned where it is compared.
 Phase 2 (paired seeds): LoRA vs MoDE + LoRA at its best options vs MoDE alone (norms + router), each at its own
 best learning rate (MoDE alone with MoDE + LoRA's distillation options); primary metric the gold-response NLL on
 the 500 held-out problems, secondary SingleEq accuracy. Seed 0 of LoRA and of MoDE + LoRA is phase 1's run at the
@@ -47,12 +48,13 @@ DISTILL = {  # MoDE options swept on the validation set at the MoDE + LoRA arm's
     "kl0": ["--distill-weight", "0"],
     "kl0.1-mean": ["--distill-weight", "0.1", "--distill-reduction", "mean"],
     "kl1-mean": ["--distill-weight", "1", "--distill-reduction", "mean"],
-    "kl1-sum": ["--distill-weight", "1", "--distill-reduction", "sum"],  # the paper's
+    "kl1-sum": [],  # the paper's options, MoDEConfig's defaults: its runs are the learning-rate sweep's
     "kl0.1-mean-norms": ["--distill-weight", "0.1", "--distill-reduction", "mean", "--distill-into", "norms"],
     # the final layer's starting weight: 0.98 (default) keeps the untrained model at the base model; 0.5 lets the
     # shallower layers' logits count from the first step
     "kl0.1-mean-init0.5": ["--distill-weight", "0.1", "--distill-reduction", "mean", "--init-final-weight", "0.5"],
 }
+PAPER = "kl1-sum"
 ARMS = {"lora": ["--method", "lora"], "mode+lora": ["--method", "mode"],
         "mode": ["--method", "mode", "--no-lora", "--router-lr", "1e-2"]}
 
@@ -147,7 +149,12 @@ def phase1_run(arm: str, best: dict) -> str | None:
     lr = best[arm]["lr"]
     if len(LRS[arm]) == 1:
         return None
-    return f"{arm}-lr{lr}" if arm == "lora" else f"{arm}-lr{lr}-{best['distill']['options']}"
+    return run_name(arm, lr, None if arm == "lora" else best["distill"]["options"])
+
+
+def run_name(arm: str, lr: str, options: str | None) -> str:
+    """A phase-1 run's folder: arm-lrLR, then -OPTIONS for MoDE options other than the paper's."""
+    return f"{arm}-lr{lr}" + ("" if options in (None, PAPER) else f"-{options}")
 
 
 def gold_nll(folder: Path, split_dir: Path, file: Path) -> None:
@@ -164,7 +171,8 @@ def gold_nll(folder: Path, split_dir: Path, file: Path) -> None:
 
 
 def sweep(args, out: Path, splits: dict) -> dict:
-    """Phase 1 on seed 0: the best learning rate per arm, then the best distillation options for MoDE + LoRA."""
+    """Phase 1 on seed 0: the best learning rate per arm (MoDE + LoRA at the paper's options), the best
+    distillation options for MoDE + LoRA at its rate, then, for options other than the paper's, its rate again."""
     def scored(name, flags):
         value = run(args, out / "sweep" / name, sweeps.PHASE1_SEED, flags, splits, "validation", 8)["gold_nll"]
         write_sweep(args, out)  # progress as data, after every run
@@ -178,10 +186,17 @@ def sweep(args, out: Path, splits: dict) -> dict:
         lr, scores = sweeps.tune(lambda lr, arm=arm: scored(f"{arm}-lr{lr}", [*ARMS[arm], "--lr", lr]), lrs,
                                  higher_is_better=False)
         best[arm] = {"lr": lr, "validation_nll": scores}
-    lr = best["mode+lora"]["lr"]
-    scores = {name: scored(f"mode+lora-lr{lr}-{name}", [*ARMS["mode+lora"], "--lr", lr, *flags])
-              for name, flags in DISTILL.items()}
-    best["distill"] = {"options": min(scores, key=scores.get), "validation_nll": scores}
+    def mode_lora(lr, options):
+        return scored(run_name("mode+lora", lr, options), [*ARMS["mode+lora"], "--lr", lr, *DISTILL[options]])
+
+    lr = best["mode+lora"]["lr"]  # tuned at the paper's options
+    scores = {name: mode_lora(lr, name) for name in DISTILL}
+    options = min(scores, key=scores.get)
+    best["distill"] = {"options": options, "lr": lr, "validation_nll": scores}
+    if options != PAPER:  # other options may want another rate: MoDE + LoRA gets its own, as LoRA does
+        lr, retuned = sweeps.tune(lambda lr: mode_lora(lr, options), LRS["mode+lora"], higher_is_better=False)
+        best["mode+lora"] = {"lr": lr, "validation_nll": best["mode+lora"]["validation_nll"],
+                             "validation_nll_at_options": retuned}
     from depthmix.io import write_json
     write_json(out / "sweep.json", best)
     print(f"phase 1: {json.dumps(best)}", flush=True)
@@ -196,15 +211,19 @@ def write_sweep(args, out: Path) -> None:
         name = nll.parent.name
         arm, lr, options = re.fullmatch(r"(.+?)-lr([0-9.]+e-?[0-9]+)(?:-(.+))?", name).groups()
         m = json.loads((nll.parent / "metrics.json").read_text())
-        runs.append({"run": name, "arm": arm, "lr": lr, "options": options or None, "seed": 0,
+        options = options or (PAPER if arm == "mode+lora" else None)
+        runs.append({"run": name, "arm": arm, "lr": lr, "options": options, "seed": 0,
                      "value": json.loads(nll.read_text())["gold_nll"], "train_seconds": m["train_seconds"],
                      "train_steps": m["train_steps"]})
-    planned = sum(len(v) for v in LRS.values() if len(v) > 1) + len(DISTILL)
+    # the paper's options are the rate sweep's runs; other chosen options sweep the rate again (one run reused)
+    planned = sum(len(v) for v in LRS.values() if len(v) > 1) + len(DISTILL) - 1 + len(LRS["mode+lora"]) - 1
     write_json(Path(args.results) / "mode-math-sweep.json", {
         "experiment": "mode-math-sweep", "task": "reasoning/math (validation worked answers)", "metric": "gold_nll",
         "higher_is_better": False, "validation": f"{args.validation_size} problems of math_train",
         "train": f"{args.train_size} problems, {args.epochs} epochs", "runs": runs, "planned": planned,
-        "lrs": LRS, "edge_extension": sweeps.RULE, "distill": DISTILL})
+        "lrs": LRS, "edge_extension": sweeps.RULE, "distill": DISTILL,
+        "paper": f"{PAPER}: MoDEConfig's defaults (distill_weight 1, distill_reduction sum, distill_into backbone, "
+                 "init_final_weight 0.98), no flags"})
 
 
 def tables(results: Path) -> str:

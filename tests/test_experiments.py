@@ -107,19 +107,35 @@ def test_phase_two_seed_zero_is_phase_one_run_scored_on_dev(tmp_path):
     assert all(weights[0][k].equal(weights[1][k]) for k in weights[0])
 
 
-def test_mode_study_reuses_the_phase_one_run_with_phase_two_flags(tmp_path, monkeypatch):
+@pytest.mark.parametrize("norms_win", [True, False])
+def test_mode_study_reuses_the_phase_one_run_with_phase_two_flags(tmp_path, monkeypatch, norms_win):
     mode = script("mode_math")
     trained = {}  # phase-1 run name -> its flags
 
     def run(args, folder, seed, flags, *rest):
-        trained[folder.name] = flags
-        return {"gold_nll": 1.0 - 0.1 * ("1e-3" in folder.name) - 0.01 * ("kl0.1-mean-norms" in folder.name)}
+        assert trained.setdefault(folder.name, flags) == flags  # a run asked for again (then skipped): same flags
+        # 1e-3 best; options other than the paper's worse, but for the norms option (norms_win), best at 2e-3
+        name, nll = folder.name, 1.0 - 0.1 * ("1e-3" in folder.name)
+        if any(name.endswith(f"-{options}") for options in mode.DISTILL):
+            nll += 0.05
+            if norms_win and name.endswith("-kl0.1-mean-norms"):
+                nll -= 0.2 + 0.2 * ("2e-3" in name)
+        return {"gold_nll": nll}
     monkeypatch.setattr(mode, "run", run)
     monkeypatch.setattr(mode, "write_sweep", lambda *a: None)
     best = mode.sweep(SimpleNamespace(), tmp_path, {})
-    assert best["distill"]["options"] == "kl0.1-mean-norms"
+    assert best["lora"]["lr"] == "1e-3" and best["distill"]["lr"] == "1e-3"
+    assert trained["mode+lora-lr1e-3"] == ["--method", "mode", "--lr", "1e-3"]  # the paper's options: the defaults
+    assert not any(name.endswith(mode.PAPER) for name in trained)  # ... trained once, in the rate sweep
     for arm in ("lora", "mode+lora"):
         assert trained[mode.phase1_run(arm, best)] == mode.final_flags(arm, best)
+    if norms_win:  # MoDE + LoRA's rate re-tuned at the chosen options
+        assert best["distill"]["options"] == "kl0.1-mean-norms" and best["mode+lora"]["lr"] == "2e-3"
+        assert mode.phase1_run("mode+lora", best) == "mode+lora-lr2e-3-kl0.1-mean-norms"
+    else:  # the paper's options win: no second sweep
+        assert best["distill"]["options"] == mode.PAPER and best["mode+lora"]["lr"] == "1e-3"
+        assert mode.phase1_run("mode+lora", best) == "mode+lora-lr1e-3"
+        assert not any("2e-3-" in name for name in trained)
     assert mode.phase1_run("mode", best) is None  # not tuned: phase 2 trains all its seeds
 
 
