@@ -269,7 +269,7 @@ def summarize(args, out: Path) -> None:
     setup = {"model": MODEL, "train": f"{args.train_size} problems of reasoning/math_train.json, {args.epochs} epochs, "
              "batch 8, LoRA r 8 on q_proj/v_proj", "validation": f"{args.validation_size} problems of math_train (phase 1)",
              "heldout": f"{args.heldout_size} problems of math_train, never trained on", "phase1": best,
-             "phase2_seed0": sweeps.REUSED,
+             "phase2_seed0": sweeps.REUSED, "seeds": args.seeds,
              "arms": {arm: final_flags(arm, best) for arm in ARMS}}
     results = Path(args.results)
     primary = compare("mode-math", "reasoning/math (held-out worked answers)", "gold_nll", False, "lora", runs_nll,

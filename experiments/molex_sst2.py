@@ -288,6 +288,7 @@ def setup(args, name: str, folders: dict, sweep_result: dict, runs: list[dict]) 
         "split": f"the task's training set shuffled with seed {SPLIT_SEED}: the first {sizes['validation']} rows "
                  "validate (phase 1), the next ones train; dev scores phase 2 only",
         "phase1": {"seed": sweeps.PHASE1_SEED, "lrs": args.lrs, **sweep_result}, "phase2_seed0": sweeps.REUSED,
+        "seeds": args.seeds,
         # one run's accuracy on dev is a binomial proportion: its s.e. bounds what one seed can resolve
         "binomial_se_per_run": {arm: math.sqrt(m * (1 - m) / sizes["dev"]) for arm, m in sorted(means.items())},
     }

@@ -44,8 +44,20 @@ def report(result: dict, where: str = "", picture: bool = False) -> str:
     from depthmix.evaluation.compare import table
     name = result["experiment"]
     return (f"**{result['task']}, {result['metric']}{where}** (paired seeds):\n\n{table(result)}\n\n"
-            + "\n".join(f"- {v}" for v in result["verdicts"].values())
+            + partial(result) + "\n".join(f"- {v}" for v in result["verdicts"].values())
             + (f"\n\n![{name}: every run, and the paired differences](img/{name}.png)" if picture else ""))
+
+
+def partial(result: dict) -> str:
+    """A line saying which planned seeds some arm has not finished (setup["seeds"]), or "": the verdicts of a
+    partial comparison rest on fewer pairs than the study was powered for, and an s.d. from two is itself rough."""
+    planned = result["setup"].get("seeds")
+    done = {arm: {r["seed"] for r in result["runs"] if r["arm"] == arm} for arm in result["summary"]}
+    if not planned or all(set(planned) <= seeds for seeds in done.values()):
+        return ""
+    counts = ", ".join(f"{arm} {len(seeds & set(planned))}" for arm, seeds in done.items())
+    return (f"**Partial: {len(planned)} seeds planned, finished so far: {counts}. The lines below are provisional, "
+            "not verdicts.**\n\n")
 
 
 def write(result: dict, results: Path) -> None:

@@ -173,6 +173,18 @@ def test_mode_study_splits_are_disjoint_and_complete(tmp_path):
         mode.prepare(data, tmp_path / "big", train_size=10 ** 6, validation_size=20, heldout_size=30)
 
 
+def test_a_comparison_short_of_its_planned_seeds_is_reported_as_provisional():
+    sweeps = script("sweeps")
+    from depthmix.evaluation.compare import compare
+    runs = [{"arm": arm, "seed": seed, "value": 0.8 + 0.01 * seed + 0.02 * (arm == "b")}
+            for arm in ("a", "b") for seed in (0, 1, 2)]
+    done = compare("x", "t", "accuracy", True, "a", runs, {"seeds": [0, 1, 2]})
+    assert "Partial" not in sweeps.report(done)
+    short = compare("x", "t", "accuracy", True, "a", runs[:-1], {"seeds": [0, 1, 2]})
+    assert "**Partial: 3 seeds planned, finished so far: a 3, b 2. The lines below are provisional" in sweeps.report(short)
+    assert "Partial" not in sweeps.report(compare("x", "t", "accuracy", True, "a", runs[:-1], {}))  # no plan: no claim
+
+
 def test_a_learning_rate_sweep_goes_past_the_edge_where_its_best_lies():
     sweeps = script("sweeps")
     grid = ["5e-4", "1e-3", "2e-3"]
