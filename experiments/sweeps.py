@@ -51,11 +51,11 @@ def report(result: dict, where: str = "", picture: bool = False) -> str:
 def partial(result: dict) -> str:
     """A line saying which planned seeds some arm has not finished (setup["seeds"]), or "": the verdicts of a
     partial comparison rest on fewer pairs than the study was powered for, and an s.d. from two is itself rough."""
-    planned = result["setup"].get("seeds")
-    done = {arm: {r["seed"] for r in result["runs"] if r["arm"] == arm} for arm in result["summary"]}
-    if not planned or all(set(planned) <= seeds for seeds in done.values()):
+    planned = set(result["setup"].get("seeds") or ())
+    done = {arm: {r["seed"] for r in result["runs"] if r["arm"] == arm} & planned for arm in result["summary"]}
+    if all(seeds == planned for seeds in done.values()):
         return ""
-    counts = ", ".join(f"{arm} {len(seeds & set(planned))}" for arm, seeds in done.items())
+    counts = ", ".join(f"{arm} {len(seeds)}" for arm, seeds in done.items())
     return (f"**Partial: {len(planned)} seeds planned, finished so far: {counts}. The lines below are provisional, "
             "not verdicts.**\n\n")
 

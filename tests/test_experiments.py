@@ -181,7 +181,8 @@ def test_a_comparison_short_of_its_planned_seeds_is_reported_as_provisional():
     done = compare("x", "t", "accuracy", True, "a", runs, {"seeds": [0, 1, 2]})
     assert "Partial" not in sweeps.report(done)
     short = compare("x", "t", "accuracy", True, "a", runs[:-1], {"seeds": [0, 1, 2]})
-    assert "**Partial: 3 seeds planned, finished so far: a 3, b 2. The lines below are provisional" in sweeps.report(short)
+    said = "**Partial: 3 seeds planned, finished so far: a 3, b 2. The lines below are provisional"
+    assert said in sweeps.report(short)
     assert "Partial" not in sweeps.report(compare("x", "t", "accuracy", True, "a", runs[:-1], {}))  # no plan: no claim
 
 

@@ -138,7 +138,6 @@ def test_missing_sha256_is_refused(tmp_path):
     assert_unchanged(base, "llama", before)
 
 
-
 def test_save_from_a_state_dict_without_the_adapter_names_writes_nothing(tmp_path):
     """A gathered state dict whose keys carry a wrapper's prefix (DDP's `module.`) names the problem; no file."""
     dm = depthmix.apply(tiny("llama"), depthmix.MoLExConfig(), lora=lora("llama"))
