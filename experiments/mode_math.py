@@ -8,18 +8,20 @@ order). The arithmetic test sets stay unseen until the secondary metric (SingleE
 Phase 1 (seed 0, validation gold NLL): the learning rate of each arm (LoRA, MoDE + LoRA at the paper's options;
 beyond the grid's edge while the best is there, sweeps.py), MoDE's distillation options at that rate (lambda in
 {0, 0.1, 1}, summed or averaged over the shallower layers, into the backbone or the norms only), then MoDE + LoRA's
-rate again at the chosen options (unless they are the paper's), so that it is tuned where it is compared.
+rate again at the chosen options (unless they are the paper's), so that it is tuned where it is compared, and
+MoDE alone's rate at those options (it trains only the norms and the router: its rate is --router-lr).
 Phase 2 (paired seeds): LoRA vs MoDE + LoRA at its best options vs MoDE alone (norms + router), each at its own
 best learning rate (MoDE alone with MoDE + LoRA's distillation options); primary metric the gold-response NLL on
-the 500 held-out problems, secondary SingleEq accuracy. Seed 0 of LoRA and of MoDE + LoRA is phase 1's run at the
-chosen options (the same seed, rows and flags train the same model), scored again.
+the 500 held-out problems, secondary SingleEq accuracy. Seed 0 of each arm is phase 1's run at the chosen options
+(the same seed, rows and flags train the same model), scored again.
 
     OMP_NUM_THREADS=2 nice python experiments/mode_math.py --data-dir ../shared/data --out runs/mode_math
 
 Cost, measured on the shared 2-core CPU with OMP_NUM_THREADS=1 beside another experiment: one phase-1 run (500
-problems x 2 epochs = 125 steps of batch 8 x <= 256 tokens, then the gold NLL of 200 problems) takes 36-39 min;
-phase 1 is 12 runs (6 learning rates, 6 MoDE options), phase 2 seven trainings and nine scorings (500 held-out
-problems, 300 SingleEq answers generated): some 13-15 hours of one core in all (the smoke run had estimated 4-5).
+problems x 2 epochs = 125 steps of batch 8 x <= 256 tokens, then the gold NLL of 200 problems) takes 15-45 min
+(the neighbour's load varies); phase 1 is 16 runs (9 learning rates, 5 more MoDE options, 2 more rates at the
+chosen ones) plus edge extensions, phase 2 six trainings and nine scorings (500 held-out problems, 300 SingleEq
+answers generated): some 15-20 hours of one core in all (the smoke run had estimated 4-5).
 
 Resumable: a finished run (metrics.json + nll.json) is skipped and a stopped one continues from its last checkpoint
 (every 25 steps), so the script can be stopped at any time and run again. Writes docs/results/mode-math.json
@@ -43,7 +45,7 @@ MODEL = "smollm2-135m"
 COMMON = ["--model", MODEL, "--task", "singleeq", "--batch-size", "8", "--max-length", "256", "--lora-r", "8",
           "--lora-alpha", "16", "--eval-batch-size", "32", "--logging-steps", "10", "--save-steps", "25",
           "--save-total-limit", "1", "--no-progress"]
-LRS = {"lora": ["5e-4", "1e-3", "2e-3"], "mode+lora": ["5e-4", "1e-3", "2e-3"], "mode": ["1e-3"]}
+LRS = {"lora": ["5e-4", "1e-3", "2e-3"], "mode+lora": ["5e-4", "1e-3", "2e-3"], "mode": ["5e-3", "1e-2", "2e-2"]}
 DISTILL = {  # MoDE options swept on the validation set at the MoDE + LoRA arm's best learning rate
     "kl0": ["--distill-weight", "0"],
     "kl0.1-mean": ["--distill-weight", "0.1", "--distill-reduction", "mean"],
@@ -55,8 +57,9 @@ DISTILL = {  # MoDE options swept on the validation set at the MoDE + LoRA arm's
     "kl0.1-mean-init0.5": ["--distill-weight", "0.1", "--distill-reduction", "mean", "--init-final-weight", "0.5"],
 }
 PAPER = "kl1-sum"
-ARMS = {"lora": ["--method", "lora"], "mode+lora": ["--method", "mode"],
-        "mode": ["--method", "mode", "--no-lora", "--router-lr", "1e-2"]}
+ARMS = {"lora": ["--method", "lora"], "mode+lora": ["--method", "mode"], "mode": ["--method", "mode", "--no-lora"]}
+# the flag an arm's rate goes to: MoDE alone has no LoRA, its norms and router learn at the method's own rate
+RATE = {"lora": "--lr", "mode+lora": "--lr", "mode": "--router-lr"}
 
 
 def main() -> None:
@@ -83,7 +86,7 @@ def main() -> None:
         for seed in args.seeds:
             for arm in ARMS:
                 folder, trained = out / "final" / f"{arm}-s{seed}", phase1_run(arm, best)
-                if seed == sweeps.PHASE1_SEED and trained and (out / "sweep" / trained / "metrics.json").exists():
+                if seed == sweeps.PHASE1_SEED and (out / "sweep" / trained / "metrics.json").exists():
                     rescore(args, folder, out / "sweep" / trained, splits)
                 else:
                     run(args, folder, seed, final_flags(arm, best), splits, "heldout", args.eval_samples)
@@ -143,13 +146,9 @@ def rescore(args, folder: Path, trained: Path, splits: dict) -> None:
         sweeps.rescore([sys.executable, "-m", "depthmix.cli.main"], trained, folder, flags, "eval-singleeq.json")
 
 
-def phase1_run(arm: str, best: dict) -> str | None:
-    """The phase-1 run that trained what phase 2's seed 0 of this arm trains; None for an arm phase 1 did not tune
-    (MoDE alone)."""
-    lr = best[arm]["lr"]
-    if len(LRS[arm]) == 1:
-        return None
-    return run_name(arm, lr, None if arm == "lora" else best["distill"]["options"])
+def phase1_run(arm: str, best: dict) -> str:
+    """The phase-1 run that trained what phase 2's seed 0 of this arm trains."""
+    return run_name(arm, best[arm]["lr"], None if arm == "lora" else best["distill"]["options"])
 
 
 def run_name(arm: str, lr: str, options: str | None) -> str:
@@ -171,32 +170,32 @@ def gold_nll(folder: Path, split_dir: Path, file: Path) -> None:
 
 
 def sweep(args, out: Path, splits: dict) -> dict:
-    """Phase 1 on seed 0: the best learning rate per arm (MoDE + LoRA at the paper's options), the best
-    distillation options for MoDE + LoRA at its rate, then, for options other than the paper's, its rate again."""
+    """Phase 1 on seed 0: the best learning rate of LoRA and of MoDE + LoRA (at the paper's options), the best
+    distillation options for MoDE + LoRA at its rate, then, for options other than the paper's, its rate again, and
+    MoDE alone's rate at the chosen options."""
     def scored(name, flags):
         value = run(args, out / "sweep" / name, sweeps.PHASE1_SEED, flags, splits, "validation", 8)["gold_nll"]
         write_sweep(args, out)  # progress as data, after every run
         return value
 
-    best = {}
-    for arm, lrs in LRS.items():
-        if len(lrs) == 1:  # nothing to choose: no run
-            best[arm] = {"lr": lrs[0], "validation_nll": {}}
-            continue
-        lr, scores = sweeps.tune(lambda lr, arm=arm: scored(f"{arm}-lr{lr}", [*ARMS[arm], "--lr", lr]), lrs,
-                                 higher_is_better=False)
-        best[arm] = {"lr": lr, "validation_nll": scores}
-    def mode_lora(lr, options):
-        return scored(run_name("mode+lora", lr, options), [*ARMS["mode+lora"], "--lr", lr, *DISTILL[options]])
+    def arm_run(arm, lr, options=None):
+        return scored(run_name(arm, lr, options), [*ARMS[arm], RATE[arm], lr, *DISTILL.get(options, [])])
 
+    best = {}
+    for arm in ("lora", "mode+lora"):
+        lr, scores = sweeps.tune(lambda lr, arm=arm: arm_run(arm, lr), LRS[arm], higher_is_better=False)
+        best[arm] = {"lr": lr, "validation_nll": scores}
     lr = best["mode+lora"]["lr"]  # tuned at the paper's options
-    scores = {name: mode_lora(lr, name) for name in DISTILL}
+    scores = {name: arm_run("mode+lora", lr, name) for name in DISTILL}
     options = min(scores, key=scores.get)
     best["distill"] = {"options": options, "lr": lr, "validation_nll": scores}
     if options != PAPER:  # other options may want another rate: MoDE + LoRA gets its own, as LoRA does
-        lr, retuned = sweeps.tune(lambda lr: mode_lora(lr, options), LRS["mode+lora"], higher_is_better=False)
+        lr, retuned = sweeps.tune(lambda lr: arm_run("mode+lora", lr, options), LRS["mode+lora"],
+                                  higher_is_better=False)
         best["mode+lora"] = {"lr": lr, "validation_nll": best["mode+lora"]["validation_nll"],
                              "validation_nll_at_options": retuned}
+    lr, scores = sweeps.tune(lambda lr: arm_run("mode", lr, options), LRS["mode"], higher_is_better=False)
+    best["mode"] = {"lr": lr, "rate_flag": RATE["mode"], "validation_nll": scores}
     from depthmix.io import write_json
     write_json(out / "sweep.json", best)
     print(f"phase 1: {json.dumps(best)}", flush=True)
@@ -211,17 +210,17 @@ def write_sweep(args, out: Path) -> None:
         name = nll.parent.name
         arm, lr, options = re.fullmatch(r"(.+?)-lr([0-9.]+e-?[0-9]+)(?:-(.+))?", name).groups()
         m = json.loads((nll.parent / "metrics.json").read_text())
-        options = options or (PAPER if arm == "mode+lora" else None)
+        options = options or (PAPER if arm != "lora" else None)
         runs.append({"run": name, "arm": arm, "lr": lr, "options": options, "seed": 0,
                      "value": json.loads(nll.read_text())["gold_nll"], "train_seconds": m["train_seconds"],
                      "train_steps": m["train_steps"]})
     # the paper's options are the rate sweep's runs; other chosen options sweep the rate again (one run reused)
-    planned = sum(len(v) for v in LRS.values() if len(v) > 1) + len(DISTILL) - 1 + len(LRS["mode+lora"]) - 1
+    planned = sum(len(v) for v in LRS.values()) + len(DISTILL) - 1 + len(LRS["mode+lora"]) - 1
     write_json(Path(args.results) / "mode-math-sweep.json", {
         "experiment": "mode-math-sweep", "task": "reasoning/math (validation worked answers)", "metric": "gold_nll",
         "higher_is_better": False, "validation": f"{args.validation_size} problems of math_train",
         "train": f"{args.train_size} problems, {args.epochs} epochs", "runs": runs, "planned": planned,
-        "lrs": LRS, "edge_extension": sweeps.RULE, "distill": DISTILL,
+        "lrs": LRS, "rate_flags": RATE, "edge_extension": sweeps.RULE, "distill": DISTILL,
         "paper": f"{PAPER}: MoDEConfig's defaults (distill_weight 1, distill_reduction sum, distill_into backbone, "
                  "init_final_weight 0.98), no flags"})
 
@@ -242,7 +241,7 @@ def tables(results: Path) -> str:
 
 
 def final_flags(arm: str, best: dict) -> list[str]:
-    flags = [*ARMS[arm], "--lr", best[arm]["lr"]]
+    flags = [*ARMS[arm], RATE[arm], best[arm]["lr"]]
     return flags if arm == "lora" else flags + DISTILL[best["distill"]["options"]]  # MoDE alone: the same options
 
 

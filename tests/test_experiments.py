@@ -116,6 +116,8 @@ def test_mode_study_reuses_the_phase_one_run_with_phase_two_flags(tmp_path, monk
         assert trained.setdefault(folder.name, flags) == flags  # a run asked for again (then skipped): same flags
         # 1e-3 best; options other than the paper's worse, but for the norms option (norms_win), best at 2e-3
         name, nll = folder.name, 1.0 - 0.1 * ("1e-3" in folder.name)
+        if name.startswith("mode-lr"):  # MoDE alone: best at 1e-2
+            nll = 1.0 - 0.1 * ("lr1e-2" in name)
         if any(name.endswith(f"-{options}") for options in mode.DISTILL):
             nll += 0.05
             if norms_win and name.endswith("-kl0.1-mean-norms"):
@@ -127,7 +129,7 @@ def test_mode_study_reuses_the_phase_one_run_with_phase_two_flags(tmp_path, monk
     assert best["lora"]["lr"] == "1e-3" and best["distill"]["lr"] == "1e-3"
     assert trained["mode+lora-lr1e-3"] == ["--method", "mode", "--lr", "1e-3"]  # the paper's options: the defaults
     assert not any(name.endswith(mode.PAPER) for name in trained)  # ... trained once, in the rate sweep
-    for arm in ("lora", "mode+lora"):
+    for arm in mode.ARMS:
         assert trained[mode.phase1_run(arm, best)] == mode.final_flags(arm, best)
     if norms_win:  # MoDE + LoRA's rate re-tuned at the chosen options
         assert best["distill"]["options"] == "kl0.1-mean-norms" and best["mode+lora"]["lr"] == "2e-3"
@@ -136,7 +138,12 @@ def test_mode_study_reuses_the_phase_one_run_with_phase_two_flags(tmp_path, monk
         assert best["distill"]["options"] == mode.PAPER and best["mode+lora"]["lr"] == "1e-3"
         assert mode.phase1_run("mode+lora", best) == "mode+lora-lr1e-3"
         assert not any("2e-3-" in name for name in trained)
-    assert mode.phase1_run("mode", best) is None  # not tuned: phase 2 trains all its seeds
+    # MoDE alone: its own rate (the norms' and router's), swept at the chosen options
+    options = "" if best["distill"]["options"] == mode.PAPER else "-" + best["distill"]["options"]
+    assert sorted(name for name in trained if name.startswith("mode-")) == [
+        f"mode-lr{lr}{options}" for lr in sorted(mode.LRS["mode"])]
+    assert mode.phase1_run("mode", best) == f"mode-lr1e-2{options}"
+    assert trained[mode.phase1_run("mode", best)][:4] == ["--method", "mode", "--no-lora", "--router-lr"]
 
 
 def test_a_stopped_study_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
