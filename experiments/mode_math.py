@@ -251,7 +251,7 @@ def summarize(args, out: Path) -> None:
         write_sweep(args, out)
     sweep_file = out / "sweep.json"
     if not sweep_file.exists():
-        print("phase 1 not finished: only docs/results/mode-math-sweep.json written")
+        print(f"phase 1 not finished: only {Path(args.results) / 'mode-math-sweep.json'} written")
         return
     best = json.loads(sweep_file.read_text())
     runs_nll, runs_acc = [], []
