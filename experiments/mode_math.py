@@ -8,7 +8,8 @@ order). The arithmetic test sets stay unseen until the secondary metric (SingleE
 Phase 1 (seed 0, validation gold NLL): the learning rate of each arm (LoRA, MoDE + LoRA at the paper's options;
 beyond the grid's edge while the best is there, sweeps.py), MoDE's distillation options at that rate (lambda in
 {0, 0.1, 1}, summed or averaged over the shallower layers, into the backbone or the norms only), then MoDE + LoRA's
-rate again at the chosen options (unless they are the paper's), so that it is tuned where it is compared, and
+rate again at the chosen options (unless they are the paper's; centred on the rate the options ran at), so that
+it is tuned where it is compared, and
 MoDE alone's rate at those options (it trains only the norms and the router: its rate is --router-lr).
 Phase 2 (paired seeds): LoRA vs MoDE + LoRA at its best options vs MoDE alone (norms + router), each at its own
 best learning rate (MoDE alone with MoDE + LoRA's distillation options); primary metric the gold-response NLL on
@@ -190,7 +191,9 @@ def sweep(args, out: Path, splits: dict) -> dict:
     options = min(scores, key=scores.get)
     best["distill"] = {"options": options, "lr": lr, "validation_nll": scores}
     if options != PAPER:  # other options may want another rate: MoDE + LoRA gets its own, as LoRA does
-        lr, retuned = sweeps.tune(lambda lr: arm_run("mode+lora", lr, options), LRS["mode+lora"],
+        # centred where the options ran (their run is reused), not on the first grid: the rate sweep may have
+        # climbed past that grid's edge
+        lr, retuned = sweeps.tune(lambda lr: arm_run("mode+lora", lr, options), sweeps.around(lr),
                                   higher_is_better=False)
         best["mode+lora"] = {"lr": lr, "validation_nll": best["mode+lora"]["validation_nll"],
                              "validation_nll_at_options": retuned}
@@ -215,7 +218,7 @@ def write_sweep(args, out: Path) -> None:
                      "value": json.loads(nll.read_text())["gold_nll"], "train_seconds": m["train_seconds"],
                      "train_steps": m["train_steps"]})
     # the paper's options are the rate sweep's runs; other chosen options sweep the rate again (one run reused)
-    planned = sum(len(v) for v in LRS.values()) + len(DISTILL) - 1 + len(LRS["mode+lora"]) - 1
+    planned = sum(len(v) for v in LRS.values()) + len(DISTILL) - 1 + 2
     write_json(Path(args.results) / "mode-math-sweep.json", {
         "experiment": "mode-math-sweep", "task": "reasoning/math (validation worked answers)", "metric": "gold_nll",
         "higher_is_better": False, "validation": f"{args.validation_size} problems of math_train",

@@ -26,7 +26,17 @@ def edge_lr(scores: dict[str, float], grid: int, higher_is_better: bool) -> str 
     top = best_lr(scores, higher_is_better)
     if top not in (lrs[0], lrs[-1]):
         return None
-    mant, exp = f"{float(top) * (2 if top == lrs[-1] else 0.5):e}".split("e")
+    return scaled(top, 2 if top == lrs[-1] else 0.5)
+
+
+def around(lr: str) -> list[str]:
+    """A grid of three centred on lr: lr / 2, lr, lr x 2."""
+    return [scaled(lr, 0.5), lr, scaled(lr, 2)]
+
+
+def scaled(lr: str, factor: float) -> str:
+    """lr x factor, written as the grids write rates ("4e-3", "1.6e-2")."""
+    mant, exp = f"{float(lr) * factor:e}".split("e")
     return f"{float(mant):g}e{int(exp)}"
 
 

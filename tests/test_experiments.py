@@ -114,30 +114,34 @@ def test_mode_study_reuses_the_phase_one_run_with_phase_two_flags(tmp_path, monk
 
     def run(args, folder, seed, flags, *rest):
         assert trained.setdefault(folder.name, flags) == flags  # a run asked for again (then skipped): same flags
-        # 1e-3 best; options other than the paper's worse, but for the norms option (norms_win), best at 2e-3
-        name, nll = folder.name, 1.0 - 0.1 * ("1e-3" in folder.name)
+        # LoRA best at 1e-3, MoDE + LoRA at 2e-3; options other than the paper's worse, but for the norms option
+        # (norms_win), best at 4e-3
+        name = folder.name
+        nll = 1.0 - 0.1 * (("2e-3" if name.startswith("mode+lora") else "1e-3") in name)
         if name.startswith("mode-lr"):  # MoDE alone: best at 1e-2
             nll = 1.0 - 0.1 * ("lr1e-2" in name)
         if any(name.endswith(f"-{options}") for options in mode.DISTILL):
             nll += 0.05
             if norms_win and name.endswith("-kl0.1-mean-norms"):
-                nll -= 0.2 + 0.2 * ("2e-3" in name)
+                nll -= 0.2 + 0.2 * ("4e-3" in name)
         return {"gold_nll": nll}
     monkeypatch.setattr(mode, "run", run)
     monkeypatch.setattr(mode, "write_sweep", lambda *a: None)
     best = mode.sweep(SimpleNamespace(), tmp_path, {})
-    assert best["lora"]["lr"] == "1e-3" and best["distill"]["lr"] == "1e-3"
-    assert trained["mode+lora-lr1e-3"] == ["--method", "mode", "--lr", "1e-3"]  # the paper's options: the defaults
+    assert best["lora"]["lr"] == "1e-3" and best["distill"]["lr"] == "2e-3"
+    assert trained["mode+lora-lr2e-3"] == ["--method", "mode", "--lr", "2e-3"]  # the paper's options: the defaults
     assert not any(name.endswith(mode.PAPER) for name in trained)  # ... trained once, in the rate sweep
     for arm in mode.ARMS:
         assert trained[mode.phase1_run(arm, best)] == mode.final_flags(arm, best)
-    if norms_win:  # MoDE + LoRA's rate re-tuned at the chosen options
-        assert best["distill"]["options"] == "kl0.1-mean-norms" and best["mode+lora"]["lr"] == "2e-3"
-        assert mode.phase1_run("mode+lora", best) == "mode+lora-lr2e-3-kl0.1-mean-norms"
+    retuned = sorted(n for n in trained if n.startswith("mode+lora-") and n.endswith("-kl0.1-mean-norms"))
+    if norms_win:  # MoDE + LoRA's rate re-tuned at the chosen options, around the rate they ran at (2e-3)
+        assert best["distill"]["options"] == "kl0.1-mean-norms" and best["mode+lora"]["lr"] == "4e-3"
+        assert mode.phase1_run("mode+lora", best) == "mode+lora-lr4e-3-kl0.1-mean-norms"
+        assert retuned == [f"mode+lora-lr{lr}-kl0.1-mean-norms" for lr in ("1e-3", "2e-3", "4e-3", "8e-3")]
     else:  # the paper's options win: no second sweep
-        assert best["distill"]["options"] == mode.PAPER and best["mode+lora"]["lr"] == "1e-3"
-        assert mode.phase1_run("mode+lora", best) == "mode+lora-lr1e-3"
-        assert not any("2e-3-" in name for name in trained)
+        assert best["distill"]["options"] == mode.PAPER and best["mode+lora"]["lr"] == "2e-3"
+        assert mode.phase1_run("mode+lora", best) == "mode+lora-lr2e-3"
+        assert retuned == ["mode+lora-lr2e-3-kl0.1-mean-norms"]
     # MoDE alone: its own rate (the norms' and router's), swept at the chosen options
     options = "" if best["distill"]["options"] == mode.PAPER else "-" + best["distill"]["options"]
     assert sorted(name for name in trained if name.startswith("mode-")) == [
@@ -206,6 +210,7 @@ def test_a_learning_rate_sweep_goes_past_the_edge_where_its_best_lies():
     assert tried == grid + ["4e-3", "8e-3"] and best == "8e-3"  # at most EXTEND beyond the grid
     peaked = {"5e-4": 0.80, "1e-3": 0.81, "2e-3": 0.85, "4e-3": 0.83}
     assert sweeps.tune(peaked.get, grid, higher_is_better=True) == ("2e-3", {k: peaked[k] for k in peaked})
+    assert sweeps.around("8e-3") == ["4e-3", "8e-3", "1.6e-2"] and sweeps.around("1e-3") == grid
 
 
 def test_a_finished_comparison_reads_in_the_docs_as_heading_table_and_verdicts():
