@@ -9,8 +9,8 @@ Phase 1 (seed 0, validation gold NLL): the learning rate of each arm (LoRA, MoDE
 beyond the grid's edge while the best is there, sweeps.py), MoDE's distillation options at that rate (lambda in
 {0, 0.1, 1}, summed or averaged over the shallower layers, into the backbone or the norms only), then MoDE + LoRA's
 rate again at the chosen options (unless they are the paper's; centred on the rate the options ran at), so that
-it is tuned where it is compared, and
-MoDE alone's rate at those options (it trains only the norms and the router: its rate is --router-lr).
+it is tuned where it is compared, and MoDE alone's rate at those options (it trains only the norms and the router:
+its rate is --router-lr).
 Phase 2 (paired seeds): LoRA vs MoDE + LoRA at its best options vs MoDE alone (norms + router), each at its own
 best learning rate (MoDE alone with MoDE + LoRA's distillation options); primary metric the gold-response NLL on
 the 500 held-out problems, secondary SingleEq accuracy. Seed 0 of each arm is phase 1's run at the chosen options
@@ -234,7 +234,8 @@ def tables(results: Path) -> str:
     if sweep_file.exists():
         rec = json.loads(sweep_file.read_text())
         parts.append(sweeps.phase1_table(rec, "Phase 1", rec["validation"], {
-            "run": lambda r: r["run"], "arm": lambda r: r["arm"], "lr": lambda r: r["lr"],
+            "run": lambda r: r["run"], "arm": lambda r: r["arm"],
+            "lr": lambda r: r["lr"] + (" (router)" if rec.get("rate_flags", {}).get(r["arm"]) == "--router-lr" else ""),
             "options": lambda r: r["options"] or "—", "validation gold NLL": lambda r: f"{r['value']:.4f}"}))
     for name in ("mode-math", "mode-math-singleeq"):
         file = results / f"{name}.json"
