@@ -198,7 +198,7 @@ def sweep(args, out: Path, splits: dict) -> dict:
         best["mode+lora"] = {"lr": lr, "validation_nll": best["mode+lora"]["validation_nll"],
                              "validation_nll_at_options": retuned}
     lr, scores = sweeps.tune(lambda lr: arm_run("mode", lr, options), LRS["mode"], higher_is_better=False)
-    best["mode"] = {"lr": lr, "rate_flag": RATE["mode"], "validation_nll": scores}
+    best["mode"] = {"lr": lr, "validation_nll": scores}
     from depthmix.io import write_json
     write_json(out / "sweep.json", best)
     print(f"phase 1: {json.dumps(best)}", flush=True)
@@ -218,7 +218,7 @@ def write_sweep(args, out: Path) -> None:
                      "value": json.loads(nll.read_text())["gold_nll"], "train_seconds": m["train_seconds"],
                      "train_steps": m["train_steps"]})
     # the paper's options are the rate sweep's runs; other chosen options sweep the rate again (one run reused)
-    planned = sum(len(v) for v in LRS.values()) + len(DISTILL) - 1 + 2
+    planned = sum(len(v) for v in LRS.values()) + len(DISTILL) - 1 + len(sweeps.around(LRS["mode+lora"][0])) - 1
     write_json(Path(args.results) / "mode-math-sweep.json", {
         "experiment": "mode-math-sweep", "task": "reasoning/math (validation worked answers)", "metric": "gold_nll",
         "higher_is_better": False, "validation": f"{args.validation_size} problems of math_train",
@@ -235,7 +235,7 @@ def tables(results: Path) -> str:
         rec = json.loads(sweep_file.read_text())
         parts.append(sweeps.phase1_table(rec, "Phase 1", rec["validation"], {
             "run": lambda r: r["run"], "arm": lambda r: r["arm"],
-            "lr": lambda r: r["lr"] + (" (router)" if rec.get("rate_flags", {}).get(r["arm"]) == "--router-lr" else ""),
+            "lr": lambda r: r["lr"] + (" (router)" if rec["rate_flags"][r["arm"]] == "--router-lr" else ""),
             "options": lambda r: r["options"] or "—", "validation gold NLL": lambda r: f"{r['value']:.4f}"}))
     for name in ("mode-math", "mode-math-singleeq"):
         file = results / f"{name}.json"
