@@ -268,8 +268,10 @@ def summarize(args, name: str, out: Path, folders: dict) -> None:
     if not runs:
         print(f"{name}: no phase 2 run finished yet")
         return
+    # does the published gate learn anything its random start had not? (the frozen control exists for this)
     result = compare(f"molex-{name}", TASKS[name]["task"], "accuracy", True, "lora", runs,
-                     setup(args, name, folders, json.loads(sweep_file.read_text()), runs))
+                     setup(args, name, folders, json.loads(sweep_file.read_text()), runs),
+                     controls=(("molex-published", "molex-frozen"),))
     sweeps.write(result, Path(args.results))
     print(sweeps.report(result, " on dev"))
 

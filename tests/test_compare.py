@@ -51,3 +51,14 @@ def test_a_comparison_is_drawn_and_a_wrong_file_is_refused_naming_it(tmp_path, c
     assert main(["plot", "compare", str(file), "--output", str(tmp_path / "y.png")]) != 0
     err = capsys.readouterr().err
     assert str(file) in err and "missing: paired" in err and not (tmp_path / "y.png").exists()
+
+
+def test_a_control_pair_is_tested_beside_the_baseline():
+    rows = runs([0.8, 0.82, 0.81], [0.7, 0.72, 0.71]) + \
+        [{"arm": "frozen", "seed": s, "value": v} for s, v in enumerate([0.75, 0.78, 0.74])]
+    r = compare("x", "t", "accuracy", True, "lora", rows, {}, controls=(("mode", "frozen"), ("mode", "absent")))
+    c = r["controls"]["mode vs frozen"]
+    assert c["mean_diff"] == pytest.approx(-0.0466667) and c["seeds"] == [0, 1, 2]
+    assert r["verdicts"]["mode vs frozen"].startswith("mode loses to frozen")
+    assert set(r["controls"]) == {"mode vs frozen"} and set(r["paired"]) == {"mode", "frozen"}
+    assert "controls" not in compare("x", "t", "accuracy", True, "lora", rows, {})

@@ -7,23 +7,34 @@ import statistics
 
 
 def compare(experiment: str, task: str, metric: str, higher_is_better: bool, baseline: str, runs: list[dict],
-            setup: dict) -> dict:
+            setup: dict, controls: tuple[tuple[str, str], ...] = ()) -> dict:
     """runs: one dict per finished run with at least "arm", "seed" and "value". Differences are arm - baseline on
-    the seeds both arms finished; "power" is the paired t-test's view of them (two-sided, alpha 0.05)."""
+    the seeds both arms finished; "power" is the paired t-test's view of them (two-sided, alpha 0.05). controls:
+    (arm, reference) pairs tested the same way besides the baseline, e.g. a method against its ablation; they go
+    to "controls" and their verdicts to "verdicts" under "<arm> vs <reference>"."""
     arms = sorted({r["arm"] for r in runs}, key=lambda a: (a != baseline, a))
     values = {a: {r["seed"]: r["value"] for r in runs if r["arm"] == a} for a in arms}
     summary = {a: _mean_std(list(v.values())) for a, v in values.items()}
-    paired, verdicts = {}, {}
+    paired, extra, verdicts = {}, {}, {}
     for arm in arms:
-        if arm == baseline or baseline not in values:
-            continue
-        seeds = sorted(set(values[arm]) & set(values[baseline]))
-        diffs = [values[arm][s] - values[baseline][s] for s in seeds]
-        paired[arm] = {**paired_test(diffs), "seeds": seeds}
-        verdicts[arm] = verdict(arm, baseline, paired[arm], higher_is_better)
-    return {"experiment": experiment, "task": task, "metric": metric, "higher_is_better": higher_is_better,
-            "baseline": baseline, "runs": runs, "summary": summary, "paired": paired, "verdicts": verdicts,
-            "setup": setup}
+        if arm != baseline and baseline in values:
+            paired[arm] = _pair(values[arm], values[baseline])
+            verdicts[arm] = verdict(arm, baseline, paired[arm], higher_is_better)
+    for arm, ref in controls:
+        if arm in values and ref in values:
+            extra[f"{arm} vs {ref}"] = _pair(values[arm], values[ref])
+            verdicts[f"{arm} vs {ref}"] = verdict(arm, ref, extra[f"{arm} vs {ref}"], higher_is_better)
+    result = {"experiment": experiment, "task": task, "metric": metric, "higher_is_better": higher_is_better,
+              "baseline": baseline, "runs": runs, "summary": summary, "paired": paired, "verdicts": verdicts,
+              "setup": setup}
+    if controls:
+        result["controls"] = extra
+    return result
+
+
+def _pair(values: dict, reference: dict) -> dict:
+    seeds = sorted(set(values) & set(reference))
+    return {**paired_test([values[s] - reference[s] for s in seeds]), "seeds": seeds}
 
 
 def _mean_std(values: list[float]) -> dict:
