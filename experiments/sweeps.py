@@ -106,5 +106,6 @@ def phase1_table(rec: dict, heading: str, where: str, columns: dict) -> str:
     columns = {**columns, "train minutes": lambda r: f"{r['train_seconds'] / 60:.0f}"}
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(cell(r) for cell in columns.values()) + " |" for r in rec["runs"]]
-    return (f"**{heading}** (seed {PHASE1_SEED}; {rec['metric']} on the {where}; {len(rec['runs'])} run{'s' * (len(rec['runs']) != 1)} finished; "
+    done = f"{len(rec['runs'])} run{'s' * (len(rec['runs']) != 1)} finished"
+    return (f"**{heading}** (seed {PHASE1_SEED}; {rec['metric']} on the {where}; {done}; "
             f"{rec['planned']} planned, plus edge extensions):\n\n" + "\n".join(lines))

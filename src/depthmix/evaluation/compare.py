@@ -10,7 +10,7 @@ def compare(experiment: str, task: str, metric: str, higher_is_better: bool, bas
             setup: dict, controls: tuple[tuple[str, str], ...] = ()) -> dict:
     """runs: one dict per finished run with at least "arm", "seed" and "value". Differences are arm - baseline on
     the seeds both arms finished; "power" is the paired t-test's view of them (two-sided, alpha 0.05). controls:
-    (arm, reference) pairs tested the same way besides the baseline, e.g. a method against its ablation; they go
+    (arm, reference) pairs tested the same way beside the baseline, e.g. a method against its ablation; they go
     to "controls" and their verdicts to "verdicts" under "<arm> vs <reference>"."""
     arms = sorted({r["arm"] for r in runs}, key=lambda a: (a != baseline, a))
     values = {a: {r["seed"]: r["value"] for r in runs if r["arm"] == a} for a in arms}
