@@ -230,7 +230,7 @@ def _mean(values):
 
 
 def analyse(args, corpus: str, budget: float) -> dict | None:
-    from depthmix.evaluation.compare import compare, paired_test, verdict
+    from depthmix.evaluation.compare import compare, paired_seeds, verdict
     out = Path(args.out)
     shapes = sweep(out, corpus, budget, args)
     runs, missing = [], []
@@ -291,9 +291,8 @@ def analyse(args, corpus: str, budget: float) -> dict | None:
     for shape in shapes:
         d = {r["seed"]: r["value"] for r in runs if r["arm"] == "dense" and (r["layers"], r["hidden"]) == shape}
         m = {r["seed"]: r["value"] for r in runs if r["arm"] == "mod" and (r["layers"], r["hidden"]) == shape}
-        seeds = sorted(set(d) & set(m))
-        if seeds:
-            p = {**paired_test([m[s] - d[s] for s in seeds]), "seeds": seeds}
+        if set(d) & set(m):
+            p = paired_seeds(m, d)
             per_size[f"L{shape[0]} d{shape[1]}"] = {**p, "verdict": verdict("mod", "dense", p, False)}
     setup = {
         "budget_flops": budget, "budget_label": label(budget), "corpus": corpus,

@@ -18,12 +18,13 @@ def compare(experiment: str, task: str, metric: str, higher_is_better: bool, bas
     paired, extra, verdicts = {}, {}, {}
     for arm in arms:
         if arm != baseline and baseline in values:
-            paired[arm] = _pair(values[arm], values[baseline])
+            paired[arm] = paired_seeds(values[arm], values[baseline])
             verdicts[arm] = verdict(arm, baseline, paired[arm], higher_is_better)
     for arm, ref in controls:
         if arm in values and ref in values:
-            extra[f"{arm} vs {ref}"] = _pair(values[arm], values[ref])
-            verdicts[f"{arm} vs {ref}"] = verdict(arm, ref, extra[f"{arm} vs {ref}"], higher_is_better)
+            key = f"{arm} vs {ref}"
+            extra[key] = paired_seeds(values[arm], values[ref])
+            verdicts[key] = verdict(arm, ref, extra[key], higher_is_better)
     result = {"experiment": experiment, "task": task, "metric": metric, "higher_is_better": higher_is_better,
               "baseline": baseline, "runs": runs, "summary": summary, "paired": paired, "verdicts": verdicts,
               "setup": setup}
@@ -32,7 +33,8 @@ def compare(experiment: str, task: str, metric: str, higher_is_better: bool, bas
     return result
 
 
-def _pair(values: dict, reference: dict) -> dict:
+def paired_seeds(values: dict, reference: dict) -> dict:
+    """paired_test of values - reference ({seed: value} each) on the seeds both have, with those seeds."""
     seeds = sorted(set(values) & set(reference))
     return {**paired_test([values[s] - reference[s] for s in seeds]), "seeds": seeds}
 
