@@ -105,7 +105,9 @@ def phase1_table(rec: dict, heading: str, where: str, columns: dict) -> str:
     of a run; the training minutes come last)."""
     columns = {**columns, "train minutes": lambda r: f"{r['train_seconds'] / 60:.0f}"}
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(cell(r) for cell in columns.values()) + " |" for r in rec["runs"]]
+    runs = sorted(rec["runs"], key=lambda r: (r["arm"], float(r["lr"])))
+    lines += ["| " + " | ".join(cell(r) for cell in columns.values()) + " |" for r in runs]
     done = f"{len(rec['runs'])} run{'s' * (len(rec['runs']) != 1)} finished"
     return (f"**{heading}** (seed {PHASE1_SEED}; {rec['metric']} on the {where}; {done}; "
-            f"{rec['planned']} planned, plus edge extensions):\n\n" + "\n".join(lines))
+            f"{rec['planned']} planned, plus edge extensions; a run resumed from a checkpoint shows the minutes of its "
+            f"last process only):\n\n" + "\n".join(lines))
