@@ -21,7 +21,7 @@ compare() writes docs/results/molex-sst2.json and docs/results/molex-pydoc.json 
 against LoRA with 95% CI and the smallest detectable difference, verdicts); setup records the binomial standard
 error of one run's accuracy on dev, the other limit on power.
 
-    OMP_NUM_THREADS=2 nice python experiments/molex_sst2.py --out runs/molex_sst2
+    OMP_NUM_THREADS=1 nice python experiments/molex_sst2.py --out runs/molex_sst2 [--reverse]
 
 Cost: (4 arms x 3 learning rates + 4 arms x 4 seeds) x 2 tasks = 56 runs, plus edge extensions. The SST-2
 phase-1 runs (10,000 sentences, 3 epochs = 939 steps of batch 32 x <= 64 tokens) recorded 11-20 min of training
@@ -34,7 +34,9 @@ took 1.5-4 min of wall time, mostly start-up, on the loaded machine):
         --train-size 64 --validation-size 32 --eval-size 32 --epochs 1 --lrs 1e-3 --seeds 0 1
 
 Resumable: a finished run (metrics.json) is skipped and an interrupted one continues from its last checkpoint
-(every --save-steps steps), so the script can be stopped at any time and run again.
+(every --save-steps steps), so the script can be stopped at any time and run again. Two cores: a second process
+with --reverse takes the arms (phase 1) and the runs (phase 2) from the other end; each run is trained by the one
+that claims it first (sweeps.claim), the other waits for it and moves on.
 """
 from __future__ import annotations
 
@@ -84,13 +86,12 @@ def main() -> None:
         folders = prepare(args, name, out / "data" / name)
         if not args.summary_only:
             best = sweep(args, name, out / name, folders)
-            for seed in args.seeds:
-                for arm in args.arms:
-                    folder = out / name / "final" / f"{arm}-s{seed}"
-                    if seed == sweeps.PHASE1_SEED and not any(folder.glob("checkpoint-*")):
-                        rescore(name, folder, out / name / "sweep" / f"{arm}-lr{best[arm]}", folders["final"])
-                    else:
-                        run(args, name, folder, seed, [*ARMS[arm], "--lr", best[arm]], folders["final"])
+            for seed, arm in ordered(args, [(seed, arm) for seed in args.seeds for arm in args.arms]):
+                folder = out / name / "final" / f"{arm}-s{seed}"
+                if seed == sweeps.PHASE1_SEED and not any(folder.glob("checkpoint-*")):
+                    rescore(name, folder, out / name / "sweep" / f"{arm}-lr{best[arm]}", folders["final"])
+                else:
+                    run(args, name, folder, seed, [*ARMS[arm], "--lr", best[arm]], folders["final"])
         summarize(args, name, out / name, folders)
 
 
@@ -108,6 +109,9 @@ def parse_args():
     p.add_argument("--eval-size", type=int, help="dev rows scored (default: all)")
     p.add_argument("--epochs", type=float, help="default: SST-2 3, pydoc/topics 10")
     p.add_argument("--save-steps", type=int, default=200, help="checkpoint interval (where a stopped run resumes)")
+    p.add_argument("--reverse", action="store_true",
+                   help="take the arms and the phase-2 runs from the other end: a second process beside a running "
+                        "one (on another core), each run trained by whichever claims it first")
     p.add_argument("--summary-only", action="store_true", help="only write the results from finished runs")
     p.add_argument("--table", action="store_true", help="print the Markdown of the results files and stop")
     args = p.parse_args()
@@ -173,7 +177,9 @@ def register_carved() -> None:
 # -- runs -------------------------------------------------------------------------------------------------------
 def run(args, name: str, folder: Path, seed: int, flags: list[str], data: Path) -> dict:
     metrics = folder / "metrics.json"
-    if not metrics.exists():
+    with sweeps.claim(folder):
+        if metrics.exists():
+            return json.loads(metrics.read_text())
         spec = TASKS[name]
         if (folder / "depthmix_config.json").exists():  # trained, but stopped before its evaluation was written
             shutil.rmtree(folder)
@@ -184,16 +190,17 @@ def run(args, name: str, folder: Path, seed: int, flags: list[str], data: Path) 
                "--output-dir", str(folder), *flags, *resume]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-    return json.loads(metrics.read_text())
+        return json.loads(metrics.read_text())
 
 
 def rescore(name: str, folder: Path, trained: Path, data: Path) -> dict:
     """Phase 2's seed-0 run: phase 1's run at the chosen rate, scored on dev (sweeps.REUSED)."""
-    if not (folder / "metrics.json").exists():
-        flags = ["--task", CARVED + TASKS[name]["task"], "--data-dir", str(data), "--batch-size", "64",
-                 "--max-length", str(TASKS[name]["length"])]
-        sweeps.rescore([sys.executable, __file__], trained, folder, flags, "eval-dev.json")
-    return json.loads((folder / "metrics.json").read_text())
+    with sweeps.claim(folder):
+        if not (folder / "metrics.json").exists():
+            flags = ["--task", CARVED + TASKS[name]["task"], "--data-dir", str(data), "--batch-size", "64",
+                     "--max-length", str(TASKS[name]["length"])]
+            sweeps.rescore([sys.executable, __file__], trained, folder, flags, "eval-dev.json")
+        return json.loads((folder / "metrics.json").read_text())
 
 
 def sweep(args, name: str, out: Path, folders: dict) -> dict:
@@ -201,7 +208,7 @@ def sweep(args, name: str, out: Path, folders: dict) -> dict:
     file = out / "sweep.json"
     done = json.loads(file.read_text()) if file.exists() else {"best_lr": {}, "validation_accuracy": {}}
     best, scores = done["best_lr"], done["validation_accuracy"]  # other arms' choices stay (runs of --arms subsets)
-    for arm in args.arms:
+    for arm in ordered(args, args.arms):
         def score(lr, arm=arm):
             value = accuracy(run(args, name, out / "sweep" / f"{arm}-lr{lr}", sweeps.PHASE1_SEED,
                                  [*ARMS[arm], "--lr", lr], folders["validation"]))
@@ -212,6 +219,10 @@ def sweep(args, name: str, out: Path, folders: dict) -> dict:
     write_json(file, {"best_lr": best, "validation_accuracy": scores})
     print(f"{name} phase 1: {json.dumps({arm: best[arm] for arm in args.arms})}", flush=True)
     return best
+
+
+def ordered(args, items: list) -> list:
+    return items[::-1] if args.reverse else items
 
 
 def accuracy(metrics: dict) -> float:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Continue issue 11's long studies in the background, one core each (each script skips its finished runs and
 # resumes a stopped one), so a new session on this 2-core machine needs one command:
-#   lane 1: MoDE on arithmetic (the MoD isoFLOP study is complete: experiments/mod_isoflop_sizes.py)
+#   lane 1: MoDE on arithmetic (the MoD isoFLOP study is complete: experiments/mod_isoflop_sizes.py), then a
+#           second MoLEx lane (--reverse: it takes runs from the other end; each run is trained once)
 #   lane 2: MoLEx on SST-2, then pydoc/topics
 # Logs: runs/logs/lane{1,2}-<date>.log. Stop: pkill -f experiments/ (runs resume where they stopped).
 set -euo pipefail
@@ -13,7 +14,7 @@ fi
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 DEPTHMIX_DATA="${DEPTHMIX_DATA:-$(cd .. && pwd)/shared/data}"
 mkdir -p runs/logs
 stamp=$(date +%m%d-%H%M)
-nohup nice -n 10 python experiments/mode_math.py --data-dir "$DEPTHMIX_DATA" --out runs/mode_math \
-    > "runs/logs/lane1-$stamp.log" 2>&1 &
+nohup nice -n 10 bash -c 'python experiments/mode_math.py --data-dir "$DEPTHMIX_DATA" --out runs/mode_math &&
+    python experiments/molex_sst2.py --out runs/molex_sst2 --reverse' > "runs/logs/lane1-$stamp.log" 2>&1 &
 nohup nice -n 10 python experiments/molex_sst2.py --out runs/molex_sst2 > "runs/logs/lane2-$stamp.log" 2>&1 &
 echo "started; logs: runs/logs/lane1-$stamp.log, runs/logs/lane2-$stamp.log"

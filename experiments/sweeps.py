@@ -1,7 +1,9 @@
-"""What the long studies share: a learning rate at the edge of its grid is not tuned, and how a finished
-comparison (depthmix.evaluation.compare) reads in the docs."""
+"""What the long studies share: a learning rate at the edge of its grid is not tuned, a run is trained by one
+process at a time, and how a finished comparison (depthmix.evaluation.compare) reads in the docs."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import subprocess
 from pathlib import Path
@@ -76,6 +78,17 @@ def write(result: dict, results: Path) -> None:
     from depthmix.io import write_json
     write_json(results / f"{result['experiment']}.json", result)
     plots.paired(result, results.parent / "img" / f"{result['experiment']}.png")
+
+
+@contextlib.contextmanager
+def claim(folder: Path):
+    """Hold the run in `folder` for this process: a second lane of the same study (another process, --reverse)
+    waits here until the first has finished it, then finds it done instead of training it again beside it. The
+    lock file sits beside the folder, which a restarted run may delete; the OS drops the lock if the holder dies."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 PHASE1_SEED = 0

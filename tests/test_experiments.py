@@ -170,6 +170,33 @@ def test_a_stopped_study_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+def test_two_lanes_of_a_study_train_each_run_once(tmp_path, monkeypatch):
+    """--reverse runs a second process beside the first: where both reach the same run, the one that claimed it
+    trains it and the other waits, then takes its result (threads here: flock also excludes two open()s)."""
+    import threading
+    import time
+    molex = script("molex_sst2")
+    trained = []
+
+    def train(cmd, check):
+        trained.append(cmd)
+        time.sleep(0.5)  # the other lane arrives while this one trains
+        out = Path(cmd[cmd.index("--output-dir") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text('{"metrics": {"accuracy": 0.75}}')
+    monkeypatch.setattr(molex.subprocess, "run", train)
+    args = SimpleNamespace(epochs=1, save_steps=10, reverse=False)
+    results = []
+    lanes = [threading.Thread(target=lambda: results.append(
+        molex.run(args, "pydoc", tmp_path / "final" / "lora-s1", 1, ["--lr", "1e-3"], tmp_path))) for _ in range(2)]
+    for lane in lanes:
+        lane.start()
+    for lane in lanes:
+        lane.join(timeout=30)
+    assert len(trained) == 1 and results == [{"metrics": {"accuracy": 0.75}}] * 2
+    assert molex.ordered(SimpleNamespace(reverse=True), ["lora", "molex-ours"]) == ["molex-ours", "lora"]
+
+
 def test_mode_study_splits_are_disjoint_and_complete(tmp_path):
     data = shared_data()
     mode = script("mode_math")
