@@ -84,9 +84,12 @@ def main() -> None:
     splits = prepare(Path(args.data_dir), out / "data", args.train_size, args.validation_size, args.heldout_size)
     if not args.summary_only:
         best = sweep(args, out, splits)
+        nll, accuracy = final_records(args, best)
         for seed in args.seeds:
             for arm in ARMS:
                 folder, trained = out / "final" / f"{arm}-s{seed}", phase1_run(arm, best)
+                if folder.name in nll and folder.name in accuracy:  # finished in an earlier session
+                    continue
                 if seed == sweeps.PHASE1_SEED and (out / "sweep" / trained / "metrics.json").exists():
                     rescore(args, folder, out / "sweep" / trained, splits)
                 else:
@@ -174,7 +177,11 @@ def sweep(args, out: Path, splits: dict) -> dict:
     """Phase 1 on seed 0: the best learning rate of LoRA and of MoDE + LoRA (at the paper's options), the best
     distillation options for MoDE + LoRA at its rate, then, for options other than the paper's, its rate again, and
     MoDE alone's rate at the chosen options."""
+    kept = sweep_record(args)
+
     def scored(name, flags):
+        if name in kept and not (out / "sweep" / name / "metrics.json").exists():
+            return kept[name]["value"]
         value = run(args, out / "sweep" / name, sweeps.PHASE1_SEED, flags, splits, "validation", 8)["gold_nll"]
         write_sweep(args, out)  # progress as data, after every run
         return value
@@ -205,8 +212,33 @@ def sweep(args, out: Path, splits: dict) -> dict:
     return best
 
 
+def sweep_settings(args) -> dict:
+    return {"train": f"{args.train_size} problems, {args.epochs} epochs",
+            "validation": f"{args.validation_size} problems of math_train"}
+
+
+def sweep_record(args) -> dict[str, dict]:
+    """The phase-1 runs docs/results/mode-math-sweep.json records with this process's data and options
+    (sweeps.recorded)."""
+    return sweeps.recorded(Path(args.results) / "mode-math-sweep.json", lambda rec: rec["distill"] == DISTILL and all(
+        rec[k] == v for k, v in sweep_settings(args).items()))
+
+
+def final_records(args, best: dict) -> tuple[dict, dict]:
+    """The phase-2 runs docs/results/mode-math.json (held-out NLL) and mode-math-singleeq.json record with this
+    process's data, flags and SingleEq sample (sweeps.recorded)."""
+    def same(rec):
+        s, mine = rec["setup"], setup(args, best)
+        return all(s[k] == mine[k] for k in ("train", "heldout", "arms"))
+    results = Path(args.results)
+    return (sweeps.recorded(results / "mode-math.json", same),
+            sweeps.recorded(results / "mode-math-singleeq.json",
+                            lambda rec: same(rec) and all(r["rows"] == args.eval_samples for r in rec["runs"])))
+
+
 def write_sweep(args, out: Path) -> None:
-    """docs/results/mode-math-sweep.json: every finished phase-1 run (seed 0, validation gold NLL), so far."""
+    """docs/results/mode-math-sweep.json: every finished phase-1 run (seed 0, validation gold NLL), so far, and
+    those an earlier session recorded there."""
     from depthmix.io import write_json
     runs = []
     for nll in sorted((out / "sweep").glob("*/nll-validation.json")):
@@ -217,12 +249,12 @@ def write_sweep(args, out: Path) -> None:
         runs.append({"run": name, "arm": arm, "lr": lr, "options": options, "seed": 0,
                      "value": json.loads(nll.read_text())["gold_nll"], "train_seconds": m["train_seconds"],
                      "train_steps": m["train_steps"]})
+    runs = sweeps.merged(runs, sweep_record(args))
     # the paper's options are the rate sweep's runs; other chosen options sweep the rate again (one run reused)
     planned = sum(len(v) for v in LRS.values()) + len(DISTILL) - 1 + len(sweeps.around(LRS["mode+lora"][0])) - 1
     write_json(Path(args.results) / "mode-math-sweep.json", {
         "experiment": "mode-math-sweep", "task": "reasoning/math (validation worked answers)", "metric": "gold_nll",
-        "higher_is_better": False, "validation": f"{args.validation_size} problems of math_train",
-        "train": f"{args.train_size} problems, {args.epochs} epochs", "runs": runs, "planned": planned,
+        "higher_is_better": False, **sweep_settings(args), "runs": runs, "planned": planned,
         "lrs": LRS, "rate_flags": RATE, "edge_extension": sweeps.RULE, "distill": DISTILL,
         "paper": f"{PAPER}: MoDEConfig's defaults (distill_weight 1, distill_reduction sum, distill_into backbone, "
                  "init_final_weight 0.98), no flags"})
@@ -269,18 +301,23 @@ def summarize(args, out: Path) -> None:
                   "train_seconds": m["train_seconds"], "train_steps": m["train_steps"]}
         runs_nll.append({**common, "value": n["gold_nll"], "tokens": n["tokens"], "rows": n["rows"]})
         runs_acc.append({**common, "value": m["metrics"]["accuracy"], "rows": args.eval_samples})
-    setup = {"model": MODEL, "train": f"{args.train_size} problems of reasoning/math_train.json, {args.epochs} epochs, "
-             "batch 8, LoRA r 8 on q_proj/v_proj", "validation": f"{args.validation_size} problems of math_train (phase 1)",
-             "heldout": f"{args.heldout_size} problems of math_train, never trained on", "phase1": best,
-             "phase2_seed0": sweeps.REUSED, "seeds": args.seeds,
-             "arms": {arm: final_flags(arm, best) for arm in ARMS}}
+    nll, accuracy = final_records(args, best)
+    runs_nll, runs_acc = sweeps.merged(runs_nll, nll), sweeps.merged(runs_acc, accuracy)
     results = Path(args.results)
     primary = compare("mode-math", "reasoning/math (held-out worked answers)", "gold_nll", False, "lora", runs_nll,
-                      setup)
-    secondary = compare("mode-math-singleeq", "singleeq", "accuracy", True, "lora", runs_acc, setup)
+                      setup(args, best))
+    secondary = compare("mode-math-singleeq", "singleeq", "accuracy", True, "lora", runs_acc, setup(args, best))
     for result in (primary, secondary):
         sweeps.write(result, results)
     print(sweeps.report(primary), sweeps.report(secondary), sep="\n\n")
+
+
+def setup(args, best: dict) -> dict:
+    return {"model": MODEL, "train": f"{args.train_size} problems of reasoning/math_train.json, {args.epochs} epochs, "
+            "batch 8, LoRA r 8 on q_proj/v_proj", "validation": f"{args.validation_size} problems of math_train (phase 1)",
+            "heldout": f"{args.heldout_size} problems of math_train, never trained on", "phase1": best,
+            "phase2_seed0": sweeps.REUSED, "seeds": args.seeds,
+            "arms": {arm: final_flags(arm, best) for arm in ARMS}}
 
 
 if __name__ == "__main__":

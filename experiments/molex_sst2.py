@@ -86,10 +86,15 @@ def main() -> None:
         folders = prepare(args, name, out / "data" / name)
         if not args.summary_only:
             best = sweep(args, name, out / name, folders)
+            kept = final_record(args, name, folders, best)
             for seed, arm in ordered(args, [(seed, arm) for seed in args.seeds for arm in args.arms]):
                 folder = out / name / "final" / f"{arm}-s{seed}"
-                if seed == sweeps.PHASE1_SEED and not any(folder.glob("checkpoint-*")):
-                    rescore(name, folder, out / name / "sweep" / f"{arm}-lr{best[arm]}", folders["final"])
+                trained = out / name / "sweep" / f"{arm}-lr{best[arm]}"
+                if folder.name in kept:  # finished in an earlier session
+                    continue
+                if (seed == sweeps.PHASE1_SEED and not any(folder.glob("checkpoint-*"))
+                        and (trained / "metrics.json").exists()):
+                    rescore(name, folder, trained, folders["final"])
                 else:
                     run(args, name, folder, seed, [*ARMS[arm], "--lr", best[arm]], folders["final"])
         summarize(args, name, out / name, folders)
@@ -208,11 +213,15 @@ def sweep(args, name: str, out: Path, folders: dict) -> dict:
     file = out / "sweep.json"
     done = json.loads(file.read_text()) if file.exists() else {"best_lr": {}, "validation_accuracy": {}}
     best, scores = done["best_lr"], done["validation_accuracy"]  # other arms' choices stay (runs of --arms subsets)
+    kept = sweep_record(args, name, folders)
     for arm in ordered(args, args.arms):
         def score(lr, arm=arm):
-            value = accuracy(run(args, name, out / "sweep" / f"{arm}-lr{lr}", sweeps.PHASE1_SEED,
-                                 [*ARMS[arm], "--lr", lr], folders["validation"]))
-            write_sweep(args, name, out)  # progress as data, after every run
+            folder = out / "sweep" / f"{arm}-lr{lr}"
+            if folder.name in kept and not (folder / "metrics.json").exists():
+                return kept[folder.name]["value"]
+            value = accuracy(run(args, name, folder, sweeps.PHASE1_SEED, [*ARMS[arm], "--lr", lr],
+                                 folders["validation"]))
+            write_sweep(args, name, out, folders)  # progress as data, after every run
             return value
         best[arm], scores[arm] = sweeps.tune(score, args.lrs, higher_is_better=True)
     from depthmix.io import write_json
@@ -230,8 +239,40 @@ def accuracy(metrics: dict) -> float:
 
 
 # -- results ----------------------------------------------------------------------------------------------------
-def write_sweep(args, name: str, out: Path) -> None:
-    """docs/results/molex-<task>-sweep.json: every finished phase-1 run (seed 0, validation accuracy), so far."""
+def sweep_record(args, name: str, folders: dict) -> dict[str, dict]:
+    """The phase-1 runs docs/results/molex-<task>-sweep.json records with this process's arms and data
+    (sweeps.recorded; a file without "settings" was written at the defaults)."""
+    settings = run_settings(args, name, folders)
+    defaults = args.train_size is args.validation_size is args.epochs is None
+    return sweeps.recorded(Path(args.results) / f"molex-{name}-sweep.json", lambda rec: rec["arms"] == ARMS and (
+        rec["settings"] == settings if "settings" in rec else defaults))
+
+
+def final_record(args, name: str, folders: dict, best: dict) -> dict[str, dict]:
+    """The phase-2 runs docs/results/molex-<task>.json records with this process's flags, data and rates."""
+    def same(rec):
+        s = rec["setup"]
+        return (s["common_flags"] == COMMON and all(ARMS[arm] == flags for arm, flags in s["arms"].items())
+                and s["epochs"] == (args.epochs or TASKS[name]["epochs"]) and s["rows"] == rows(folders)
+                and all(best.get(arm) == lr for arm, lr in s["phase1"]["best_lr"].items()))
+    return sweeps.recorded(Path(args.results) / f"molex-{name}.json", same)
+
+
+def run_settings(args, name: str, folders: dict) -> dict:
+    """What a phase-1 run's result depends on beside its flags: the epochs and the rows it trains and validates on."""
+    sizes = rows(folders)
+    return {"epochs": args.epochs or TASKS[name]["epochs"], "train": sizes["train"], "validation": sizes["validation"]}
+
+
+def rows(folders: dict) -> dict:
+    return {split: len(json.loads((folders[part] / f"{kind}.json").read_text())["label"])
+            for split, part, kind in (("train", "final", "train"), ("validation", "validation", "eval"),
+                                      ("dev", "final", "eval"))}
+
+
+def write_sweep(args, name: str, out: Path, folders: dict) -> None:
+    """docs/results/molex-<task>-sweep.json: every finished phase-1 run (seed 0, validation accuracy), so far, and
+    those an earlier session recorded there."""
     from depthmix.io import write_json
     runs = []
     for file in sorted((out / "sweep").glob("*-lr*/metrics.json")):
@@ -239,9 +280,11 @@ def write_sweep(args, name: str, out: Path) -> None:
         m = json.loads(file.read_text())
         runs.append({"run": file.parent.name, "arm": arm, "lr": lr, "seed": 0, "value": accuracy(m),
                      "train_seconds": m["train_seconds"], "train_steps": m["train_steps"]})
+    runs = sweeps.merged(runs, sweep_record(args, name, folders))
     write_json(Path(args.results) / f"molex-{name}-sweep.json", {
         "experiment": f"molex-{name}-sweep", "task": TASKS[name]["task"], "metric": "accuracy",
         "higher_is_better": True, "split": "validation rows carved from train", "runs": runs,
+        "settings": run_settings(args, name, folders),
         "planned": len(ARMS) * len(args.lrs), "lrs": args.lrs, "arms": ARMS,
         "edge_extension": sweeps.RULE})
 
@@ -264,7 +307,7 @@ def tables(results: Path) -> str:
 def summarize(args, name: str, out: Path, folders: dict) -> None:
     from depthmix.evaluation.compare import compare
     if (out / "sweep").exists():
-        write_sweep(args, name, out)
+        write_sweep(args, name, out, folders)
     sweep_file = out / "sweep.json"
     if not sweep_file.exists():
         print(f"{name}: phase 1 not finished, nothing to summarise")
@@ -276,6 +319,7 @@ def summarize(args, name: str, out: Path, folders: dict) -> None:
         runs.append({"arm": arm, "seed": int(seed), "value": accuracy(m), "train_seconds": m["train_seconds"],
                      "train_steps": m["train_steps"], "train_loss": m["train_loss"],
                      "trainable_params": m["trainable_params"], "method_state": m["method_state"]})
+    runs = sweeps.merged(runs, final_record(args, name, folders, json.loads(sweep_file.read_text())["best_lr"]))
     if not runs:
         print(f"{name}: no phase 2 run finished yet")
         return
@@ -289,9 +333,7 @@ def summarize(args, name: str, out: Path, folders: dict) -> None:
 
 def setup(args, name: str, folders: dict, sweep_result: dict, runs: list[dict]) -> dict:
     spec = TASKS[name]
-    sizes = {split: len(json.loads((folders[part] / f"{kind}.json").read_text())["label"])
-             for split, part, kind in (("train", "final", "train"), ("validation", "validation", "eval"),
-                                       ("dev", "final", "eval"))}
+    sizes = rows(folders)
     means = {arm: sum(r["value"] for r in runs if r["arm"] == arm) / sum(r["arm"] == arm for r in runs)
              for arm in {r["arm"] for r in runs}}
     return {

@@ -91,10 +91,36 @@ def claim(folder: Path):
         yield
 
 
+def recorded(file: Path, same_setup) -> dict[str, dict]:
+    """The runs a results file records, by name (name_of), where it was written with the settings this process runs
+    (same_setup(its JSON) is true): the run folders (runs/, not committed) do not outlive a session's machine, so the
+    committed results files are a study's durable record. A recorded run counts as finished: it is neither trained
+    again nor dropped from the files this process rewrites (merged)."""
+    if not file.exists():
+        return {}
+    rec = json.loads(file.read_text())
+    if not same_setup(rec):
+        print(f"{file}: written with other settings than this run's; its runs are not reused", flush=True)
+        return {}
+    return {name_of(r): r for r in rec["runs"]}
+
+
+def name_of(run: dict) -> str:
+    """A run's name: a phase-1 run carries its own ("lora-lr1e-3"), a phase-2 run is <arm>-s<seed>."""
+    return run.get("run") or f"{run['arm']}-s{run['seed']}"
+
+
+def merged(found: list[dict], kept: dict[str, dict]) -> list[dict]:
+    """The runs found in run folders, then the recorded ones (an earlier session's) that no folder holds."""
+    names = {name_of(r) for r in found}
+    return found + [r for name, r in sorted(kept.items()) if name not in names]
+
+
 PHASE1_SEED = 0
 REUSED = ("phase 2's seed-0 run of an arm tuned in phase 1 is phase 1's run at the chosen options (the same seed, "
           "training rows and flags train the same model: tests/test_experiments.py), scored on phase 2's data "
-          "rather than trained again")
+          "rather than trained again; where that run's folder is gone (a phase 1 recorded by an earlier session), "
+          "seed 0 is trained again with the same flags")
 
 
 def rescore(program: list[str], trained: Path, folder: Path, flags: list[str], output: str) -> dict:
