@@ -127,7 +127,7 @@ def test_mode_study_reuses_the_phase_one_run_with_phase_two_flags(tmp_path, monk
         return {"gold_nll": nll}
     monkeypatch.setattr(mode, "run", run)
     monkeypatch.setattr(mode, "write_sweep", lambda *a: None)
-    best = mode.sweep(SimpleNamespace(), tmp_path, {})
+    best = mode.sweep(SimpleNamespace(results=str(tmp_path)), tmp_path, {})  # no results file: nothing recorded
     assert best["lora"]["lr"] == "1e-3" and best["distill"]["lr"] == "2e-3"
     assert trained["mode+lora-lr2e-3"] == ["--method", "mode", "--lr", "2e-3"]  # the paper's options: the defaults
     assert not any(name.endswith(mode.PAPER) for name in trained)  # ... trained once, in the rate sweep
@@ -168,6 +168,36 @@ def test_a_stopped_study_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert ["--resume" in cmd for cmd in calls] == [False, True]
     assert "--save-steps" in calls[0] and mode.run(args, tmp_path / "fresh", 0, [], {}, "validation", 8)  # done: skipped
     assert len(calls) == 2
+
+
+def test_runs_an_earlier_session_recorded_are_not_trained_again(tmp_path, monkeypatch):
+    """runs/ does not outlive a session's machine: the committed results files are the study's record
+    (sweeps.recorded), read where they were written with this run's settings, and kept when they are rewritten."""
+    molex = script("molex_sst2")
+    args = SimpleNamespace(data_dir=str(shared_data()), validation_size=8, train_size=32, eval_size=12, epochs=1,
+                           save_steps=100, results=str(tmp_path / "results"), lrs=["1e-3", "2e-3"],
+                           arms=["lora", "molex-ours"], reverse=False)
+    folders = molex.prepare(args, "pydoc", tmp_path / "data")
+    trained = []
+
+    def train(cmd, check):
+        out = Path(cmd[cmd.index("--output-dir") + 1])
+        trained.append(out.name)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text('{"metrics": {"accuracy": 0.5}, "train_seconds": 1, "train_steps": 2}')
+    monkeypatch.setattr(molex.subprocess, "run", train)
+    record = Path(args.results) / "molex-pydoc-sweep.json"
+    record.parent.mkdir()
+    earlier = [{"run": f"lora-lr{lr}", "arm": "lora", "lr": lr, "seed": 0, "value": v, "train_seconds": 60,
+                "train_steps": 20} for lr, v in (("5e-4", 0.6), ("1e-3", 0.7), ("2e-3", 0.65))]
+    record.write_text(json.dumps({"arms": molex.ARMS, "settings": molex.run_settings(args, "pydoc", folders),
+                                  "runs": earlier}))
+    best = molex.sweep(args, "pydoc", tmp_path / "run", folders)
+    assert best["lora"] == "1e-3" and trained and not any(name.startswith("lora") for name in trained)
+    rewritten = json.loads(record.read_text())["runs"]
+    assert [r for r in rewritten if r["arm"] == "lora"] == sorted(earlier, key=lambda r: r["run"])
+    assert sorted(r["run"] for r in rewritten if r["arm"] != "lora") == sorted(trained)
+    assert molex.sweep_record(SimpleNamespace(**{**vars(args), "epochs": 2}), "pydoc", folders) == {}  # other settings
 
 
 def test_two_lanes_of_a_study_train_each_run_once(tmp_path, monkeypatch):
