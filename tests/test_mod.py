@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -11,6 +12,40 @@ from depthmix.tuners.mod.cache import KEY
 from depthmix.tuners.mod.layer import capacity_k, topk_membership
 
 pytestmark = pytest.mark.parametrize("family", CAUSAL)
+
+
+# Causal routing runs a routed block on as many tokens as the rows route, so a later token can change the number of
+# rows of the matrices an earlier token is computed in, and CPU kernels round a row by the row count (a Linear over
+# 9 rows and over 10 differs in the last bit): an earlier token's logits then agree with their first value to
+# rounding, not bit for bit. What decides whether MoD sees the future is the routing: each routed module's decisions
+# for the earlier tokens must agree exactly (same_past), and where lookahead is allowed it must move the earlier
+# logits far beyond rounding (moved), so the tolerance cannot hide a leak.
+ROUNDING = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def routed_forward(dm, ids, mask, routing=None, **kw):
+    """(logits, [each routed module's [B, S] selection, in call order]) of one no-grad forward."""
+    seen, record = [], dm.method._record
+
+    def spy(i, sel, *rest):
+        seen.append(sel.clone())
+        return record(i, sel, *rest)
+    dm.method._record = spy
+    try:
+        with torch.no_grad(), (dm.method.routing_mode(routing) if routing else contextlib.nullcontext()):
+            return dm(**inputs(ids, mask), use_cache=False, **kw).logits, seen
+    finally:
+        del dm.method._record
+
+
+def same_past(a, b, t: int) -> None:
+    """Two routed_forward results agree on positions < t: logits to rounding, routing decisions exactly."""
+    torch.testing.assert_close(a[0][:, :t], b[0][:, :t], **ROUNDING)
+    assert len(a[1]) == len(b[1]) and all(torch.equal(x[:, :t], y[:, :t]) for x, y in zip(a[1], b[1]))
+
+
+def moved(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool((a - b).abs().max() > 1e-3)
 
 
 def mod(family, seed=0, lora=False, spread=1.0, **kw):
@@ -94,18 +129,18 @@ def test_topk_selects_exactly_k_per_sequence_never_padding(family):
 def test_causal_mode_never_sees_the_future(family):
     dm = mod(family)
     ids, mask = batch(family, b=2, s=12)
-    base = logits(dm, ids, mask, "causal")
+    base = routed_forward(dm, ids, mask, "causal")
     assert 0 < dm.method.summary()["realized_capacity"] < 1  # some tokens go around the blocks, some not
     topk_changed = False
     for p in (4, 8, 11):
         other = ids.clone()
         other[:, p] = (other[:, p] + 7) % 60 + 3
-        changed = logits(dm, other, mask, "causal")
-        torch.testing.assert_close(changed[:, :p], base[:, :p], rtol=0, atol=0)
-        assert not torch.equal(changed[:, p:], base[:, p:])
+        changed = routed_forward(dm, other, mask, "causal")
+        same_past(changed, base, p)
+        assert not torch.equal(changed[0][:, p:], base[0][:, p:])
         topk = logits(dm, ids, mask, "topk-lookahead"), logits(dm, other, mask, "topk-lookahead")
-        topk_changed |= not torch.equal(topk[0][:, :p], topk[1][:, :p])
-    assert topk_changed  # the check can fail: top-k routing does look ahead
+        topk_changed |= moved(topk[0][:, :p], topk[1][:, :p])
+    assert topk_changed  # the check can fail: top-k routing does look ahead, far beyond rounding
 
     # generation: what decoding produced equals a teacher-forced causal forward that has more tokens after it
     with torch.no_grad():
