@@ -94,6 +94,7 @@ def main() -> None:
                     rescore(args, folder, out / "sweep" / trained, splits)
                 else:
                     run(args, folder, seed, final_flags(arm, best), splits, "heldout", args.eval_samples)
+                summarize(args, out)  # progress as data, after every run (the record)
     summarize(args, out)
 
 

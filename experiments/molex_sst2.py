@@ -97,6 +97,7 @@ def main() -> None:
                     rescore(name, folder, trained, folders["final"])
                 else:
                     run(args, name, folder, seed, [*ARMS[arm], "--lr", best[arm]], folders["final"])
+                summarize(args, name, out / name, folders)  # progress as data, after every run (the record)
         summarize(args, name, out / name, folders)
 
 

@@ -3,12 +3,15 @@
 # resumes a stopped one), so a new session on this 2-core machine needs one command:
 #   lane 1: MoDE on arithmetic (the MoD isoFLOP study is complete: experiments/mod_isoflop_sizes.py), then a
 #           second MoLEx lane (--reverse: it takes runs from the other end; each run is trained once)
-#   lane 2: MoLEx on SST-2, then pydoc/topics
-# Logs: runs/logs/lane{1,2}-<date>.log. Stop: pkill -f experiments/ (runs resume where they stopped).
+#   lane 2: MoLEx on SST-2 (finished: its runs are read from docs/results), then pydoc/topics
+# Runs recorded in docs/results/*.json by an earlier session count as finished (sweeps.recorded): runs/ is not
+# committed and does not outlive a session's machine.
+# Logs: runs/logs/lane{1,2}-<date>.log. Stop: pkill -f "experiments/|depthmix.cli.main" (the training processes
+# too; runs resume where they stopped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if pgrep -f "experiments/(mod_isoflop_sizes|mode_math|molex_sst2).py" > /dev/null; then
-    echo "already running:"; pgrep -af "experiments/(mod_isoflop_sizes|mode_math|molex_sst2).py"; exit 1
+if pgrep -f "experiments/(mod_isoflop_sizes|mode_math|molex_sst2).py|depthmix.cli.main train" > /dev/null; then
+    echo "already running:"; pgrep -af "experiments/(mod_isoflop_sizes|mode_math|molex_sst2).py|depthmix.cli.main train"; exit 1
 fi
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 DEPTHMIX_DATA="${DEPTHMIX_DATA:-$(cd .. && pwd)/shared/data}"
