@@ -240,7 +240,6 @@ def final_records(args, best: dict) -> tuple[dict, dict]:
 def write_sweep(args, out: Path) -> None:
     """docs/results/mode-math-sweep.json: every finished phase-1 run (seed 0, validation gold NLL), so far, and
     those an earlier session recorded there."""
-    from depthmix.io import write_json
     runs = []
     for nll in sorted((out / "sweep").glob("*/nll-validation.json")):
         name = nll.parent.name
@@ -253,7 +252,7 @@ def write_sweep(args, out: Path) -> None:
     runs = sweeps.merged(runs, sweep_record(args))
     # the paper's options are the rate sweep's runs; other chosen options sweep the rate again (one run reused)
     planned = sum(len(v) for v in LRS.values()) + len(DISTILL) - 1 + len(sweeps.around(LRS["mode+lora"][0])) - 1
-    write_json(Path(args.results) / "mode-math-sweep.json", {
+    sweeps.publish(Path(args.results) / "mode-math-sweep.json", {
         "experiment": "mode-math-sweep", "task": "reasoning/math (validation worked answers)", "metric": "gold_nll",
         "higher_is_better": False, **sweep_settings(args), "runs": runs, "planned": planned,
         "lrs": LRS, "rate_flags": RATE, "edge_extension": sweeps.RULE, "distill": DISTILL,

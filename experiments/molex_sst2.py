@@ -274,7 +274,6 @@ def rows(folders: dict) -> dict:
 def write_sweep(args, name: str, out: Path, folders: dict) -> None:
     """docs/results/molex-<task>-sweep.json: every finished phase-1 run (seed 0, validation accuracy), so far, and
     those an earlier session recorded there."""
-    from depthmix.io import write_json
     runs = []
     for file in sorted((out / "sweep").glob("*-lr*/metrics.json")):
         arm, lr = file.parent.name.rsplit("-lr", 1)
@@ -282,7 +281,7 @@ def write_sweep(args, name: str, out: Path, folders: dict) -> None:
         runs.append({"run": file.parent.name, "arm": arm, "lr": lr, "seed": 0, "value": accuracy(m),
                      "train_seconds": m["train_seconds"], "train_steps": m["train_steps"]})
     runs = sweeps.merged(runs, sweep_record(args, name, folders))
-    write_json(Path(args.results) / f"molex-{name}-sweep.json", {
+    sweeps.publish(Path(args.results) / f"molex-{name}-sweep.json", {
         "experiment": f"molex-{name}-sweep", "task": TASKS[name]["task"], "metric": "accuracy",
         "higher_is_better": True, "split": "validation rows carved from train", "runs": runs,
         "settings": run_settings(args, name, folders),

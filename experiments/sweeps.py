@@ -6,7 +6,10 @@ import contextlib
 import fcntl
 import json
 import subprocess
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 EXTEND = 2  # learning rates tried beyond the grid's edge per arm, while the best one is on that edge
 RULE = (f"while an arm's best learning rate is on the edge of those tried, the next one beyond it (x2 or /2) is run "
@@ -75,9 +78,23 @@ def partial(result: dict) -> str:
 def write(result: dict, results: Path) -> None:
     """A finished comparison as <results>/<experiment>.json and its picture <results>/../img/<experiment>.png."""
     from depthmix import plots
-    from depthmix.io import write_json
-    write_json(results / f"{result['experiment']}.json", result)
     plots.paired(result, results.parent / "img" / f"{result['experiment']}.png")
+    publish(results / f"{result['experiment']}.json", result)
+
+
+def publish(file: Path, record: dict) -> None:
+    """Write a results file; where it is one of docs/results/, render the docs' tables from it at once, so a commit
+    of the JSON a study wrote never leaves the docs out of date with it (tests/test_docs.py checks they agree)."""
+    from depthmix.io import write_json
+    write_json(file, record)
+    if Path(file).resolve().parent != ROOT / "docs" / "results":
+        return
+    with open(Path("/tmp") / "depthmix-render-docs.lock", "w") as lock:  # two lanes may finish runs at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = subprocess.run([sys.executable, str(ROOT / "experiments" / "render_docs.py")], cwd=ROOT,
+                              capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"warning: the docs were not rendered from {file}:\n{done.stdout}{done.stderr[-2000:]}", flush=True)
 
 
 @contextlib.contextmanager
