@@ -25,7 +25,8 @@ chosen ones) plus edge extensions, phase 2 six trainings and nine scorings (500 
 answers generated): some 15-20 hours of one core in all (the smoke run had estimated 4-5).
 
 Resumable: a finished run (metrics.json + nll.json) is skipped and a stopped one continues from its last checkpoint
-(every 25 steps), so the script can be stopped at any time and run again. Writes docs/results/mode-math.json
+(every 25 steps), so the script can be stopped at any time and run again; a second process with --reverse takes
+phase 2's runs from the other end (each run is trained by the one that claims it first, sweeps.claim). Writes docs/results/mode-math.json
 (primary) and docs/results/mode-math-singleeq.json (secondary), both from the runs, with paired differences and
 the smallest detectable difference.
 """
@@ -74,6 +75,9 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int, default=300, help="SingleEq problems scored (secondary metric)")
     p.add_argument("--validation-size", type=int, default=200)
     p.add_argument("--heldout-size", type=int, default=500)
+    p.add_argument("--reverse", action="store_true",
+                   help="take phase 2's runs from the other end: a second process beside a running one (on another "
+                        "core), each run trained by whichever claims it first")
     p.add_argument("--summary-only", action="store_true", help="only write the results from finished runs")
     p.add_argument("--table", action="store_true", help="print the Markdown of the results files and stop")
     args = p.parse_args()
@@ -85,16 +89,16 @@ def main() -> None:
     if not args.summary_only:
         best = sweep(args, out, splits)
         nll, accuracy = final_records(args, best)
-        for seed in args.seeds:
-            for arm in ARMS:
-                folder, trained = out / "final" / f"{arm}-s{seed}", phase1_run(arm, best)
-                if folder.name in nll and folder.name in accuracy:  # finished in an earlier session
-                    continue
-                if seed == sweeps.PHASE1_SEED and (out / "sweep" / trained / "metrics.json").exists():
-                    rescore(args, folder, out / "sweep" / trained, splits)
-                else:
-                    run(args, folder, seed, final_flags(arm, best), splits, "heldout", args.eval_samples)
-                summarize(args, out)  # progress as data, after every run (the record)
+        runs = [(seed, arm) for seed in args.seeds for arm in ARMS]
+        for seed, arm in runs[::-1] if args.reverse else runs:
+            folder, trained = out / "final" / f"{arm}-s{seed}", phase1_run(arm, best)
+            if folder.name in nll and folder.name in accuracy:  # finished in an earlier session
+                continue
+            if seed == sweeps.PHASE1_SEED and (out / "sweep" / trained / "metrics.json").exists():
+                rescore(args, folder, out / "sweep" / trained, splits)
+            else:
+                run(args, folder, seed, final_flags(arm, best), splits, "heldout", args.eval_samples)
+            summarize(args, out)  # progress as data, after every run (the record)
     summarize(args, out)
 
 
@@ -126,29 +130,31 @@ def prepare(data: Path, root: Path, train_size: int, validation_size: int, heldo
 
 
 def run(args, folder: Path, seed: int, flags: list[str], splits: dict, nll_split: str, eval_samples: int) -> dict:
-    if not (folder / "metrics.json").exists():
-        resume = ["--resume"] if any(folder.glob("checkpoint-*")) else []  # a stopped run continues (see --save-steps)
-        cmd = [sys.executable, "-m", "depthmix.cli.main", "train", *COMMON, "--data-dir", str(splits["train"]),
-               "--epochs", args.epochs, "--seed", str(seed), "--max-eval-samples", str(eval_samples),
-               "--eval-max-new-tokens", "160", "--output-dir", str(folder), *flags, *resume]
-        print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
     nll_file = folder / f"nll-{nll_split}.json"
-    if not nll_file.exists():
-        gold_nll(folder, splits[nll_split], nll_file)
+    with sweeps.claim(folder):
+        if not (folder / "metrics.json").exists():
+            resume = ["--resume"] if any(folder.glob("checkpoint-*")) else []  # a stopped run continues (--save-steps)
+            cmd = [sys.executable, "-m", "depthmix.cli.main", "train", *COMMON, "--data-dir", str(splits["train"]),
+                   "--epochs", args.epochs, "--seed", str(seed), "--max-eval-samples", str(eval_samples),
+                   "--eval-max-new-tokens", "160", "--output-dir", str(folder), *flags, *resume]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+        if not nll_file.exists():
+            gold_nll(folder, splits[nll_split], nll_file)
     return {**json.loads((folder / "metrics.json").read_text()), **json.loads(nll_file.read_text())}
 
 
 def rescore(args, folder: Path, trained: Path, splits: dict) -> None:
     """Phase 2's seed-0 run: phase 1's run at the chosen options, scored on the held-out problems and SingleEq
     (sweeps.REUSED)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "nll-heldout.json").exists():
-        gold_nll(trained, splits["heldout"], folder / "nll-heldout.json")
-    if not (folder / "metrics.json").exists():
-        flags = ["--task", "singleeq", "--data-dir", str(splits["train"]), "--max-eval-samples",
-                 str(args.eval_samples), "--max-new-tokens", "160", "--batch-size", "32", "--max-length", "256"]
-        sweeps.rescore([sys.executable, "-m", "depthmix.cli.main"], trained, folder, flags, "eval-singleeq.json")
+    with sweeps.claim(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "nll-heldout.json").exists():
+            gold_nll(trained, splits["heldout"], folder / "nll-heldout.json")
+        if not (folder / "metrics.json").exists():
+            flags = ["--task", "singleeq", "--data-dir", str(splits["train"]), "--max-eval-samples",
+                     str(args.eval_samples), "--max-new-tokens", "160", "--batch-size", "32", "--max-length", "256"]
+            sweeps.rescore([sys.executable, "-m", "depthmix.cli.main"], trained, folder, flags, "eval-singleeq.json")
 
 
 def phase1_run(arm: str, best: dict) -> str:

@@ -200,12 +200,13 @@ def test_runs_an_earlier_session_recorded_are_not_trained_again(tmp_path, monkey
     assert molex.sweep_record(SimpleNamespace(**{**vars(args), "epochs": 2}), "pydoc", folders) == {}  # other settings
 
 
-def test_two_lanes_of_a_study_train_each_run_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("study", ["molex_sst2", "mode_math"])
+def test_two_lanes_of_a_study_train_each_run_once(tmp_path, monkeypatch, study):
     """--reverse runs a second process beside the first: where both reach the same run, the one that claimed it
     trains it and the other waits, then takes its result (threads here: flock also excludes two open()s)."""
     import threading
     import time
-    molex = script("molex_sst2")
+    module = script(study)
     trained = []
 
     def train(cmd, check):
@@ -214,17 +215,24 @@ def test_two_lanes_of_a_study_train_each_run_once(tmp_path, monkeypatch):
         out = Path(cmd[cmd.index("--output-dir") + 1])
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text('{"metrics": {"accuracy": 0.75}}')
-    monkeypatch.setattr(molex.subprocess, "run", train)
-    args = SimpleNamespace(epochs=1, save_steps=10, reverse=False)
+        (out / "nll-heldout.json").write_text('{"gold_nll": 1.0}')
+    monkeypatch.setattr(module.subprocess, "run", train)
+    args = SimpleNamespace(epochs="1", save_steps=10, reverse=False)
+    folder = tmp_path / "final" / "lora-s1"
+    if study == "molex_sst2":
+        lane = lambda: module.run(args, "pydoc", folder, 1, ["--lr", "1e-3"], tmp_path)  # noqa: E731
+    else:
+        lane = lambda: module.run(args, folder, 1, ["--lr", "1e-3"], {"train": tmp_path}, "heldout", 8)  # noqa: E731
     results = []
-    lanes = [threading.Thread(target=lambda: results.append(
-        molex.run(args, "pydoc", tmp_path / "final" / "lora-s1", 1, ["--lr", "1e-3"], tmp_path))) for _ in range(2)]
-    for lane in lanes:
-        lane.start()
-    for lane in lanes:
-        lane.join(timeout=30)
-    assert len(trained) == 1 and results == [{"metrics": {"accuracy": 0.75}}] * 2
-    assert molex.ordered(SimpleNamespace(reverse=True), ["lora", "molex-ours"]) == ["molex-ours", "lora"]
+    lanes = [threading.Thread(target=lambda: results.append(lane())) for _ in range(2)]
+    for thread in lanes:
+        thread.start()
+    for thread in lanes:
+        thread.join(timeout=30)
+    assert len(trained) == 1 and len(results) == 2 and results[0] == results[1]
+    assert results[0]["metrics"] == {"accuracy": 0.75}
+    if study == "molex_sst2":
+        assert module.ordered(SimpleNamespace(reverse=True), ["lora", "molex-ours"]) == ["molex-ours", "lora"]
 
 
 def test_mode_study_splits_are_disjoint_and_complete(tmp_path):
