@@ -26,7 +26,8 @@ answers generated): some 15-20 hours of one core in all (the smoke run had estim
 
 Resumable: a finished run (metrics.json + nll.json) is skipped and a stopped one continues from its last checkpoint
 (every 25 steps), so the script can be stopped at any time and run again; a second process with --reverse takes
-phase 2's runs from the other end (each run is trained by the one that claims it first, sweeps.claim). Writes docs/results/mode-math.json
+phase 2's runs from the other end (each run is trained by the one that claims it first, sweeps.claim; the other
+moves on, sweeps.busy). Writes docs/results/mode-math.json
 (primary) and docs/results/mode-math-singleeq.json (secondary), both from the runs, with paired differences and
 the smallest detectable difference.
 """
@@ -92,7 +93,7 @@ def main() -> None:
         runs = [(seed, arm) for seed in args.seeds for arm in ARMS]
         for seed, arm in runs[::-1] if args.reverse else runs:
             folder, trained = out / "final" / f"{arm}-s{seed}", phase1_run(arm, best)
-            if folder.name in nll and folder.name in accuracy:  # finished in an earlier session
+            if folder.name in nll and folder.name in accuracy or sweeps.busy(folder):  # recorded, or the other lane's
                 continue
             if seed == sweeps.PHASE1_SEED and (out / "sweep" / trained / "metrics.json").exists():
                 rescore(args, folder, out / "sweep" / trained, splits)

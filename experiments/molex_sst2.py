@@ -36,7 +36,8 @@ took 1.5-4 min of wall time, mostly start-up, on the loaded machine):
 Resumable: a finished run (metrics.json) is skipped and an interrupted one continues from its last checkpoint
 (every --save-steps steps), so the script can be stopped at any time and run again. Two cores: a second process
 with --reverse takes the arms (phase 1) and the runs (phase 2) from the other end; each run is trained by the one
-that claims it first (sweeps.claim), the other waits for it and moves on.
+that claims it first (sweeps.claim); in phase 1 the other waits for it (the rate is chosen from every run), in
+phase 2 it moves on to its next run (sweeps.busy).
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def main() -> None:
             for seed, arm in ordered(args, [(seed, arm) for seed in args.seeds for arm in args.arms]):
                 folder = out / name / "final" / f"{arm}-s{seed}"
                 trained = out / name / "sweep" / f"{arm}-lr{best[arm]}"
-                if folder.name in kept:  # finished in an earlier session
+                if folder.name in kept or sweeps.busy(folder):  # recorded by an earlier session, or the other lane's
                     continue
                 if (seed == sweeps.PHASE1_SEED and not any(folder.glob("checkpoint-*"))
                         and (trained / "metrics.json").exists()):

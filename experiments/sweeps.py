@@ -108,6 +108,21 @@ def claim(folder: Path):
         yield
 
 
+def busy(folder: Path) -> bool:
+    """Whether another lane holds the run in `folder` (claim): phase 2 moves on to its next run instead of waiting,
+    since the holder records this one; phase 1 waits, as it needs every rate's result to choose."""
+    file = folder.parent / f".{folder.name}.lock"
+    if not file.exists():
+        return False
+    with open(file) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return False
+
+
 def recorded(file: Path, same_setup) -> dict[str, dict]:
     """The runs a results file records, by name (name_of), where it was written with the settings this process runs
     (same_setup(its JSON) is true): the run folders (runs/, not committed) do not outlive a session's machine, so the

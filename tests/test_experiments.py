@@ -235,6 +235,30 @@ def test_two_lanes_of_a_study_train_each_run_once(tmp_path, monkeypatch, study):
         assert module.ordered(SimpleNamespace(reverse=True), ["lora", "molex-ours"]) == ["molex-ours", "lora"]
 
 
+def test_phase_two_moves_past_a_run_the_other_lane_holds(tmp_path):
+    """busy() tells a run another process has claimed (phase 2 skips it: the holder records it), without taking it."""
+    import multiprocessing
+    sweeps = script("sweeps")
+    folder = tmp_path / "final" / "lora-s1"
+    assert not sweeps.busy(folder)  # never claimed
+    started, release = multiprocessing.Event(), multiprocessing.Event()
+    holder = multiprocessing.get_context("fork").Process(target=_hold, args=(folder, started, release))
+    holder.start()
+    try:
+        assert started.wait(30)
+        assert sweeps.busy(folder) and sweeps.busy(folder)  # asking does not take it
+    finally:
+        release.set()
+        holder.join(30)
+    assert not sweeps.busy(folder)  # released
+
+
+def _hold(folder, started, release):
+    with script("sweeps").claim(folder):
+        started.set()
+        release.wait(30)
+
+
 def test_mode_study_splits_are_disjoint_and_complete(tmp_path):
     data = shared_data()
     mode = script("mode_math")
