@@ -1,6 +1,7 @@
 """Training on the HF Trainer: so `accelerate launch` and `torchrun` (DDP, FSDP, DeepSpeed) work unchanged."""
 from __future__ import annotations
 
+import gc
 import json
 import time
 from pathlib import Path
@@ -181,6 +182,11 @@ def _train(opts: TrainOptions, task, args: TrainingArguments, resume: str | None
     train_time = time.time() - start
     trainer.adapter_info = {"base_model": opts.model, "task": opts.task, "method": opts.method}
     trainer.save_model(str(out))  # on every rank: FSDP and ZeRO-3 gather the weights here
+    # Release the engine on every rank while the process group is up: ZeRO-3 keeps handles of asynchronous gathers,
+    # and one left to the interpreter's exit can abort a finished run ("terminate called without an active
+    # exception", exit -6, seen on the rank that returns first).
+    trainer.accelerator.free_memory()
+    gc.collect()
     if not trainer.is_world_process_zero():
         return {}
     if sharded(trainer):  # this rank holds shards: evaluate a whole copy, as saved
