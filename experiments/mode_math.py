@@ -90,8 +90,7 @@ def main() -> None:
     if not args.summary_only:
         best = sweep(args, out, splits)
         nll, accuracy = final_records(args, best)
-        runs = [(seed, arm) for seed in args.seeds for arm in ARMS]
-        for seed, arm in runs[::-1] if args.reverse else runs:
+        for seed, arm in sweeps.ordered(args, [(seed, arm) for seed in args.seeds for arm in ARMS]):
             folder, trained = out / "final" / f"{arm}-s{seed}", phase1_run(arm, best)
             if folder.name in nll and folder.name in accuracy or sweeps.busy(folder):  # recorded, or the other lane's
                 continue

@@ -88,7 +88,7 @@ def main() -> None:
         if not args.summary_only:
             best = sweep(args, name, out / name, folders)
             kept = final_record(args, name, folders, best)
-            for seed, arm in ordered(args, [(seed, arm) for seed in args.seeds for arm in args.arms]):
+            for seed, arm in sweeps.ordered(args, [(seed, arm) for seed in args.seeds for arm in args.arms]):
                 folder = out / name / "final" / f"{arm}-s{seed}"
                 trained = out / name / "sweep" / f"{arm}-lr{best[arm]}"
                 if folder.name in kept or sweeps.busy(folder):  # recorded by an earlier session, or the other lane's
@@ -216,7 +216,7 @@ def sweep(args, name: str, out: Path, folders: dict) -> dict:
     done = json.loads(file.read_text()) if file.exists() else {"best_lr": {}, "validation_accuracy": {}}
     best, scores = done["best_lr"], done["validation_accuracy"]  # other arms' choices stay (runs of --arms subsets)
     kept = sweep_record(args, name, folders)
-    for arm in ordered(args, args.arms):
+    for arm in sweeps.ordered(args, args.arms):
         def score(lr, arm=arm):
             folder = out / "sweep" / f"{arm}-lr{lr}"
             if folder.name in kept and not (folder / "metrics.json").exists():
@@ -230,10 +230,6 @@ def sweep(args, name: str, out: Path, folders: dict) -> dict:
     write_json(file, {"best_lr": best, "validation_accuracy": scores})
     print(f"{name} phase 1: {json.dumps({arm: best[arm] for arm in args.arms})}", flush=True)
     return best
-
-
-def ordered(args, items: list) -> list:
-    return items[::-1] if args.reverse else items
 
 
 def accuracy(metrics: dict) -> float:

@@ -103,7 +103,7 @@ def claim(folder: Path):
     waits here until the first has finished it, then finds it done instead of training it again beside it. The
     lock file sits beside the folder, which a restarted run may delete; the OS drops the lock if the holder dies."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+    with open(lock_file(folder), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -111,7 +111,7 @@ def claim(folder: Path):
 def busy(folder: Path) -> bool:
     """Whether another lane holds the run in `folder` (claim): phase 2 moves on to its next run instead of waiting,
     since the holder records this one; phase 1 waits, as it needs every rate's result to choose."""
-    file = folder.parent / f".{folder.name}.lock"
+    file = lock_file(folder)
     if not file.exists():
         return False
     with open(file) as lock:
@@ -121,6 +121,16 @@ def busy(folder: Path) -> bool:
             return True
         fcntl.flock(lock, fcntl.LOCK_UN)
         return False
+
+
+def lock_file(folder: Path) -> Path:
+    """Beside the run's folder, which a restarted run may delete."""
+    return folder.parent / f".{folder.name}.lock"
+
+
+def ordered(args, items: list) -> list:
+    """A study's runs in the order this lane takes them: a second lane (--reverse) starts from the other end."""
+    return items[::-1] if args.reverse else items
 
 
 def recorded(file: Path, same_setup) -> dict[str, dict]:

@@ -231,8 +231,7 @@ def test_two_lanes_of_a_study_train_each_run_once(tmp_path, monkeypatch, study):
         thread.join(timeout=30)
     assert len(trained) == 1 and len(results) == 2 and results[0] == results[1]
     assert results[0]["metrics"] == {"accuracy": 0.75}
-    if study == "molex_sst2":
-        assert module.ordered(SimpleNamespace(reverse=True), ["lora", "molex-ours"]) == ["molex-ours", "lora"]
+    assert script("sweeps").ordered(SimpleNamespace(reverse=True), ["lora", "molex-ours"]) == ["molex-ours", "lora"]
 
 
 def test_phase_two_moves_past_a_run_the_other_lane_holds(tmp_path):
