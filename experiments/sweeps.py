@@ -86,8 +86,10 @@ def publish(file: Path, record: dict) -> None:
     """Write a results file; where it is one of docs/results/, render the docs' tables from it at once, so a commit
     of the JSON a study wrote never leaves the docs out of date with it (tests/test_docs.py checks they agree)."""
     from depthmix.io import write_json
+    before = file.read_text() if file.exists() else None
     write_json(file, record)
-    if Path(file).resolve().parent != ROOT / "docs" / "results":
+    # unchanged (a resumed study re-scoring its finished runs): its docs were rendered when it was written
+    if Path(file).resolve().parent != ROOT / "docs" / "results" or file.read_text() == before:
         return
     with open(Path("/tmp") / "depthmix-render-docs.lock", "w") as lock:  # two lanes may finish runs at once
         fcntl.flock(lock, fcntl.LOCK_EX)

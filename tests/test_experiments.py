@@ -252,6 +252,25 @@ def test_phase_two_moves_past_a_run_the_other_lane_holds(tmp_path):
     assert not sweeps.busy(folder)  # released
 
 
+def test_publish_renders_the_docs_when_a_results_file_changes_and_only_then(tmp_path, monkeypatch):
+    """A resumed study re-scores its finished runs and publishes each: rendering every doc again for an unchanged
+    file cost both lanes minutes of a session before their first training."""
+    sweeps = script("sweeps")
+    monkeypatch.setattr(sweeps, "ROOT", tmp_path)
+    rendered = []
+    monkeypatch.setattr(sweeps.subprocess, "run",
+                        lambda cmd, **kw: rendered.append(cmd) or SimpleNamespace(returncode=0, stdout="", stderr=""))
+    file = tmp_path / "docs" / "results" / "x.json"
+    file.parent.mkdir(parents=True)
+    sweeps.publish(file, {"runs": [1]})
+    sweeps.publish(file, {"runs": [1]})
+    assert len(rendered) == 1 and json.loads(file.read_text()) == {"runs": [1]}
+    sweeps.publish(file, {"runs": [1, 2]})
+    assert len(rendered) == 2
+    sweeps.publish(tmp_path / "elsewhere.json", {"runs": [3]})  # not a docs results file: nothing to render
+    assert len(rendered) == 2 and (tmp_path / "elsewhere.json").exists()
+
+
 def _hold(folder, started, release):
     with script("sweeps").claim(folder):
         started.set()
