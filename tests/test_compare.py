@@ -33,7 +33,19 @@ def test_noise_is_reported_as_undetectable_with_its_power():
 def test_only_seeds_both_arms_finished_are_paired():
     r = compare("x", "t", "accuracy", True, "lora", runs([0.5, 0.6, 0.7], [0.52]), {})
     assert r["paired"]["mode"]["n"] == 1 and "no test possible" in r["verdicts"]["mode"]
-    assert paired_test([0.1, 0.1])["p_value"] == 0.0  # identical non-zero differences: certain, not NaN
+
+
+
+def test_equal_paired_differences_are_no_evidence_of_certainty():
+    """Two seeds each one example apart (a discrete metric) have a sample s.d. of 0: no p = 0, no CI of one point."""
+    p = paired_test([0.1, 0.1])
+    assert p["sd_diff"] == 0 and p["ci95"] is None and p["p_value"] is None and p["min_detectable_diff"] is None
+    assert paired_test([218 / 271 - 219 / 271, 217 / 271 - 218 / 271])["ci95"] is None  # equal but for rounding
+    assert paired_test([0.0, 0.0])["ci95"] is None
+    r = compare("x", "t", "accuracy", True, "lora", runs([0.5, 0.6], [0.4, 0.5]), {})
+    verdict = r["verdicts"]["mode"]
+    assert "no test possible" in verdict and "beats" not in verdict and "p =" not in verdict
+    assert "| mode | 0.4500 ± 0.0707 (n=2) | — | — |" in table(r)
 
 
 def test_a_comparison_is_drawn_and_a_wrong_file_is_refused_naming_it(tmp_path, capsys):

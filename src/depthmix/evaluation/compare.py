@@ -54,17 +54,25 @@ def paired_test(diffs: list[float], alpha: float = 0.05, power: float = 0.8) -> 
     if n < 2:
         return out
     sd = statistics.stdev(diffs)
+    out["sd_diff"] = sd
+    if sd <= 1e-9 * max(map(abs, diffs)):  # equal up to rounding (k/n - j/n in floating point)
+        # Equal differences (a discrete metric: two seeds one passage apart each) do not show that the noise is
+        # zero, only that these few seeds did not show it: a t-test here would claim p = 0 and a CI of one point.
+        return out
     se = sd / math.sqrt(n)
     t = stats.t.ppf(1 - alpha / 2, n - 1)
-    out.update(sd_diff=sd, ci95=[out["mean_diff"] - t * se, out["mean_diff"] + t * se],
-               min_detectable_diff=(t + stats.t.ppf(power, n - 1)) * se)
-    out["p_value"] = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else (0.0 if out["mean_diff"] else 1.0)
+    out.update(ci95=[out["mean_diff"] - t * se, out["mean_diff"] + t * se],
+               min_detectable_diff=(t + stats.t.ppf(power, n - 1)) * se,
+               p_value=float(stats.ttest_1samp(diffs, 0.0).pvalue))
     return out
 
 
 def verdict(arm: str, baseline: str, p: dict, higher_is_better: bool) -> str:
     if p["n"] < 2:
         return f"{arm} vs {baseline}: {p['n']} paired seed(s), no test possible"
+    if p["ci95"] is None:
+        return (f"{arm} vs {baseline}: all {p['n']} paired differences are {p['mean_diff']:+.4g}, so their spread "
+                "cannot be estimated: no test possible yet")
     lo, hi = p["ci95"]
     detect = f"smallest detectable difference {p['min_detectable_diff']:.4g} ({p['n']} paired seeds)"
     if lo <= 0 <= hi:
