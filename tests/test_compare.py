@@ -35,7 +35,6 @@ def test_only_seeds_both_arms_finished_are_paired():
     assert r["paired"]["mode"]["n"] == 1 and "no test possible" in r["verdicts"]["mode"]
 
 
-
 def test_equal_paired_differences_are_no_evidence_of_certainty():
     """Two seeds each one example apart (a discrete metric) have a sample s.d. of 0: no p = 0, no CI of one point."""
     p = paired_test([0.1, 0.1])
