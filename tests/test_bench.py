@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from conftest import tiny
 from depthmix.cli.main import main
 
@@ -50,6 +52,30 @@ def test_timing_goes_on_until_the_ratio_is_tight_or_the_budget_ends():
     r = interleaved_times({"a": lambda: time.sleep(0.01), "b": lambda: time.sleep(0.01)}, 3, warmup=0,
                           progress=False, pairs=[("b", "a")], budget_s=5, max_rel_iqr=0.5)
     assert len(r.seconds["a"]) == 3 and "within" in r.stopped
+
+
+def test_a_round_whose_timed_difference_is_not_positive_measures_nothing():
+    # a decoding step is timed as generate(n) - generate(1); noise can make it negative, and a negative speed-up
+    # must never be printed: the round is left out and counted, and timing goes on (past the budget) until one counts
+    import itertools
+    import time
+
+    from depthmix.bench.common import Rounds, interleaved_times
+    r = Rounds(["a", "b"])
+    r.seconds = {"a": [1.0, 1.0, 1.0], "b": [2.0, -0.5, 3.0]}
+    s = r.ratio("b", "a")
+    assert s["median"] == 2.5 and s["n"] == 2 and s["dropped"] == 1
+    assert r.ratio(lambda t: t["b"] - 5, "a") == {"median": None, "n": 0, "dropped": 3}
+
+    late = itertools.chain([0.0] * 5, itertools.repeat(0.02))  # slow - fast < 0 in the first 5 rounds only
+    fns = {"fast": lambda: time.sleep(0.01), "slow": lambda: time.sleep(next(late))}
+    t = interleaved_times(fns, 2, warmup=0, progress=False, budget_s=0,
+                          pairs=[(lambda rnd: rnd["slow"] - rnd["fast"], "fast")])
+    assert len(t.seconds["fast"]) == 6 and "5 rounds without a positive time left out" in t.stopped
+    assert t.ratio(lambda rnd: rnd["slow"] - rnd["fast"], "fast")["median"] > 0
+    with pytest.raises(RuntimeError, match="could not time .* no round gave a positive time"):
+        interleaved_times({"a": lambda: None}, 2, warmup=0, progress=False, budget_s=0,
+                          pairs=[(lambda rnd: -1.0, "a")])
 
 
 def test_bench_mod_prints_ratios_last_with_causal_forward(tmp_path, capsys):

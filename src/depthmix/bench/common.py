@@ -42,7 +42,13 @@ class Rounds:
         den are names or functions of one round's {name: seconds}."""
         rounds = [dict(zip(self.seconds, values)) for values in zip(*self.seconds.values())]
         pick = lambda f, r: r[f] if isinstance(f, str) else f(r)  # noqa: E731
-        return spread([pick(num, r) / pick(den, r) for r in rounds])
+        pairs = [(pick(num, r), pick(den, r)) for r in rounds]
+        # a difference of two timings (a decoding step: generate(n tokens) - generate(1 token)) comes out at or
+        # below zero when noise outweighs it; such a round measured nothing, so it is left out and counted
+        kept = [a / b for a, b in pairs if a > 0 and b > 0]
+        if not kept:
+            return {"median": None, "n": 0, "dropped": len(pairs)}
+        return {**spread(kept), "dropped": len(pairs) - len(kept)}
 
 
 def spread(values: list[float]) -> dict:
@@ -59,10 +65,13 @@ def spread(values: list[float]) -> dict:
 
 
 def interleaved_times(fns: dict, repeats: int, warmup: int = 2, device="cpu", progress=True,
-                      pairs=(), budget_s: float = 0.0, max_rel_iqr: float = 0.03) -> Rounds:
+                      pairs=(), budget_s: float = 0.0, max_rel_iqr: float = 0.03,
+                      max_rounds_unmeasured: int = 10) -> Rounds:
     """Time each fn once per round, in turn (A B A B ...), for at least `repeats` rounds; then, while `budget_s`
-    seconds are left, go on until the per-round ratio of every (num, den) in `pairs` has an interquartile range
-    within `max_rel_iqr` of its median. `Rounds.stopped` says which ended it."""
+    seconds are left, go on until the per-round ratio of every (num, den) in `pairs` has `repeats` measured rounds
+    and an interquartile range within `max_rel_iqr` of its median. `Rounds.stopped` says which ended it. A ratio
+    with no measured round at all (see `Rounds.ratio`) is timed on past the budget, and after
+    `max_rounds_unmeasured` x `repeats` rounds it is an error rather than a number."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -80,13 +89,21 @@ def interleaved_times(fns: dict, repeats: int, warmup: int = 2, device="cpu", pr
         n = len(rounds.seconds[next(iter(fns))])
         if n < repeats:
             continue
-        wide = [p for p in pairs if (rounds.ratio(*p)["rel_iqr"] or 0) > max_rel_iqr]
+        stats = {p: rounds.ratio(*p) for p in pairs}
+        wide = [p for p, s in stats.items() if s["n"] < repeats or (s["rel_iqr"] or 0) > max_rel_iqr]
         if not wide:
             rounds.stopped = f"{n} rounds" + (f", ratio IQR within {max_rel_iqr:.0%} of the median" if pairs else "")
             break
-        if time.perf_counter() - start > budget_s:
+        unmeasured = [f"{_label(a)}/{_label(b)}" for (a, b), s in stats.items() if s["n"] == 0]
+        if unmeasured and n >= max_rounds_unmeasured * repeats:
+            bar.close()
+            raise RuntimeError(f"could not time {unmeasured}: in {n} rounds no round gave a positive time on both "
+                               "sides (the difference timed is below the timing noise); time longer calls")
+        if time.perf_counter() - start > budget_s and not unmeasured:
+            dropped = sum(stats[p]["dropped"] for p in wide)
             rounds.stopped = f"{n} rounds, time budget of {budget_s:.0f} s spent (IQR still wider than " \
-                             f"{max_rel_iqr:.0%} for {[f'{_label(a)}/{_label(b)}' for a, b in wide]})"
+                             f"{max_rel_iqr:.0%} for {[f'{_label(a)}/{_label(b)}' for a, b in wide]}" + \
+                             (f", {dropped} rounds without a positive time left out)" if dropped else ")")
             break
     bar.close()
     return rounds
