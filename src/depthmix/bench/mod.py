@@ -194,7 +194,6 @@ def run(args) -> dict:
                "decode_tokens_per_s_ratio": dec.ratio(step_seconds("dense"), step_seconds("mod")),
                "generate_tokens_per_s_ratio": dec.ratio("dense", "mod")}
     step = {k: (dec.median(k) - dec.median(f"{k}_first")) / (args.new_tokens - 1) for k in ("dense", "mod")}
-    step = {k: v if v > 0 else None for k, v in step.items()}  # medians that do not differ: no speed to report
     ceiling = decode_ceiling(mod, realized_decode)
 
     flop_ratio = flop["mod"] / flop["dense"]
@@ -221,7 +220,8 @@ def run(args) -> dict:
         "seconds": {name: {k: round(r.median(k), 4) for k in r.seconds}
                     for name, r in (("forward", fwd), ("forward_causal", fwd_causal), ("train_step", trn),
                                     ("decode", dec))},
-        "decode_tokens_per_s": {k: round(1 / v, 2) if v else None for k, v in step.items()},
+        # medians that do not differ measured no decoding step: no speed to report
+        "decode_tokens_per_s": {k: round(1 / v, 2) if v > 0 else None for k, v in step.items()},
         "generate_tokens_per_s": {k: round(args.new_tokens / dec.median(k), 2) for k in ("dense", "mod")},
         "heldout_nll": {k: round(v["nll"], 4) for k, v in quality.items()},
         "tuned": "adapter " + args.adapter if args.adapter else
