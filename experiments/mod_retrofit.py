@@ -37,7 +37,7 @@ from depthmix.bench.common import interleaved_times
 from depthmix.bench.mod import text_blocks
 from depthmix.data.instruct.text import perplexity
 from depthmix.data.tasks import get_task
-from depthmix.importance import drop_blocks, influence, least_important
+from depthmix.tuners.mod.importance import drop_blocks, influence, least_important
 from depthmix.models import load_model, load_tokenizer
 from depthmix.tuners.mod import retrofit
 

@@ -9,7 +9,7 @@ import depthmix
 from conftest import VOCAB, tiny
 from depthmix import flops
 from depthmix.cli.main import main
-from depthmix.importance import block_influence, drop_blocks, influence, least_important
+from depthmix.tuners.mod.importance import block_influence, drop_blocks, influence, least_important
 from depthmix.tuners.mod.retrofit import fit_predictors, retrofit_loss, tune
 
 

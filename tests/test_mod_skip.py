@@ -114,19 +114,20 @@ def test_skip_is_checked_and_saved(family, tmp_path):
 @pytest.mark.parametrize("skip", SKIPS)
 @pytest.mark.parametrize("capacity, causal", [(0.25, "predictor"), (0.3, "aux_loss"), (1.0, "predictor")])
 def test_analytic_flops_follow_what_a_routed_sublayer_runs(family, skip, capacity, causal):
-    """flops.analytic against FlopCounterMode on a top-k forward: only the skipped sub-layer runs on the k routed
+    """analytic() against FlopCounterMode on a top-k forward: only the skipped sub-layer runs on the k routed
     tokens, the other one on all of them (k = ceil(0.3 * 24) = 8 is not a multiple of the length)."""
     from depthmix import flops
+    from depthmix.tuners.mod.flops import analytic
     dense = tiny(family)
     dm = depthmix.apply(tiny(family), depthmix.MoDConfig(capacity=capacity, skip=skip, causal=causal))
     b, s = 2, 24
-    est = flops.analytic(dense.config, s, dm.method.layers, capacity, dm.arch.num_layers, dense.config.vocab_size,
-                         predictor=causal == "predictor", skip=skip)
+    est = analytic(dense.config, s, dm.method.layers, capacity, dm.arch.num_layers, dense.config.vocab_size,
+                   predictor=causal == "predictor", skip=skip)
     assert b * est["dense"] == pytest.approx(flops.forward_flops(dense, b, s), rel=1e-6)
     assert b * est["mod"] == pytest.approx(flops.forward_flops(dm, b, s, "topk"), rel=1e-6)
     if capacity < 1 and skip != "block":  # a sub-layer saves less than the whole block
-        whole = flops.analytic(dense.config, s, dm.method.layers, capacity, dm.arch.num_layers,
-                               dense.config.vocab_size, predictor=causal == "predictor")
+        whole = analytic(dense.config, s, dm.method.layers, capacity, dm.arch.num_layers,
+                         dense.config.vocab_size, predictor=causal == "predictor")
         assert whole["mod"] < est["mod"] < est["dense"]
 
 

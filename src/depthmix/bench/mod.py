@@ -15,6 +15,7 @@ from ..depthmix_model import DepthMixModel, apply
 from ..models import load_model
 from ..tuners import MoDConfig
 from ..tuners.mod import retrofit
+from ..tuners.mod.flops import analytic
 from .common import add_timing_args, interleaved_times
 
 
@@ -109,9 +110,9 @@ def run(args) -> dict:
     ids = torch.randint(0, dense.config.vocab_size, (args.batch_size, args.seq_len), generator=g).to(dev)
     flop = {"dense": flops.forward_flops(dense, args.batch_size, args.seq_len),
             "mod": flops.forward_flops(mod, args.batch_size, args.seq_len, "topk")}
-    est = flops.analytic(dense.config, args.seq_len, mod.method.layers, args.capacity, mod.arch.num_layers,
-                         dense.config.vocab_size, predictor=mod.method_config.causal == "predictor",
-                         skip=mod.method_config.skip)
+    est = analytic(dense.config, args.seq_len, mod.method.layers, args.capacity, mod.arch.num_layers,
+                   dense.config.vocab_size, predictor=mod.method_config.causal == "predictor",
+                   skip=mod.method_config.skip)
 
     def forward(model, x=ids):
         def fn():

@@ -48,6 +48,7 @@ def run(args) -> int:
     from ..config import ConfigError
     from ..depthmix_model import apply
     from ..tuners import MoDConfig
+    from ..tuners.mod.flops import analytic
     dense = load(args.model)
     counted = {"dense": flops.forward_flops(dense, args.batch_size, args.seq_len)}
     if args.adapter:
@@ -63,8 +64,8 @@ def run(args) -> int:
         mod.method.reset_stats()
         counted[f"mod_{routing}"] = flops.forward_flops(mod, args.batch_size, args.seq_len, routing)
     realized = mod.method.summary().get("realized_capacity")
-    est = flops.analytic(dense.config, args.seq_len, mod.method.layers, args.capacity, mod.arch.num_layers,
-                         dense.config.vocab_size, predictor=args.causal == "predictor", skip=args.skip)
+    est = analytic(dense.config, args.seq_len, mod.method.layers, args.capacity, mod.arch.num_layers,
+                   dense.config.vocab_size, predictor=args.causal == "predictor", skip=args.skip)
     result = {
         "model": args.model, "method": "mod", "capacity": args.capacity, "skip": args.skip, "layers": mod.method.layers,
         "seq_len": args.seq_len, "batch_size": args.batch_size,

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError
-from .architectures import _get, resolve
-from .runtime import device_of
+from ...config import ConfigError
+from ...architectures import _get, resolve
+from ...runtime import device_of
 
 MID_NORMS = ("post_attention_layernorm", "ln_2")
 

@@ -1,0 +1,52 @@
+"""MoD's FLOPs estimated per block, from the model's shape (docs/design.md §2): what `depthmix flops` and
+`depthmix bench mod` set beside the FLOPs counted on a real forward (depthmix.flops)."""
+from __future__ import annotations
+
+import math
+
+from .config import SKIP
+from .layer import predictor_hidden
+
+
+def block_shape(config) -> dict:
+    """Hidden size, MLP width, heads and KV heads of a Llama-like or GPT-2 config."""
+    d = getattr(config, "hidden_size", None) or config.n_embd
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    if getattr(config, "model_type", "") == "gpt2":
+        inner = config.n_inner or 4 * d
+        mlp_mats = 2
+    else:
+        inner = config.intermediate_size
+        mlp_mats = 3  # gate, up, down
+    return {"d": d, "inner": inner, "heads": heads, "kv_heads": kv, "head_dim": head_dim, "mlp_mats": mlp_mats}
+
+
+def analytic(config, seq_len: int, layers: list[int], capacity: float, num_layers: int, vocab: int,
+             predictor: bool = True, skip: str = "block") -> dict:
+    """Per-token-sequence forward FLOPs (2 per multiply-add): dense blocks, routed blocks, routers/predictors, LM
+    head. Returns both totals and the block-only ratio. In a routed block only what a token skips (MoDConfig.skip:
+    "block", "attention" or "mlp") runs on the k routed tokens (linear parts x c, attention scores x c^2); the
+    other sub-layer runs on every token at full cost."""
+    if skip not in SKIP:
+        raise ValueError(f"skip={skip!r}: expected 'block', 'attention' or 'mlp'")
+    s = block_shape(config)
+    d, hd = s["d"], s["head_dim"]
+    attn_linear = 2 * seq_len * (d * hd * s["heads"] * 2 + d * hd * s["kv_heads"] * 2)  # q, o; k, v
+    mlp_linear = 2 * seq_len * s["mlp_mats"] * d * s["inner"]
+    attention = 2 * 2 * seq_len * seq_len * hd * s["heads"]  # QK^T and AV, full (non-causal) square as SDPA counts
+    k = max(1, math.ceil(capacity * seq_len - 1e-9))
+    c = k / seq_len
+    routed = len(layers)
+    h = predictor_hidden(d)
+    extra = routed * 2 * seq_len * (d + (d * h + h if predictor else 0))
+    attn, mlp = attn_linear + attention, mlp_linear
+    routed_attn = c * attn_linear + c * c * attention if skip in ("block", "attention") else attn
+    routed_mlp = c * mlp_linear if skip in ("block", "mlp") else mlp
+    dense_blocks = num_layers * (attn + mlp)
+    mod_blocks = (num_layers - routed) * (attn + mlp) + routed * (routed_attn + routed_mlp)
+    head = 2 * seq_len * d * vocab
+    return {"dense": int(dense_blocks + head), "mod": int(mod_blocks + extra + head),
+            "block_ratio": round(mod_blocks / dense_blocks, 4),
+            "ratio": round((mod_blocks + extra + head) / (dense_blocks + head), 4), "k": k, "skip": skip}
