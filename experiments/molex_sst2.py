@@ -6,10 +6,15 @@ of the earlier study — same data, steps and batches):
   lora             LoRA alone (the baseline)
   molex-ours       MoLEx + LoRA as depthmix trains it: gate learnt by the task loss (straight-through), learnt
                    alpha, gate lr 1e-2, no balance loss
-  molex-published  the authors' GLUE scripts: gate learnt by the load-balancing loss alone (weight 0.01), alpha
-                   fixed at 0.5, gate lr 0.1 and weight decay 0.1
+  molex-published  (a misnomer kept as the results' key) OUR per-sequence linear gate trained by the load-balancing
+                   loss alone (weight 0.01), alpha fixed at 0.5, gate lr 0.1 and weight decay 0.1: the authors'
+                   gate training, not their routing
   molex-frozen     control: the published arm with the gates frozen at their random start (no balance loss)
-Sequence routing for every MoLEx arm (one expert per sentence; the authors' code votes once per batch).
+  molex-public     the authors' SST-2 script as issue 27 read it: one expert per batch (the most frequent top-1
+                   over every position, padding included), one cosine gate shared by all layers, trained by the
+                   balance loss alone, alpha fixed at 0.5, gate lr 0.1 and weight decay 0.1
+  molex-pair       control for it: each layer mixed with a fixed other layer (t + 1), no gate, alpha fixed at 0.5
+Sequence routing for the first three MoLEx arms (one expert per sentence), batch routing for molex-public.
 
 Data: each task's training set is split once (seed 1234) into a validation set and a training set; dev (SST-2
 dev.tsv, 872 sentences; pydoc/topics' held-out passages, 271) is never used for a choice.
@@ -67,6 +72,10 @@ ARMS = {
     "molex-published": [*MOLEX, "--gate-grad", "balance", "--balance-weight", "0.01", "--no-learn-alpha",
                         "--alpha", "0.5", "--router-lr", "0.1", "--router-weight-decay", "0.1"],
     "molex-frozen": [*MOLEX, "--gate-grad", "frozen", "--no-learn-alpha", "--alpha", "0.5"],
+    "molex-public": ["--method", "molex", "--granularity", "batch", "--gate", "cosine", "--shared-gate",
+                     "--gate-grad", "balance", "--balance-weight", "0.01", "--no-learn-alpha", "--alpha", "0.5",
+                     "--router-lr", "0.1", "--router-weight-decay", "0.1"],
+    "molex-pair": [*MOLEX, "--gate", "pair", "--pairs", "next", "--no-learn-alpha", "--alpha", "0.5"],
 }
 LRS = ["5e-4", "1e-3", "2e-3"]
 CARVED = "carved/"  # task names of this experiment: the base task's rows, from this experiment's split files
@@ -242,15 +251,20 @@ def sweep_record(args, name: str, folders: dict) -> dict[str, dict]:
     (sweeps.recorded; a file without "settings" was written at the defaults)."""
     settings = run_settings(args, name, folders)
     defaults = args.train_size is args.validation_size is args.epochs is None
-    return sweeps.recorded(Path(args.results) / f"molex-{name}-sweep.json", lambda rec: rec["arms"] == ARMS and (
+    return sweeps.recorded(Path(args.results) / f"molex-{name}-sweep.json", lambda rec: same_arms(rec["arms"]) and (
         rec["settings"] == settings if "settings" in rec else defaults))
+
+
+def same_arms(recorded: dict) -> bool:
+    """Every arm a file records was run with the flags it has now (an arm added since does not void the others)."""
+    return all(ARMS.get(arm) == flags for arm, flags in recorded.items())
 
 
 def final_record(args, name: str, folders: dict, best: dict) -> dict[str, dict]:
     """The phase-2 runs docs/results/molex-<task>.json records with this process's flags, data and rates."""
     def same(rec):
         s = rec["setup"]
-        return (s["common_flags"] == COMMON and all(ARMS[arm] == flags for arm, flags in s["arms"].items())
+        return (s["common_flags"] == COMMON and same_arms(s["arms"])
                 and s["epochs"] == (args.epochs or TASKS[name]["epochs"]) and s["rows"] == rows(folders)
                 and all(best.get(arm) == lr for arm, lr in s["phase1"]["best_lr"].items()))
     return sweeps.recorded(Path(args.results) / f"molex-{name}.json", same)
@@ -323,7 +337,7 @@ def summarize(args, name: str, out: Path, folders: dict) -> None:
     # does the published gate learn anything its random start had not? (the frozen control exists for this)
     result = compare(f"molex-{name}", TASKS[name]["task"], "accuracy", True, "lora", runs,
                      setup(args, name, folders, json.loads(sweep_file.read_text()), runs),
-                     controls=(("molex-published", "molex-frozen"),))
+                     controls=(("molex-published", "molex-frozen"), ("molex-public", "molex-pair")))
     sweeps.write(result, Path(args.results))
     print(sweeps.report(result, " on dev"))
 

@@ -125,7 +125,7 @@ def test_unsupported_model_is_named():
 
 def test_bad_config_values_are_named():
     with pytest.raises(depthmix.ConfigError, match="granularity"):
-        depthmix.MoLExConfig(granularity="batch")
+        depthmix.MoLExConfig(granularity="corpus")
     with pytest.raises(depthmix.ConfigError, match="alpha"):
         depthmix.MoLExConfig(alpha=1.0)
     with pytest.raises(depthmix.ConfigError, match="out of range"):

@@ -6,6 +6,8 @@ from ...config import MethodConfig, check_layers
 
 
 GATE_GRADS = ("straight_through", "balance", "frozen")
+GATES = ("linear", "cosine", "pair")
+GRANULARITIES = ("sequence", "token", "batch")
 
 
 @dataclass
@@ -16,9 +18,17 @@ class MoLExConfig(MethodConfig):
     learn_alpha: train a (one scalar per mixed layer) or keep it fixed at alpha.
     granularity: what one expert choice covers: "sequence" (one expert per sequence, from the mean gate logits
         over its valid tokens; for causal LMs over the prompt only: prompt_mask, labels -100, generate()'s prompt,
-        else the first token) or "token" (one expert per token).
+        else the first token), "token" (one expert per token) or "batch" (the authors' public code, for
+        reproduction only: one expert for the whole batch, the most frequent top-1 choice over every position,
+        padding and later tokens included, so a sequence's prediction depends on its batch and, in a causal
+        LM, on tokens after it; needs gate_grad "balance" or "frozen", as there).
     layers: "all" or a list of the layers that mix in an expert. Every layer can be picked as an expert.
     shared_gate: one gate for all mixed layers instead of one per layer.
+    gate: "linear" (logits = Linear(d, T)), "cosine" (the public code's cosine gate: a projection to a small
+        space, cosine similarity with one learned embedding per layer, divided by a learned temperature) or
+        "pair" (a control without a gate: layer t always mixes in the fixed layer `pairs` gives it).
+    pairs: with gate "pair", the expert of each mixed layer: "next" (layer t + 1; the last layer takes t - 1) or
+        a list with one layer index per mixed layer, fixed before training.
     balance_weight: weight of the Switch-style load-balancing loss (0 = off; 0.001-0.01 is typical).
     gate_grad: how the gate learns: "straight_through" (the task loss, through p_j / stopgrad(p_j) on the expert
         branch), "balance" (the authors' code: the load-balancing loss alone; needs balance_weight > 0) or
@@ -33,6 +43,8 @@ class MoLExConfig(MethodConfig):
     granularity: str = "sequence"
     layers: str | list[int] = "all"
     shared_gate: bool = False
+    gate: str = "linear"
+    pairs: str | list[int] = "next"
     balance_weight: float = 0.0
     gate_grad: str = "straight_through"
 
@@ -42,7 +54,16 @@ class MoLExConfig(MethodConfig):
                         "a number strictly between 0 and 1 when learn_alpha=True")
         else:
             self._check(isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1, "alpha", "a number in [0, 1]")
-        self._check(self.granularity in ("sequence", "token"), "granularity", "'sequence' or 'token'")
+        self._check(self.granularity in GRANULARITIES, "granularity", f"one of {GRANULARITIES}")
+        self._check(self.granularity != "batch" or self.gate_grad != "straight_through", "granularity",
+                    "gate_grad 'balance' or 'frozen' with it (the public code's batch vote gives the gate no "
+                    "gradient from the task loss)")
+        self._check(self.gate in GATES, "gate", f"one of {GATES}")
+        self._check(self.pairs == "next" or (isinstance(self.pairs, (list, tuple)) and len(self.pairs) > 0 and all(
+            isinstance(j, int) and not isinstance(j, bool) and j >= 0 for j in self.pairs)), "pairs",
+            "'next' or a non-empty list of layer indices")
+        self._check(self.gate != "pair" or self.balance_weight == 0, "balance_weight",
+                    "0 with gate 'pair' (there is no gate to balance)")
         check_layers(self, "layers", ("all",))
         self._check(isinstance(self.balance_weight, (int, float)) and self.balance_weight >= 0, "balance_weight",
                     "a number >= 0")

@@ -1,7 +1,11 @@
 """MoLEx at the level of one block: the routing decision and the swapped-in block class."""
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 class MoLExBlock:
@@ -14,13 +18,36 @@ class MoLExBlock:
         return method.mix(self, index, super().forward, args, kwargs)
 
 
+class CosineGate(nn.Module):
+    """The public code's cosine gate: logit_j = cos(W z, e_j) / tau, with the projection W, one embedding e_j per
+    layer and the temperature tau all learned. The projection size and starting temperature are X-MoE's (16, 0.07),
+    whose gate the public code follows."""
+
+    def __init__(self, hidden_size: int, num: int, dim: int = 16, temperature: float = 0.07):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, dim, bias=False, dtype=torch.float32)
+        self.embeddings = nn.Parameter(torch.empty(num, dim, dtype=torch.float32))
+        nn.init.orthogonal_(self.embeddings)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature), dtype=torch.float32))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        cos = F.normalize(self.proj(z), dim=-1) @ F.normalize(self.embeddings, dim=-1).t()
+        return cos / self.log_temperature.exp().clamp(min=0.01)  # a floor, so the logits stay finite
+
+
 def route(logits: torch.Tensor, units: torch.Tensor, granularity: str):
     """Top-1 expert choice with a straight-through factor.
 
     logits: [B, S, T] float32 gate logits; units: [B, S] bool, the tokens that decide (valid, and for causal
     LMs in sequence routing, the prompt). Returns (choice, factor, probs) with choice [B] or [B, S]; factor is
     p_j / stopgrad(p_j): exactly 1 in the forward pass, the gate's gradient path in the backward pass.
+    "batch" (the public code): the most frequent top-1 choice over every position of the batch, `units` ignored
+    (padding votes too); choice [B] (all equal), factor None, probs per token.
     """
+    if granularity == "batch":
+        probs = logits.softmax(-1)
+        vote = torch.mode(probs.argmax(-1).flatten()).values
+        return vote.expand(logits.shape[0]), None, probs
     if granularity == "sequence":
         w = units.to(logits.dtype).unsqueeze(-1)
         logits = (logits * w).sum(1) / w.sum(1).clamp(min=1.0)  # [B, T]

@@ -9,11 +9,11 @@ from torch import nn
 from transformers import DynamicCache
 
 from ...blocks import CACHE_ARG, take_rows_all, unrecorded
-from ...config import pick_layers
+from ...config import ConfigError, pick_layers
 from ...sharding import keep, must_call
 from ..base import Method, float32_linear
 from .dist import agree
-from .layer import MoLExBlock, balance_loss, route
+from .layer import CosineGate, MoLExBlock, balance_loss, route
 
 
 class MoLEx(Method):
@@ -24,8 +24,10 @@ class MoLEx(Method):
         super().__init__(config, arch)
         num = arch.num_layers
         self.layers = pick_layers(config.layers, num, "MoLExConfig.layers")
-        self.gates = nn.ModuleList(float32_linear(hidden_size, num)
-                                   for _ in range(1 if config.shared_gate else len(self.layers)))
+        self.pairs = self._pairs(config.pairs, num) if config.gate == "pair" else None
+        gate = CosineGate if config.gate == "cosine" else float32_linear
+        count = 0 if config.gate == "pair" else 1 if config.shared_gate else len(self.layers)
+        self.gates = nn.ModuleList(gate(hidden_size, num) for _ in range(count))
         if config.gate_grad == "frozen":  # the control: random gates, kept as they start (and saved with the adapter)
             self.gates.requires_grad_(False)
         if config.learn_alpha:
@@ -38,6 +40,14 @@ class MoLEx(Method):
         self.counts = torch.zeros(len(self.layers), num, dtype=torch.long)
         for i, t in enumerate(self.layers):
             self.wrap(arch.blocks[t], MoLExBlock, i)
+
+    def _pairs(self, pairs, num: int) -> list[int]:
+        if pairs == "next":
+            return [t + 1 if t + 1 < num else t - 1 for t in self.layers]
+        if len(pairs) != len(self.layers) or max(pairs) >= num:
+            raise ConfigError(f"MoLExConfig.pairs = {pairs!r}: expected one layer index below {num} for each of the "
+                              f"{len(self.layers)} mixed layers {self.layers}")
+        return [int(j) for j in pairs]
 
     def alpha(self, i: int) -> torch.Tensor:
         if self.config.learn_alpha:
@@ -113,25 +123,37 @@ class MoLEx(Method):
             choice, factor = state["choice"], None
         else:
             units = self.units(z)
-            choice, factor, probs = route(self.gate(i)(z.float()), units, self.config.granularity)
-            if self.config.gate_grad != "straight_through":  # the gate learns from the balance loss alone, or not
-                factor = None
+            choice, factor = self._choose(i, z, units)
             if state is not None:
                 state["choice"] = choice
-            if self.training and self.config.balance_weight > 0:
-                self.add_aux(self.config.balance_weight * balance_loss(
-                    probs, choice, units if self.config.granularity == "token" else None))
             if self.recording:
                 picked = choice[units] if self.config.granularity == "token" else choice[units.any(1)]
                 self.counts[i] += torch.bincount(picked.cpu(), minlength=self.counts.shape[1])
 
-        if self.config.granularity == "sequence":
+        if self.config.granularity != "token":
             expert = self._by_sequence(t, z, out, named, choice, state)
         else:
             expert = self._by_token(t, z, out, named, choice)
         a = self.alpha(i).to(device=out.device, dtype=torch.float32)
         weight = 1 - a if factor is None else (1 - a) * factor.reshape(*factor.shape, *[1] * (out.dim() - factor.dim()))
         return torch.addcmul(out * a.to(out.dtype), expert, weight.to(out.dtype))
+
+    def _choose(self, i: int, z: torch.Tensor, units: torch.Tensor):
+        """(choice, straight-through factor or None) of mixed layer i; adds the balance loss while training."""
+        granularity = self.config.granularity
+        if self.pairs is not None:
+            shape = units.shape if granularity == "token" else units.shape[:1]
+            return torch.full(shape, self.pairs[i], dtype=torch.long, device=z.device), None
+        choice, factor, probs = route(self.gate(i)(z.float()), units, granularity)
+        if self.config.gate_grad != "straight_through":  # the gate learns from the balance loss alone, or not
+            factor = None
+        if self.training and self.config.balance_weight > 0:
+            if granularity == "batch":  # as the public code: every position's own top-1, padding included
+                loss = balance_loss(probs, probs.argmax(-1), None)
+            else:
+                loss = balance_loss(probs, choice, units if granularity == "token" else None)
+            self.add_aux(self.config.balance_weight * loss)
+        return choice, factor
 
     def _by_sequence(self, t, z, out, named, choice, state):
         groups = self._groups(choice.unique().tolist(), z)
