@@ -212,7 +212,7 @@ def record(run: Path, family: str, shape, seed: int) -> dict:
     m = json.loads((run / "metrics.json").read_text())
     held = m["heldout"]
     main = held.get("causal", held.get("dense"))
-    fwd = m["forward_flops_heldout"]
+    fwd = m.get("forward_flops_heldout", m["forward_flops"])  # runs before the key was dropped wrote both
     wall = run / "wall_seconds.txt"
     return {"arm": family, "seed": seed, "value": main["loss"], "layers": shape[0], "hidden": shape[1],
             "params": m["params"], "params_nonembedding": m["params"] - VOCAB * shape[1],

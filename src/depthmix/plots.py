@@ -1,4 +1,4 @@
-"""Pictures: loss curves, the MoLEx layer-choice heat map, bar charts of results, paired-seed comparisons."""
+"""Pictures: loss curves, the layer-choice heat map, routing weights per layer, paired-seed comparisons."""
 from __future__ import annotations
 
 import textwrap
@@ -45,7 +45,7 @@ def loss_curve(log_history: list[dict], path, title: str = "training loss", curv
     return save(fig, path)
 
 
-def routing_heatmap(counts, layers: list[int], path, title: str = "MoLEx layer choice") -> Path:
+def routing_heatmap(counts, layers: list[int], path, title: str = "layer choice") -> Path:
     """counts[i, j]: how often layer j was picked as the expert of layer layers[i]; rows are normalised."""
     counts = np.asarray(counts, dtype=float)
     freq = counts / np.maximum(counts.sum(1, keepdims=True), 1)
@@ -65,18 +65,7 @@ def routing_heatmap(counts, layers: list[int], path, title: str = "MoLEx layer c
     return save(fig, path)
 
 
-def bars(results: dict[str, tuple[float, float]], path, ylabel: str, title: str) -> Path:
-    """results = {label: (mean, std)}."""
-    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(results), 4))
-    labels = list(results)
-    ax.bar(labels, [results[k][0] for k in labels], yerr=[results[k][1] for k in labels], capsize=4,
-           color=plt.cm.tab10(np.arange(len(labels))))
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    return save(fig, path)
-
-
-def layer_weights(results: dict[str, tuple], layers: list[int], path, title: str = "MoDE routing weights") -> Path:
+def layer_weights(results: dict[str, tuple], layers: list[int], path, title: str = "routing weights") -> Path:
     """Grouped bars of the mean routing weight of each ensembled layer: results = {label: (means, stds)}, each
     a sequence over `layers` (stds: error bars, e.g. over seeds)."""
     fig, ax = plt.subplots(figsize=(max(6.0, 2.0 + 0.9 * len(layers) * max(1, len(results)) / 2), 3.6))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import flops
 from ..depthmix_model import DepthMixModel, apply
 from ..models import load_model
 from ..tuners import MoDConfig
@@ -84,45 +85,54 @@ def score(model, blocks, routing=None, batch=4):
 
 
 def run(args) -> dict:
-    from .. import flops
-    from ..config import parse_value
     from ..models import load_tokenizer
     torch.manual_seed(0)
-    dev = args.device
     tok = load_tokenizer(args.model)
-    dense = load_model(args.model).to(dev).eval()
-    base = load_model(args.model)
-    if args.adapter:
-        mod = DepthMixModel.from_pretrained(base, args.adapter).to(dev)
-        args.capacity = mod.method_config.capacity  # the adapter's, for the analytic estimate and the report
-    else:
-        mod = apply(base, MoDConfig(capacity=args.capacity, layers=parse_value(args.layers), update="retrofit"))
-        mod = mod.to(dev)
-        retrofit.tune(mod, text_blocks(args.task, "train", tok, 128, args.data_dir), args.tune_steps, loss="lm")
-        retrofit.fit_predictors(mod, text_blocks(args.task, "train", tok, args.seq_len, args.data_dir),
-                                args.feature_batches)
+    dense, mod = build_pair(args, tok)
     heldout = text_blocks(args.task, "eval", tok, args.seq_len, args.data_dir, args.eval_blocks)
     quality = {"dense": score(dense, heldout), "mod_causal": score(mod, heldout, "causal"),
                "mod_topk": score(mod, heldout, "topk")}
-
     # the same random batch for both; no padding, so the dense model runs SDPA with is_causal (its fastest path)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, dense.config.vocab_size, (args.batch_size, args.seq_len), generator=g).to(dev)
+    ids = torch.randint(0, dense.config.vocab_size, (args.batch_size, args.seq_len), generator=g).to(args.device)
+    fwd = forward_times(args, dense, mod, ids, heldout)
+    trn = train_step_times(args, dense, mod, ids)
+    dec = decode_times(args, tok, dense, mod, heldout)
+    return report(args, dense, mod, quality, fwd, trn, dec)
+
+
+def build_pair(args, tok):
+    """The dense model and the same model with MoD: from --adapter, or with routers and predictors tuned here."""
+    from ..config import parse_value
+    dense = load_model(args.model).to(args.device).eval()
+    base = load_model(args.model)
+    if args.adapter:
+        mod = DepthMixModel.from_pretrained(base, args.adapter).to(args.device)
+        args.capacity = mod.method_config.capacity  # the adapter's, for the analytic estimate and the report
+        return dense, mod
+    mod = apply(base, MoDConfig(capacity=args.capacity, layers=parse_value(args.layers), update="retrofit"))
+    mod = mod.to(args.device)
+    retrofit.tune(mod, text_blocks(args.task, "train", tok, 128, args.data_dir), args.tune_steps, loss="lm")
+    retrofit.fit_predictors(mod, text_blocks(args.task, "train", tok, args.seq_len, args.data_dir),
+                            args.feature_batches)
+    return dense, mod
+
+
+def forward(model, x):
+    def fn():
+        with torch.no_grad():
+            model(input_ids=x, use_cache=False)
+    return fn
+
+
+def forward_times(args, dense, mod, ids, heldout) -> dict:
+    """Forward FLOPs and times: top-k routing on the random batch, causal routing on held-out rows."""
+    dev = args.device
     flop = {"dense": flops.forward_flops(dense, args.batch_size, args.seq_len),
             "mod": flops.forward_flops(mod, args.batch_size, args.seq_len, "topk")}
-    est = analytic(dense.config, args.seq_len, mod.method.layers, args.capacity, mod.arch.num_layers,
-                   dense.config.vocab_size, predictor=mod.method_config.causal == "predictor",
-                   skip=mod.method_config.skip)
-
-    def forward(model, x=ids):
-        def fn():
-            with torch.no_grad():
-                model(input_ids=x, use_cache=False)
-        return fn
-
     mod.method.routing = "topk"
-    fwd = interleaved_times({"dense": forward(dense), "mod": forward(mod)}, args.repeats, device=dev,
-                            pairs=[("mod", "dense")], budget_s=args.budget)
+    topk = interleaved_times({"dense": forward(dense, ids), "mod": forward(mod, ids)}, args.repeats, device=dev,
+                             pairs=[("mod", "dense")], budget_s=args.budget)
     # causal routing (evaluation, scoring, generation) decides per token from the text: real held-out rows, the
     # processed tokens of all rows packed, so the work should follow the realized capacity, not the busiest row
     rows = heldout[:args.batch_size].to(dev)
@@ -130,12 +140,15 @@ def run(args) -> dict:
     flop["mod_causal"] = flops.forward_flops(mod, len(rows), args.seq_len, "causal", ids=rows)
     flop["dense_rows"] = flop["dense"] * len(rows) // args.batch_size  # dense FLOPs follow the shape alone
     mod.method.reset_stats()
-    fwd_causal = interleaved_times({"dense": forward(dense, rows), "mod": forward(mod, rows)}, args.repeats,
-                                   device=dev, pairs=[("mod", "dense")], budget_s=args.budget)
-    realized_forward = mod.method.summary().get("realized_capacity")
+    causal = interleaved_times({"dense": forward(dense, rows), "mod": forward(mod, rows)}, args.repeats,
+                               device=dev, pairs=[("mod", "dense")], budget_s=args.budget)
+    realized = mod.method.summary().get("realized_capacity")
     mod.method.routing = "auto"
+    return {"flops": flop, "topk": topk, "causal": causal, "realized": realized}
 
-    # a full training step (every weight trains, AdamW), as when training from scratch
+
+def train_step_times(args, dense, mod, ids) -> dict:
+    """A full training step (every weight trains, AdamW), as when training from scratch: FLOPs and times."""
     steps, train_flops = {}, {}
     for name, model in (("dense", dense), ("mod", mod)):
         model.train()
@@ -150,80 +163,85 @@ def run(args) -> dict:
             opt.step()
         steps[name] = step
         train_flops[name] = flops.count(lambda: model(input_ids=ids, labels=ids, use_cache=False).loss.backward())
-    trn = interleaved_times(steps, max(2, args.repeats - 2), warmup=1, device=dev, pairs=[("mod", "dense")],
-                            budget_s=args.budget)
+    times = interleaved_times(steps, max(2, args.repeats - 2), warmup=1, device=args.device,
+                              pairs=[("mod", "dense")], budget_s=args.budget)
     for model in (dense, mod):
         model.zero_grad(set_to_none=True)
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
-    del steps
+    return {"flops": train_flops, "times": times}
 
-    # decoding at batch 1 from a real prompt, greedy; MoD decodes with causal routing and its own KV stores
-    prompt = heldout[:1, :args.prompt_len].to(dev)
+
+def step_seconds(name, new_tokens):
+    """One round's seconds per decoding step, prompt processing left out."""
+    def fn(r):
+        return (r[name] - r[f"{name}_first"]) / (new_tokens - 1)
+    fn.__name__ = f"{name}_step"
+    return fn
+
+
+def decode_times(args, tok, dense, mod, heldout) -> dict:
+    """Greedy decoding at batch 1 from a real prompt; MoD decodes with causal routing and its own KV stores."""
+    prompt = heldout[:1, :args.prompt_len].to(args.device)
     kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
               pad_token_id=tok.pad_token_id, attention_mask=torch.ones_like(prompt))
-    outs = {}
 
-    def decode(model, name):
+    def decode(model, **extra):
         def fn():
             with torch.no_grad():
-                outs[name] = model.generate(prompt, **kw)
+                model.generate(prompt, **{**kw, **extra})
         return fn
 
-    def first(model):  # prompt processing and the first token only: subtracted to get the decoding steps alone
-        def fn():
-            with torch.no_grad():
-                model.generate(prompt, **{**kw, "max_new_tokens": 1, "min_new_tokens": 1})
-        return fn
-
-    def step_seconds(name):  # one round's seconds per decoding step, prompt processing left out
-        def fn(r):
-            return (r[name] - r[f"{name}_first"]) / (args.new_tokens - 1)
-        fn.__name__ = f"{name}_step"
-        return fn
-
+    first = {"max_new_tokens": 1, "min_new_tokens": 1}  # prompt and first token: subtracted to get the steps alone
     mod.method.reset_stats()
-    dec = interleaved_times({"dense": decode(dense, "dense"), "mod": decode(mod, "mod"),
-                             "dense_first": first(dense), "mod_first": first(mod)}, args.repeats, warmup=1,
-                            device=dev, pairs=[(step_seconds("dense"), step_seconds("mod")), ("dense", "mod")],
-                            budget_s=args.budget)
-    realized_decode = mod.method.summary().get("realized_capacity")
-    spreads = {"forward_time_ratio": fwd.ratio("mod", "dense"),
-               "forward_causal_time_ratio": fwd_causal.ratio("mod", "dense"),
-               "train_step_time_ratio": trn.ratio("mod", "dense"),
-               "decode_tokens_per_s_ratio": dec.ratio(step_seconds("dense"), step_seconds("mod")),
-               "generate_tokens_per_s_ratio": dec.ratio("dense", "mod")}
-    step = {k: (dec.median(k) - dec.median(f"{k}_first")) / (args.new_tokens - 1) for k in ("dense", "mod")}
-    ceiling = decode_ceiling(mod, realized_decode)
+    times = interleaved_times({"dense": decode(dense), "mod": decode(mod), "dense_first": decode(dense, **first),
+                               "mod_first": decode(mod, **first)}, args.repeats, warmup=1, device=args.device,
+                              pairs=[(step_seconds("dense", args.new_tokens), step_seconds("mod", args.new_tokens)),
+                                     ("dense", "mod")], budget_s=args.budget)
+    return {"times": times, "realized": mod.method.summary().get("realized_capacity")}
 
+
+def report(args, dense, mod, quality, fwd, trn, dec) -> dict:
+    """The result JSON (ratios, spreads, targets) and its one-line summary."""
+    flop, new = fwd["flops"], args.new_tokens
+    times = {"forward": fwd["topk"], "forward_causal": fwd["causal"], "train_step": trn["times"],
+             "decode": dec["times"]}
+    d = dec["times"]
+    spreads = {"forward_time_ratio": fwd["topk"].ratio("mod", "dense"),
+               "forward_causal_time_ratio": fwd["causal"].ratio("mod", "dense"),
+               "train_step_time_ratio": trn["times"].ratio("mod", "dense"),
+               "decode_tokens_per_s_ratio": d.ratio(step_seconds("dense", new), step_seconds("mod", new)),
+               "generate_tokens_per_s_ratio": d.ratio("dense", "mod")}
+    step = {k: (d.median(k) - d.median(f"{k}_first")) / (new - 1) for k in ("dense", "mod")}
+    ceiling = decode_ceiling(mod, dec["realized"])
+    est = analytic(dense.config, args.seq_len, mod.method.layers, args.capacity, mod.arch.num_layers,
+                   dense.config.vocab_size, predictor=mod.method_config.causal == "predictor",
+                   skip=mod.method_config.skip)
     flop_ratio = flop["mod"] / flop["dense"]
     result = {
-        "method": "mod", "model": args.model, "device": dev, "capacity": args.capacity, "layers": mod.method.layers,
-        "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "method": "mod", "model": args.model, "device": args.device, "capacity": args.capacity,
+        "layers": mod.method.layers, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "flop_ratio": round(flop_ratio, 4),
         "flop_ratio_causal": round(flop["mod_causal"] / flop["dense_rows"], 4),
-        "realized_capacity_forward_causal": realized_forward,
+        "realized_capacity_forward_causal": fwd["realized"],
         **{name: spread["median"] for name, spread in spreads.items()},
-        "train_flop_ratio": round(train_flops["mod"] / train_flops["dense"], 4),
+        "train_flop_ratio": round(trn["flops"]["mod"] / trn["flops"]["dense"], 4),
         "decode_ceiling": ceiling,
         "decode_fraction_of_ceiling": {k: round(spreads["decode_tokens_per_s_ratio"]["median"] / v, 4)
                                        for k, v in ceiling.items()},
         "spreads": spreads,
-        "timing": {"forward": fwd.stopped, "forward_causal": fwd_causal.stopped, "train_step": trn.stopped,
-                   "decode": dec.stopped},
+        "timing": {name: r.stopped for name, r in times.items()},
         "predictor_accuracy": quality["mod_causal"].get("predictor_accuracy"),
         "predictor_accuracy_topk_states": quality["mod_topk"].get("predictor_accuracy"),
         "realized_capacity_causal": quality["mod_causal"].get("realized_capacity"),
-        "realized_capacity_decode": realized_decode,
+        "realized_capacity_decode": dec["realized"],
         "analytic_flop_ratio": est["ratio"], "analytic_block_flop_ratio": est["block_ratio"],
-        "forward_flops": flop, "train_flops": train_flops,
-        "seconds": {name: {k: round(r.median(k), 4) for k in r.seconds}
-                    for name, r in (("forward", fwd), ("forward_causal", fwd_causal), ("train_step", trn),
-                                    ("decode", dec))},
+        "forward_flops": flop, "train_flops": trn["flops"],
+        "seconds": {name: {k: round(r.median(k), 4) for k in r.seconds} for name, r in times.items()},
         # medians that do not differ measured no decoding step: no speed to report
         "decode_tokens_per_s": {k: round(1 / v, 2) if v > 0 else None for k, v in step.items()},
-        "generate_tokens_per_s": {k: round(args.new_tokens / dec.median(k), 2) for k in ("dense", "mod")},
+        "generate_tokens_per_s": {k: round(new / d.median(k), 2) for k in ("dense", "mod")},
         "heldout_nll": {k: round(v["nll"], 4) for k, v in quality.items()},
         "tuned": "adapter " + args.adapter if args.adapter else
                  f"{args.tune_steps} router+predictor steps, predictors fitted on {args.feature_batches} x 4 x "
@@ -231,14 +249,15 @@ def run(args) -> dict:
     }
     result["targets"] = {
         "forward_time_ratio <= 1.05 * flop_ratio": result["forward_time_ratio"] <= 1.05 * flop_ratio,
-        "train_step_time_ratio <= 1.05 * train_flop_ratio": result["train_step_time_ratio"] <= 1.05 * result["train_flop_ratio"],
+        "train_step_time_ratio <= 1.05 * train_flop_ratio":
+            result["train_step_time_ratio"] <= 1.05 * result["train_flop_ratio"],
         "decode_tokens_per_s_ratio >= 1.5 (batch 1)": result["decode_tokens_per_s_ratio"] >= 1.5,
         "predictor_accuracy >= 0.97": (result["predictor_accuracy"] or 0) >= 0.97,
     }
-    print(f"MoD / dense on {args.model} ({dev}): FLOPs {flop_ratio:.3f}x, forward {result['forward_time_ratio']:.3f}x (top-k), "
-          f"{result['forward_causal_time_ratio']:.3f}x causal on held-out text (FLOPs {result['flop_ratio_causal']:.3f}x, "
-          f"realized capacity {realized_forward:.3f}), train step {result['train_step_time_ratio']:.3f}x (FLOPs {result['train_flop_ratio']:.3f}x), decode "
+    print(f"MoD / dense on {args.model} ({args.device}): FLOPs {flop_ratio:.3f}x, forward "
+          f"{result['forward_time_ratio']:.3f}x (top-k), {result['forward_causal_time_ratio']:.3f}x causal on "
+          f"held-out text (FLOPs {result['flop_ratio_causal']:.3f}x, realized capacity {fwd['realized']:.3f}), "
+          f"train step {result['train_step_time_ratio']:.3f}x (FLOPs {result['train_flop_ratio']:.3f}x), decode "
           f"{result['decode_tokens_per_s_ratio']:.2f}x tokens/s (ceilings: weights read {ceiling['weights']:.2f}x, "
-          f"block calls {ceiling['blocks']:.2f}x), "
-          f"predictor accuracy {result['predictor_accuracy']}")
+          f"block calls {ceiling['blocks']:.2f}x), predictor accuracy {result['predictor_accuracy']}")
     return result

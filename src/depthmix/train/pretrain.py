@@ -233,7 +233,7 @@ def pretrain(opts: PretrainOptions) -> dict:
         "options": dataclasses.asdict(opts), "params": sum(p.numel() for p in model.parameters()),
         "train_steps": result.global_step, "train_tokens": result.global_step * opts.batch_size * opts.seq_len,
         "train_step_flops": step_flops, "train_flops": step_flops * result.global_step,
-        "forward_flops": fwd, "forward_flops_heldout": fwd, "train_loss": result.training_loss, "train_seconds": round(seconds, 1),
+        "forward_flops": fwd, "train_loss": result.training_loss, "train_seconds": round(seconds, 1),
         "heldout": evals, "heldout_tokens": int(eval_blocks[:, 1:].numel()),
     }
     model.base_model.save_pretrained(out / "model")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import time
 from pathlib import Path
 
@@ -227,9 +226,4 @@ def load_trained(adapter: str, model: str | None = None, head: str | None = None
     base = load_model(name, head=head, num_labels=num_labels, load_report=False)
     tokenizer = load_tokenizer(name)
     return DepthMixModel.from_pretrained(base, adapter), tokenizer, info
-
-
-def save_summary(path, summary: dict) -> None:
-    io.write_json(path, summary)
-    print(json.dumps(summary["metrics"] if "metrics" in summary else summary, indent=2))
 

@@ -24,7 +24,7 @@ class Method(nn.Module):
 
     supports_cache = True  # False: generate() must recompute the whole sequence at each step
     routings: tuple[str, ...] = ()  # routing modes a user may choose between (MoD's), empty for the others
-    draws_routing = False  # True: routing_record() and draw_routing() summarise what the routers learned
+    draws_routing = False  # True: routing_record() summarises what the routers learned, for a picture
     recording = False  # routing statistics are gathered while True
 
     def __init__(self, config, arch: Arch):
@@ -101,14 +101,13 @@ class Method(nn.Module):
         """Forget the routing statistics gathered so far (before an evaluation, say)."""
 
     def routing_record(self) -> dict:
-        """The routing statistics gathered since reset_stats(), as JSON-ready lists (methods with draws_routing)."""
+        """The routing statistics gathered since reset_stats(), as JSON-ready lists (methods with draws_routing),
+        with "picture": the kind evaluation.routing draws them as ("layer_choice": "counts" [mixed layer, layer]
+        of how often each layer was chosen; "layer_weights": "mean_weights" and "weight_std" per ensembled layer,
+        "label" the legend's default)."""
         raise NotImplementedError
 
     routing_title = ""  # what the routing picture shows
-
-    def draw_routing(self, record: dict, out, title: str, label: str = ""):
-        """Draw routing_record()'s statistics as a PNG at `out` (label: the run's name); returns its path."""
-        raise NotImplementedError
 
     def summary(self) -> dict:
         """Method-specific summaries a trainer may log (realized capacity, routing counts...)."""

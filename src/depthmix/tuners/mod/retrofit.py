@@ -114,10 +114,7 @@ def collect_inputs(model, blocks, batches, batch, g, progress) -> dict[int, list
 def routed(model, i: int):
     """The module MoD routes as its i-th routed block (the block, or its sub-layer with MoDConfig.skip): its input
     is what the router and predictor read."""
-    method = method_of(model)
-    if hasattr(method, "routed_module"):
-        return method.routed_module(i)
-    return model.arch.blocks[method.layers[i]]
+    return method_of(model).routed_module(i)
 
 
 def topk_targets(method, i: int, x: torch.Tensor) -> torch.Tensor:

@@ -152,12 +152,8 @@ class MoDE(Method):
         return self.router.bias.detach().softmax(-1).tolist()
 
     def routing_record(self) -> dict:
-        return {"mean_weights": self.mean_weights(), "weight_std": self.weight_std(), "tokens": self.weight_count}
-
-    def draw_routing(self, record: dict, out, title: str, label: str = ""):
-        from ...plots import layer_weights
-        return layer_weights({label or "MoDE": (record["mean_weights"], record["weight_std"])}, self.layers, out,
-                             title=title)
+        return {"picture": "layer_weights", "label": "MoDE", "mean_weights": self.mean_weights(),
+                "weight_std": self.weight_std(), "tokens": self.weight_count}
 
     def summary(self) -> dict:
         state = {f"weight/{t}": w for t, w in zip(self.layers, self.mean_weights())}

@@ -214,11 +214,7 @@ class MoLEx(Method):
         self.counts.zero_()
 
     def routing_record(self) -> dict:
-        return {"counts": self.counts.tolist()}
-
-    def draw_routing(self, record: dict, out, title: str, label: str = ""):
-        from ...plots import routing_heatmap
-        return routing_heatmap(torch.tensor(record["counts"]).numpy(), self.layers, out, title=title)
+        return {"picture": "layer_choice", "counts": self.counts.tolist()}
 
     def summary(self) -> dict:
         return {f"alpha/{t}": self.alpha(i).item() for i, t in enumerate(self.layers)}
