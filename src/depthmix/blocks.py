@@ -27,11 +27,29 @@ def swap_class(module: nn.Module, mixin: type) -> None:
     cls = type(module)
     if getattr(cls, "_depthmix_mixin_of", None) is not None:
         raise RuntimeError(f"{cls.__name__} already carries a depthmix method; remove it first")
+    module.__class__ = swapped_class(mixin, cls)
+
+
+def swapped_class(mixin: type, cls: type) -> type:
+    """The class `(mixin, cls)` named like `cls`, made once per pair."""
     key = (mixin, cls)
     if key not in _CLASSES:
         _CLASSES[key] = type(cls.__name__, (mixin, cls), {
-            "__module__": cls.__module__, "__qualname__": cls.__qualname__, "_depthmix_mixin_of": cls})
-    module.__class__ = _CLASSES[key]
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__, "_depthmix_mixin_of": cls,
+            "_depthmix_mixin": mixin, "__reduce_ex__": _reduce_swapped})
+    return _CLASSES[key]
+
+
+def _reduce_swapped(module: nn.Module, protocol: int):
+    """Pickle (torch.save of a whole model) and deepcopy name a class by its module and name, which find the
+    original class, not the swapped one: record the pair instead, and rebuild the swapped class from it."""
+    cls = type(module)
+    return _new_swapped, (cls._depthmix_mixin, cls._depthmix_mixin_of), module.__getstate__()
+
+
+def _new_swapped(mixin: type, cls: type) -> nn.Module:
+    swapped = swapped_class(mixin, cls)
+    return swapped.__new__(swapped)
 
 
 def restore_class(module: nn.Module) -> None:

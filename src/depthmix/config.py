@@ -78,12 +78,13 @@ def check_layers(cfg: MethodConfig, field: str, named: tuple[str, ...]) -> None:
 
 
 def pick_layers(value, num_layers: int, field: str) -> list[int]:
-    if value == "all":
-        return list(range(num_layers))
-    if value == "every_other":
-        return list(range(1, num_layers, 2))
-    if value == "last_third":
-        return list(range(num_layers - max(1, num_layers // 3), num_layers))
+    if isinstance(value, str):
+        picked = {"all": range(num_layers), "every_other": range(1, num_layers, 2),
+                  "last_third": range(num_layers - max(1, num_layers // 3), num_layers)}[value]
+        if not picked:  # the method would do nothing, and train nothing
+            raise ConfigError(f"{field} = {value!r} picks no block of a model with {num_layers} layer(s); "
+                              "give the block indices as a list")
+        return list(picked)
     bad = [i for i in value if i >= num_layers]
     if bad:
         raise ConfigError(f"{field}: layer indices {bad} out of range for a model with {num_layers} layers")

@@ -58,7 +58,7 @@ class DepthMixModel(nn.Module):
             raise
         self._base_signature = inspect.signature(model.forward)
         # Trainer keeps the dataset columns that forward() names: show the base model's signature.
-        self.forward = _with_signature(self._forward, _with_prompt_mask(self._base_signature))
+        self.forward = Forward(self, _with_prompt_mask(self._base_signature))
 
     def _attach(self, model, config, lora, train_head, train_pooler) -> None:
         arch = self.arch
@@ -233,6 +233,9 @@ class DepthMixModel(nn.Module):
         state_dict: a full state dict gathered by FSDP/DeepSpeed, to take the adapter tensors from.
         info: free-form facts recorded beside the config (base model name, task...)."""
         path = Path(path)
+        if self.__dict__.get("_unloaded"):
+            raise ValueError(f"save_pretrained({path}): this DepthMixModel was unloaded, and its adapter with it; "
+                             "save before unload()")
         if state_dict is None:
             tensors = self.adapter_state_dict()
         else:
@@ -270,6 +273,9 @@ class DepthMixModel(nn.Module):
             if tensor.shape != expected[name].shape:
                 raise AdapterError(f"{Path(path) / WEIGHTS_NAME}: {name} has shape {tuple(tensor.shape)}, "
                                    f"the model expects {tuple(expected[name].shape)}")
+            if tensor.is_floating_point() != expected[name].is_floating_point():  # float16 <-> float32 is a cast
+                raise AdapterError(f"{Path(path) / WEIGHTS_NAME}: {name} is stored as {tensor.dtype}, the model "
+                                   f"expects {expected[name].dtype}")
         with torch.no_grad():
             for name, tensor in tensors.items():
                 expected[name].copy_(tensor)
@@ -282,7 +288,7 @@ class DepthMixModel(nn.Module):
         meta = read_adapter_config(path)
         check_base(meta, model, path)
         tensors = read_weights(path, meta)
-        wrapped = cls(model, method_config_from(meta, path), _lora_from_dict(meta["lora"]), meta["train_head"],
+        wrapped = cls(model, method_config_from(meta, path), _lora_from_dict(meta["lora"], path), meta["train_head"],
                       bool(meta.get("train_pooler", False)))
         try:
             wrapped._copy_in(tensors, path)
@@ -322,10 +328,17 @@ def refuse_carried(model: nn.Module, lora) -> None:
     for path, module in model.named_modules():
         if getattr(type(module), "_depthmix_mixin_of", None) is not None or "_depthmix" in vars(module):
             raise ValueError(f"{name} already carries a depthmix method at {path!r}; call unload() first")
-    carried = lora_layers.carried(model) if lora is not None else None
+    carried = lora_layers.carried(model)
     if carried is not None:
-        raise ValueError(f"{name} already carries PEFT adapter layers (at {carried!r}); merge or unload them "
-                         "before adding depthmix's LoRA")
+        raise ValueError(f"{name} already carries PEFT adapter layers (at {carried!r}): depthmix would freeze them "
+                         "and leave them out of its adapter. Merge or unload them first (peft's merge_and_unload()), "
+                         "or let depthmix add the LoRA: apply(base_model, config, lora=LoraConfig(...)) trains and "
+                         "saves it with the method")
+    on_meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if on_meta is not None:
+        raise ValueError(f"{name} has weights on the meta device (e.g. {on_meta!r}): depthmix's own weights would "
+                         "be lost when it is materialised (to_empty() leaves them uninitialised). Load the base "
+                         "model's weights first, then apply() or from_pretrained()")
 
 
 def _describe(dm: "DepthMixModel") -> str:
@@ -346,7 +359,20 @@ def read_adapter_config(path) -> dict:
                            f"digits of the sha256 of {WEIGHTS_NAME}")
     if not isinstance(meta["base"], dict):
         raise AdapterError(f"{file}: field 'base' is {meta['base']!r}, expected the base model's fingerprint")
+    for key, (kinds, expected) in FIELD_KINDS.items():
+        if key in meta and not isinstance(meta[key], kinds):
+            raise AdapterError(f"{file}: field {key!r} is {meta[key]!r}, expected {expected}")
+    if meta["method"] is not None and meta["config"] is None:
+        raise AdapterError(f"{file}: field 'config' is null, expected the {meta['method']} method's config (an object)")
     return meta
+
+
+# the type of each field of an adapter config, and what to call it in a message
+FIELD_KINDS = {"method": ((str, type(None)), "a method name or null"),
+               "config": ((dict, type(None)), "the method's config (an object), or null for LoRA alone"),
+               "lora": ((dict, type(None)), "a peft LoraConfig (an object) or null"),
+               "train_head": (bool, "true or false"), "train_pooler": (bool, "true or false"),
+               "info": (dict, "an object")}
 
 
 def read_weights(path, meta: dict) -> dict[str, torch.Tensor]:
@@ -376,8 +402,9 @@ def check_base(meta: dict, model: nn.Module, path) -> None:
     """Refuse an adapter made for another base model, before touching any weight."""
     have = fingerprint(model)
     want = meta["base"]
+    keys = BASE_KEYS + (("model_class",) if "model_class" in want else ())  # a head made for one task, not another
     diffs = [f"{k}: adapter {want.get(k)!r} vs model {have.get(k)!r}"
-             for k in BASE_KEYS if want.get(k) != have.get(k)]
+             for k in keys if want.get(k) != have.get(k)]
     if diffs:
         raise AdapterError(f"{path}: this adapter was saved for another base model ({want.get('model_class')}); "
                            + "; ".join(diffs))
@@ -391,20 +418,31 @@ def _with_prompt_mask(signature):
     return signature.replace(parameters=params + [extra] + rest)
 
 
-def _with_signature(fn, signature):
-    def forward(*args, **kwargs):
-        return fn(*args, **kwargs)
-    forward.__signature__ = signature
-    forward.__doc__ = fn.__doc__
-    return forward
+class Forward:
+    """DepthMixModel.forward: its _forward under the base model's signature. An object holding the model rather
+    than a closure, so that deepcopy and pickle give a copy a forward of its own (a closure is shared)."""
+
+    def __init__(self, model: DepthMixModel, signature: inspect.Signature):
+        self.model = model
+        self.__signature__ = signature
+        self.__doc__ = DepthMixModel._forward.__doc__
+
+    def __call__(self, *args, **kwargs):
+        return self.model._forward(*args, **kwargs)
 
 
 def _lora_to_dict(lora) -> dict | None:
     return None if lora is None else lora.to_dict()  # JSON-ready once io.write_json turns its sets and enums
 
 
-def _lora_from_dict(data: dict | None):
+def _lora_from_dict(data: dict | None, path):
     if data is None:
         return None
     from peft import LoraConfig
-    return LoraConfig.from_peft_type(**{"peft_type": "LORA", **data})
+    if data.get("peft_type", "LORA") != "LORA":  # from_peft_type would build that type's config instead
+        raise AdapterError(f"{Path(path) / CONFIG_NAME}: field 'lora' has peft_type {data['peft_type']!r}; "
+                           "depthmix adapters carry LoRA/DoRA ('LORA')")
+    try:
+        return LoraConfig.from_peft_type(**{"peft_type": "LORA", **data})
+    except (TypeError, ValueError) as e:  # an unknown field, or a value peft refuses
+        raise AdapterError(f"{Path(path) / CONFIG_NAME}: field 'lora' is not a peft LoraConfig ({e})") from None

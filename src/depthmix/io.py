@@ -58,10 +58,15 @@ def read_json(path) -> dict:
     if not path.exists():
         raise AdapterError(f"{path}: file not found")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise AdapterError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise AdapterError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}), so not "
+                           "a JSON file") from None
+    except IsADirectoryError:
+        raise AdapterError(f"{path}: is a folder, expected a JSON file") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -35,6 +35,21 @@ class Method(nn.Module):
         self.aux: list[torch.Tensor] = []
         self._swapped: list[nn.Module] = []
 
+    def _apply(self, fn, recurse=True):
+        """Moves (.to(device), .cuda(), to_empty) apply; dtype casts of the whole model (.half(), .to(bfloat16))
+        leave the method's float32 tensors as they are: routing decisions stay float32 in a half-precision model."""
+        def keep_float32(t):
+            moved = fn(t)
+            return t.to(device=moved.device) if t.dtype == torch.float32 and moved.dtype != t.dtype else moved
+        return super()._apply(keep_float32, recurse)
+
+    def __getstate__(self):
+        """A copy (deepcopy, pickle) starts between forwards: the last forward's inputs and auxiliary losses (in its
+        autograd graph, which cannot be copied) stay with the original."""
+        state = dict(super().__getstate__())
+        state["inputs"], state["aux"] = {}, []
+        return state
+
     # -- wiring ---------------------------------------------------------------------------------------
     def wrap(self, module: nn.Module, mixin: type, index: int) -> None:
         swap_class(module, mixin)
