@@ -113,7 +113,7 @@ def test_train_help_lists_methods_tasks_and_embedded_models(capsys):
            "(default: 0.125)" in text
     assert "--lora, --no-lora train LoRA adapters" in text and "(default: true)" in text
     layers = text.split("--layers VALUE ")[-1]  # one flag for both methods' `layers`, each meaning said
-    assert 'molex options: "all" or a list' in layers and 'mod options: "every_other"' in layers
+    assert "molex options: 'all' or a list" in layers and "mod options: 'every_other'" in layers
     with pytest.raises(SystemExit):
         run("--version")
     from depthmix import __version__

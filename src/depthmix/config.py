@@ -13,6 +13,9 @@ class ConfigError(ValueError):
     pass
 
 
+MAX_WEIGHT = 100.0  # of a method's auxiliary loss: far above any useful value, far below an infinite loss
+
+
 @dataclass
 class MethodConfig:
     method: ClassVar[str] = ""
@@ -20,19 +23,9 @@ class MethodConfig:
     renamed: ClassVar[dict[str, str]] = {}  # old field name -> its name now: saved adapters and config files load
 
     def __post_init__(self):
-        self._check_kinds()
+        for f in dataclasses.fields(self):  # types first (a config file can hold anything), then values
+            setattr(self, f.name, checked_type(f"{type(self).__name__}.{f.name}", getattr(self, f.name), f.type))
         self.validate()
-
-    def _check_kinds(self) -> None:
-        """What every method's validate() would otherwise repeat: a boolean field holds a boolean (the string
-        'false' is truthy) and a number is finite (inf and nan pass comparisons such as `>= 0` or fail them
-        with a misleading message)."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if str(f.type) == "bool":
-                self._check(isinstance(value, bool), f.name, "true or false")
-            elif isinstance(value, float):
-                self._check(math.isfinite(value), f.name, "a finite number")
 
     def validate(self) -> None:
         pass
@@ -67,6 +60,72 @@ class MethodConfig:
     def _check(self, ok: bool, field: str, expected: str) -> None:
         if not ok:
             raise ConfigError(f"{type(self).__name__}.{field} = {getattr(self, field)!r}: expected {expected}")
+
+
+def check_range(cfg: MethodConfig, field: str, low: float, high: float) -> None:
+    """A number in [low, high]: bounds where the method still computes something finite and meaningful."""
+    cfg._check(low <= getattr(cfg, field) <= high, field, f"a number in [{low:g}, {high:g}]")
+
+
+def checked_type(name: str, value, annotation, source: str = ""):
+    """value if it has the field's type (ints are accepted for floats; YAML 1.1 reads `1e-4` as a string, so a
+    string holding a number is too), else a ConfigError naming the source, the option and the value. The one
+    type check of options and method configs."""
+    kind = str(annotation).replace(" ", "")
+    optional = kind.endswith("|None")
+    if value is None and optional:
+        return None
+    check = TYPE_CHECKS.get(kind.removesuffix("|None").split("[")[0], lambda v: (v, None))
+    value, problem = check(value)
+    if problem:
+        where = f"{source}: " if source else ""
+        raise ConfigError(f"{where}{name} = {value!r}: expected {problem}" + (" or null" if optional else ""))
+    return value
+
+
+def _bool(value):
+    return value, None if isinstance(value, bool) else "true or false (a string such as 'false' is not a boolean)"
+
+
+def _int(value):
+    return value, None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+
+
+def _float(value):
+    number = _number(value)
+    if number is None:
+        return value, "a number"
+    return (number, None) if math.isfinite(number) else (value, "a finite number")
+
+
+def _str(value):
+    return value, None if isinstance(value, str) else "a string (quote it in a YAML file)"
+
+
+def _list_of_str(value):
+    value = [value] if isinstance(value, str) else value
+    ok = isinstance(value, list) and value and all(isinstance(v, str) for v in value)
+    return value, None if ok else "a non-empty list of strings"
+
+
+def _dict(value):
+    return value, None if isinstance(value, dict) else "a mapping"
+
+
+TYPE_CHECKS = {"bool": _bool, "int": _int, "float": _float, "str": _str, "list": _list_of_str, "dict": _dict}
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def check_layers(cfg: MethodConfig, field: str, named: tuple[str, ...]) -> None:

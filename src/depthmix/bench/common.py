@@ -8,15 +8,16 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ..flags import at_least
 from ..flops import count as count_flops  # noqa: F401  (for the benches; it also counts the CPU SDPA kernel)
 
 
 def add_timing_args(p, repeats: int, budget: float) -> None:
     """The flags every bench shares: how long to time, and where both sides run."""
-    p.add_argument("--repeats", type=int, default=repeats,
+    p.add_argument("--repeats", type=at_least(1), default=repeats,
                    help="timing rounds at least, per measurement (default: %(default)s)")
-    p.add_argument("--budget", type=float, default=budget, help="seconds, per measurement, to go on timing while a "
-                   "ratio's spread is wide (default: %(default)s)")
+    p.add_argument("--budget", type=at_least(0, float), default=budget, help="seconds, per measurement, to go on "
+                   "timing while a ratio's spread is wide (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where both sides run, e.g. cpu, cuda or cuda:1 (default: cuda when a GPU is visible, "
                    "else cpu)")

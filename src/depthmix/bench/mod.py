@@ -13,11 +13,14 @@ import torch
 
 from .. import flops
 from ..depthmix_model import DepthMixModel, apply
+from ..flags import add_dataclass_flags, pick
 from ..models import load_model
 from ..tuners import MoDConfig
 from ..tuners.mod import retrofit
 from ..tuners.mod.flops import analytic
 from .common import add_timing_args, interleaved_times
+
+MOD_FLAGS = ("capacity", "layers")  # the bench tunes a retrofit MoD with these MoDConfig fields from flags
 
 
 def add_args(p) -> None:
@@ -25,10 +28,7 @@ def add_args(p) -> None:
                    "(smollm2-135m is embedded), a folder or a Hub id")
     p.add_argument("--adapter", help="a router-tuned MoD adapter for --model, whose capacity and layers are used "
                    "instead of those flags (default: tune routers and predictors here, briefly)")
-    p.add_argument("--capacity", type=float, default=0.125, help="fraction of each sequence's tokens that a routed "
-                   "block processes, in (0, 1]; without --adapter")
-    p.add_argument("--layers", default="every_other", help='routed blocks: "every_other" (1, 3, 5, ...), "all" or '
-                   "a list of block indices such as [1,3]; without --adapter")
+    add_dataclass_flags(p, MoDConfig, group="MoD options (without --adapter)", only=MOD_FLAGS)
     p.add_argument("--batch-size", type=int, default=2,
                    help="sequences per timed forward pass and training step (decoding runs at batch 1)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence of the timed batch, of the "
@@ -103,15 +103,12 @@ def run(args) -> dict:
 
 def build_pair(args, tok):
     """The dense model and the same model with MoD: from --adapter, or with routers and predictors tuned here."""
-    from ..config import parse_value
+    config = None if args.adapter else MoDConfig(**pick(args, MOD_FLAGS), update="retrofit")  # refused before loading
     dense = load_model(args.model).to(args.device).eval()
     base = load_model(args.model)
     if args.adapter:
-        mod = DepthMixModel.from_pretrained(base, args.adapter).to(args.device)
-        args.capacity = mod.method_config.capacity  # the adapter's, for the analytic estimate and the report
-        return dense, mod
-    mod = apply(base, MoDConfig(capacity=args.capacity, layers=parse_value(args.layers), update="retrofit"))
-    mod = mod.to(args.device)
+        return dense, DepthMixModel.from_pretrained(base, args.adapter).to(args.device)
+    mod = apply(base, config).to(args.device)
     retrofit.tune(mod, text_blocks(args.task, "train", tok, 128, args.data_dir), args.tune_steps, loss="lm")
     retrofit.fit_predictors(mod, text_blocks(args.task, "train", tok, args.seq_len, args.data_dir),
                             args.feature_batches)
@@ -215,12 +212,12 @@ def report(args, dense, mod, quality, fwd, trn, dec) -> dict:
                "generate_tokens_per_s_ratio": d.ratio("dense", "mod")}
     step = {k: (d.median(k) - d.median(f"{k}_first")) / (new - 1) for k in ("dense", "mod")}
     ceiling = decode_ceiling(mod, dec["realized"])
-    est = analytic(dense.config, args.seq_len, mod.method.layers, args.capacity, mod.arch.num_layers,
-                   dense.config.vocab_size, predictor=mod.method_config.causal == "predictor",
-                   skip=mod.method_config.skip)
+    config = mod.method_config  # the adapter's with --adapter
+    est = analytic(dense.config, args.seq_len, mod.method.layers, config.capacity, mod.arch.num_layers,
+                   dense.config.vocab_size, predictor=config.causal == "predictor", skip=config.skip)
     flop_ratio = flop["mod"] / flop["dense"]
     result = {
-        "method": "mod", "model": args.model, "device": args.device, "capacity": args.capacity,
+        "method": "mod", "model": args.model, "device": args.device, "capacity": config.capacity,
         "layers": mod.method.layers, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "flop_ratio": round(flop_ratio, 4),
         "flop_ratio_causal": round(flop["mod_causal"] / flop["dense_rows"], 4),

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 
-from ..tuners.mod.config import SKIP
-from .flags import parse_value
+from ..flags import add_dataclass_flags, at_least, pick
+from ..tuners.mod.config import MoDConfig
+
+MOD_FLAGS = ("capacity", "layers", "causal", "skip")  # the MoDConfig fields a FLOP count depends on
 
 
 def register(sub) -> None:
@@ -15,19 +17,9 @@ def register(sub) -> None:
                    help="the method counted against the dense model (choices: %(choices)s)")
     p.add_argument("--adapter", help="a trained MoD adapter for --model: its routers decide the causal count, and "
                    "its capacity, layers, causal and skip are used instead of those flags")
-    p.add_argument("--capacity", type=float, default=0.125,
-                   help="fraction of each sequence's tokens that a routed block processes, in (0, 1]; "
-                   "without --adapter")
-    p.add_argument("--layers", type=parse_value, default="every_other",
-                   help='routed blocks: "every_other", "all" or a list of block indices; without --adapter')
-    p.add_argument("--causal", default="predictor", choices=["predictor", "aux_loss"],
-                   help="what decides causal routing: a small predictor MLP, or the router logits themselves "
-                   "(choices: %(choices)s); without --adapter")
-    p.add_argument("--skip", default="block", choices=SKIP,
-                   help="what a token that is not routed skips in a routed block: the whole block, only its "
-                   "attention sub-layer or only its MLP (choices: %(choices)s); without --adapter")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass")
+    add_dataclass_flags(p, MoDConfig, group="MoD options (without --adapter)", only=MOD_FLAGS)
+    p.add_argument("--seq-len", type=at_least(1), default=512, help="tokens per sequence")
+    p.add_argument("--batch-size", type=at_least(1), default=1, help="sequences per forward pass")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     p.set_defaults(func=run)
 
@@ -47,8 +39,8 @@ def run(args) -> int:
     from .. import flops
     from ..config import ConfigError
     from ..depthmix_model import apply
-    from ..tuners import MoDConfig
     from ..tuners.mod.flops import analytic
+    config = None if args.adapter else MoDConfig(**pick(args, MOD_FLAGS))  # refused before the model loads
     dense = load(args.model)
     counted = {"dense": flops.forward_flops(dense, args.batch_size, args.seq_len)}
     if args.adapter:
@@ -57,18 +49,17 @@ def run(args) -> int:
         config = mod.method_config
         if config is None or config.method != "mod":
             raise ConfigError(f"{args.adapter}: not an MoD adapter")
-        args.capacity, args.causal, args.skip = config.capacity, config.causal, config.skip
     else:
-        mod = apply(dense, MoDConfig(capacity=args.capacity, layers=args.layers, causal=args.causal, skip=args.skip))
+        mod = apply(dense, config)
     for routing in ("topk", "causal"):
         mod.method.reset_stats()
         counted[f"mod_{routing}"] = flops.forward_flops(mod, args.batch_size, args.seq_len, routing)
     realized = mod.method.summary().get("realized_capacity")
-    est = analytic(dense.config, args.seq_len, mod.method.layers, args.capacity, mod.arch.num_layers,
-                   dense.config.vocab_size, predictor=args.causal == "predictor", skip=args.skip)
+    est = analytic(dense.config, args.seq_len, mod.method.layers, config.capacity, mod.arch.num_layers,
+                   dense.config.vocab_size, predictor=config.causal == "predictor", skip=config.skip)
     result = {
-        "model": args.model, "method": "mod", "capacity": args.capacity, "skip": args.skip, "layers": mod.method.layers,
-        "seq_len": args.seq_len, "batch_size": args.batch_size,
+        "model": args.model, "method": "mod", "capacity": config.capacity, "skip": config.skip,
+        "layers": mod.method.layers, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "counted": counted, "flop_ratio": round(counted["mod_topk"] / counted["dense"], 4),
         "flop_ratio_causal": round(counted["mod_causal"] / counted["dense"], 4),
         "realized_capacity_causal": realized,

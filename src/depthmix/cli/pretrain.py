@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from .flags import add_dataclass_flags, parse_value, pick
+from ..flags import add_dataclass_flags, parse_value, pick
 
 NAMES: list[str] = []
 MOD_NAMES: list[str] = []

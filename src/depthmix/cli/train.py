@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..tuners import METHODS
-from .flags import add_dataclass_flags, pick
+from ..flags import add_dataclass_flags, pick
 
 OPTION_NAMES: list[str] = []
 METHOD_FLAGS: dict[str, list[str]] = {}

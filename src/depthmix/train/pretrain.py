@@ -16,62 +16,41 @@ import torch
 
 from .. import flops as flop_count
 from .. import io
-from ..config import ConfigError
+from ..config import ConfigError, checked_type
 from ..data.instruct.text import perplexity
 from ..depthmix_model import apply
-from .options import checked_type
 
 ARCHS = ("llama", "gpt2")
 
 
 @dataclass
 class PretrainOptions:
-    """Options of `depthmix pretrain` (each is also a --flag).
+    """Options of `depthmix pretrain` (each is also a --flag)."""
 
-    arch: llama or gpt2.
-    layers: transformer blocks.
-    hidden: hidden size.
-    heads: attention heads (default: hidden // 32).
-    method: dense or mod.
-    corpus: text file to train on.
-    eval_corpus: text file for the held-out loss (default: the last 10% of the corpus).
-    tokenizer: bytes, or a model name whose tokenizer to use (e.g. smollm2-135m).
-    seq_len: tokens per training sequence.
-    batch_size: sequences per step.
-    flops: training FLOP budget, spent in whole steps.
-    max_steps: a fixed number of steps instead of the FLOP budget.
-    lr: peak learning rate (AdamW, cosine decay).
-    warmup: fraction of the steps with a linear warmup, in [0, 1).
-    weight_decay: AdamW weight decay.
-    eval_blocks: held-out blocks of seq_len tokens scored at the end.
-    seed: seed of the initialisation and the data order.
-    output_dir: folder for the model, metrics and loss curve.
-    logging_steps: steps between logged losses.
-    progress: progress bars.
-    method_config: MoDConfig fields (the mod options below).
-    """
-
-    arch: str = "llama"
-    layers: int = 4
-    hidden: int = 128
-    heads: int | None = None
-    method: str = "dense"
-    corpus: str = ""
-    eval_corpus: str | None = None
-    tokenizer: str = "bytes"
-    seq_len: int = 256
-    batch_size: int = 8
-    flops: float = 1e13
-    max_steps: int | None = None
-    lr: float = 2e-3
-    warmup: float = 0.05
-    weight_decay: float = 0.1
-    eval_blocks: int = 64
-    seed: int = 0
-    output_dir: str = "out/pretrain"
-    logging_steps: int = 10
-    progress: bool = True
-    method_config: dict = field(default_factory=dict)
+    arch: str = field(default="llama", metadata={"help": "llama or gpt2."})
+    layers: int = field(default=4, metadata={"help": "transformer blocks."})
+    hidden: int = field(default=128, metadata={"help": "hidden size."})
+    heads: int | None = field(default=None, metadata={"help": "attention heads (default: hidden // 32)."})
+    method: str = field(default="dense", metadata={"help": "dense or mod."})
+    corpus: str = field(default="", metadata={"help": "text file to train on."})
+    eval_corpus: str | None = field(default=None, metadata={"help":
+        "text file for the held-out loss (default: the last 10% of the corpus)."})
+    tokenizer: str = field(default="bytes", metadata={"help":
+        "bytes, or a model name whose tokenizer to use (e.g. smollm2-135m)."})
+    seq_len: int = field(default=256, metadata={"help": "tokens per training sequence."})
+    batch_size: int = field(default=8, metadata={"help": "sequences per step."})
+    flops: float = field(default=1e13, metadata={"help": "training FLOP budget, spent in whole steps."})
+    max_steps: int | None = field(default=None, metadata={"help":
+        "a fixed number of steps instead of the FLOP budget."})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW, cosine decay)."})
+    warmup: float = field(default=0.05, metadata={"help": "fraction of the steps with a linear warmup, in [0, 1)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
+    eval_blocks: int = field(default=64, metadata={"help": "held-out blocks of seq_len tokens scored at the end."})
+    seed: int = field(default=0, metadata={"help": "seed of the initialisation and the data order."})
+    output_dir: str = field(default="out/pretrain", metadata={"help": "folder for the model, metrics and loss curve."})
+    logging_steps: int = field(default=10, metadata={"help": "steps between logged losses."})
+    progress: bool = field(default=True, metadata={"help": "progress bars."})
+    method_config: dict = field(default_factory=dict, metadata={"help": "MoDConfig fields (the mod options below)."})
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -88,6 +67,8 @@ class PretrainOptions:
                      "max_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} = {getattr(self, name)!r}: expected an integer >= 1")
+        if self.seed < 0:
+            raise ConfigError(f"seed = {self.seed!r}: expected an integer >= 0")
         if self.lr <= 0:
             raise ConfigError(f"lr = {self.lr!r}: expected a number > 0")
         if self.weight_decay < 0:

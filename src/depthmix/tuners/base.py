@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch import nn
@@ -12,11 +13,28 @@ from ..architectures import Arch
 
 
 METHODS: dict[str, tuple[type, type]] = {}  # name -> (config class, Method subclass), filled by register()
+OPTION_NAMES: dict[str, str] = {}  # option name -> the options class declaring it, filled by reserve_names()
 
 
 def register(config_cls: type, method_cls: type) -> None:
     """Make a method known to apply(), adapter loading, the CLI and the trainer: one call, in its own package."""
+    check_names(config_cls)
     METHODS[config_cls.method] = (config_cls, method_cls)
+
+
+def reserve_names(options_cls: type) -> None:
+    """The fields of options_cls (the trainer's options) are flags beside every method's fields: a method field of
+    the same name would share one flag with two meanings, so it is refused, for methods registered before or after."""
+    OPTION_NAMES.update({f.name: options_cls.__name__ for f in dataclasses.fields(options_cls)})
+    for config_cls, _ in METHODS.values():
+        check_names(config_cls)
+
+
+def check_names(config_cls: type) -> None:
+    clash = [f.name for f in dataclasses.fields(config_cls) if f.name in OPTION_NAMES]
+    if clash:
+        raise ConfigError(f"{config_cls.__name__}: field(s) {clash} are also options of {OPTION_NAMES[clash[0]]}; "
+                          "rename them (one --flag cannot carry two meanings)")
 
 
 class Method(nn.Module):

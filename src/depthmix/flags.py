@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import re
 
-
-from ..config import ConfigError, parse_value
+from .config import parse_value
 
 
 def _kind(annotation: str):
@@ -27,21 +24,20 @@ def _kind(annotation: str):
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), group: str | None = None,
-                        choices: dict[str, str] | None = None) -> list[str]:
-    """One --flag per field (dashes for underscores), default SUPPRESS so that unset flags stay unset; its help
-    is the field's entry in the class docstring, its default and `choices[name]` (listed, not enforced here:
-    the dataclass's validation says what is wrong with a value)."""
+                        choices: dict[str, str] | None = None, only=None) -> list[str]:
+    """One --flag per field (dashes for underscores; `only` limits them to those fields), default SUPPRESS so that
+    unset flags stay unset; its help is the field's metadata["help"], its default and `choices[name]` (listed,
+    not enforced here: the dataclass's validation says what is wrong with a value)."""
     target = parser.add_argument_group(group) if group else parser
-    docs = field_docs(cls)
     names = []
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = _kind(f.type)
-        text = _help(docs.get(f.name, ""), f, (choices or {}).get(f.name))
+        text = _help(f, (choices or {}).get(f.name))
         shared = next((a for a in parser._actions if flag in a.option_strings), None)
-        if shared is not None:  # already declared by another dataclass (e.g. `layers`): one flag, both meanings
+        if shared is not None:  # already declared by another method (e.g. `layers`): one flag, both meanings
             first = next((g.title for g in parser._action_groups if shared in g._group_actions), "")
             if not shared.help.startswith(f"{first}: "):
                 shared.help = f"{first}: {shared.help}"
@@ -60,23 +56,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), group: st
     return names
 
 
-def field_docs(cls) -> dict[str, str]:
-    """The `name: text` entries of a dataclass docstring (continuation lines indented under them)."""
-    docs: dict[str, str] = {}
-    current = None
-    for line in (inspect.getdoc(cls) or "").splitlines():
-        entry = re.match(r"(\w+): (.*)", line)
-        if entry:
-            current = entry.group(1)
-            docs[current] = entry.group(2).strip()
-        elif current and line.startswith(" ") and line.strip():
-            docs[current] += " " + line.strip()
-        else:
-            current = None
-    return docs
-
-
-def _help(text: str, f: dataclasses.Field, choices: str | None) -> str:
+def _help(f: dataclasses.Field, choices: str | None) -> str:
+    text = f.metadata.get("help", "")
     if f.default is not dataclasses.MISSING:
         default = f.default
     elif f.default_factory is not dataclasses.MISSING:
@@ -98,9 +79,16 @@ def pick(args: argparse.Namespace, names) -> dict:
     return {n: getattr(args, n) for n in names if hasattr(args, n)}
 
 
-def build_dataclass(cls, values: dict, source: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{source}: unknown option(s) {unknown}")
-    return cls(**values)
+def at_least(low: float, kind=int):
+    """An argparse type: a `kind` number >= low, else argparse's one-line usage error (exit code 2)."""
+    what = "an integer" if kind is int else "a number"
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what}") from None
+        if not value >= low:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text}: expected {what} >= {low:g}")
+        return value
+    return convert
