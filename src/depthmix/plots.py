@@ -15,7 +15,8 @@ def save(fig, path) -> Path:
     """Write a figure as a PNG (creating its folder) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -35,8 +36,8 @@ def loss_curve(log_history: list[dict], path, title: str = "training loss", curv
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, pts in points.items():
-        if pts:
-            ax.plot(*zip(*pts), label=label)
+        if pts:  # markers: a short run logs one or two losses, and a lone point draws no line
+            ax.plot(*zip(*pts), marker="o" if len(pts) <= 50 else None, ms=3, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -94,23 +95,32 @@ def paired(result: dict, path) -> Path:
     arms = list(result["summary"])
     seeds = sorted({r["seed"] for r in result["runs"]})
     value = {(r["arm"], r["seed"]): r["value"] for r in result["runs"]}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(4.0 + 2.2 * len(arms), 4),
+    fig, (left, right) = plt.subplots(1, 2, figsize=(3.0 + 2.4 * len(arms), 4.6), layout="constrained",
                                       width_ratios=[len(arms), max(1, len(arms) - 1)])
     for i, seed in enumerate(seeds):
         pts = [(x, value[(a, seed)]) for x, a in enumerate(arms) if (a, seed) in value]
         left.plot(*zip(*pts), "o-", color=plt.cm.tab10(i % 10), alpha=0.7, ms=4, lw=1, label=f"seed {seed}")
     for x, a in enumerate(arms):
         left.hlines(result["summary"][a]["mean"], x - 0.25, x + 0.25, color="black", lw=2)
-    left.set_xticks(range(len(arms)), arms, rotation=20, ha="right")
+    left.set_xticks(range(len(arms)), [wrapped(a) for a in arms], fontsize=8)
+    left.set_xlim(-0.5, len(arms) - 0.5)
     better = "higher" if result["higher_is_better"] else "lower"
     left.set_ylabel(textwrap.fill(f"{result['metric']} ({better} is better)", 40), fontsize=9)
-    left.set_title(result["task"], fontsize=10)
-    if len(seeds) <= 10:
-        left.legend(fontsize=7)
+    fig.suptitle(f"{result['task']}: {len(seeds)} paired seed(s)", fontsize=10)
+    if len(seeds) <= 10:  # above the runs, in rows, not over them
+        left.legend(fontsize=7, ncol=min(len(seeds), 5), loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                    frameon=False)
     _differences(right, {a: result["paired"][a] for a in arms if a in result["paired"]})
-    right.set_ylabel(f"paired difference vs {result['baseline']}")
-    right.set_title(f"{len(seeds)} seed(s)", fontsize=10)
+    right.set_ylabel(textwrap.fill(f"paired difference vs {result['baseline']}", 32), fontsize=9)
+    if right.get_legend() is not None:
+        right.legend(fontsize=7, ncol=2, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     return save(fig, path)
+
+
+def wrapped(name: str, width: int = 14) -> str:
+    """A tick label on lines of at most `width` characters (broken at hyphens and spaces): long arm names side by
+    side would run into each other."""
+    return textwrap.fill(name, width, break_on_hyphens=True)
 
 
 def differences(paired: dict[str, dict], path, ylabel: str, title: str) -> Path:
@@ -136,7 +146,7 @@ def _differences(ax, paired: dict[str, dict]) -> None:
                     color="black", capsize=5, label="mean, 95% CI" if x == 0 else None)
     ax.axhline(0, color="black", lw=0.8)
     ax.margins(y=0.08)
-    ax.set_xticks(range(len(paired)), list(paired), rotation=20, ha="right")
+    ax.set_xticks(range(len(paired)), [wrapped(name) for name in paired], fontsize=8)
     ax.set_xlim(-0.6, len(paired) - 0.4)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)

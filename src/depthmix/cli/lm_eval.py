@@ -46,7 +46,7 @@ def run(args) -> int:
                        bootstrap_iters=args.bootstrap_iters)
     out = Path(args.output or (Path(args.adapter) if args.adapter else Path(".")) / "lm-eval.json")
     keep = ("results", "groups", "versions", "n-shot", "higher_is_better", "n-samples", "samples")
-    routing = model.method.eval_routing() if getattr(model, "method", None) is not None else "n/a"
+    routing = model.method.eval_routing() if getattr(model, "method", None) is not None else None
     record = {"adapter": args.adapter, "model": args.model, "tasks": tasks, "routing": routing,
               **{k: results[k] for k in keep if k in results}}
     write_json(out, json.loads(json.dumps(record, default=str)))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 
@@ -34,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(f"depthmix.cli.{name}").register(sub)
     for p in parsers(parser):
         p.formatter_class = HelpFormatter
+        if not any(isinstance(a, argparse._SubParsersAction) for a in p._actions):  # each command's own flags
+            p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                           help="show the libraries' own logs (transformers' load reports, DeepSpeed's warnings) "
+                                "and a traceback with each error (default: false)")
     return parser
 
 
@@ -49,14 +55,51 @@ def parsers(parser: argparse.ArgumentParser):
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    name = " ".join(n for n in (args.command, getattr(args, "kind", None)) if n)
     try:
-        return args.func(args) or 0
+        with contextlib.nullcontext() if verbose else quiet_libraries():
+            return args.func(args) or 0
     except (ConfigError, DataError, AdapterError, UnsupportedModelError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"depthmix {args.command}: error: {msg}", file=sys.stderr)
+        print(f"depthmix {name}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if verbose:
+            raise
+        print(f"depthmix {name}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # the machine's side (a full disk, a folder that cannot be written): no traceback helps
+        if verbose:
+            raise
+        print(f"depthmix {name}: error: {e} (-v shows where)", file=sys.stderr)
+        return 1
     finally:
         leave_process_group()
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """transformers' load reports and weight-loading bars, and DeepSpeed's accelerator warnings, are about the
+    libraries' internals, which depthmix takes care of: a user sees them with -v. Errors still show, and the
+    settings are put back when the command ends (depthmix may run inside a user's process)."""
+    from transformers.utils import logging as hf_logging
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    deepspeed = logging.getLogger("DeepSpeed")  # it sets its level when imported (late, by the Trainer): a filter stays
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    deepspeed.addFilter(_errors_only)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+        deepspeed.removeFilter(_errors_only)
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
 
 
 def leave_process_group() -> None:

@@ -1,7 +1,6 @@
 """depthmix plot routing / loss / compare."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..config import ConfigError
@@ -38,6 +37,9 @@ def run_routing(args) -> int:
     from ..evaluation import routing
     from ..depthmix_model import CONFIG_NAME
     from ..train import load_trained
+    for name in ("max_samples", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
     info = read_json(Path(args.adapter) / CONFIG_NAME).get("info", {})
     task = get_task(args.task or info.get("task") or "")
     model, tokenizer, _ = load_trained(args.adapter, None, task.head, task.num_labels)
@@ -51,13 +53,17 @@ def run_routing(args) -> int:
 
 
 def run_loss(args) -> int:
+    from ..io import read_json
     from ..plots import loss_curve
     curves = {}
     for run in args.runs:
         path = Path(run) / "log_history.json"
         if not path.exists():
             raise ConfigError(f"{path}: not found (is {run} a `depthmix train` output folder?)")
-        curves[Path(run).name] = json.loads(path.read_text())["log_history"]
+        history = read_json(path).get("log_history")
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise ConfigError(f"{path}: expected {{\"log_history\": [{{...}}, ...]}} (a Trainer's log history)")
+        curves[Path(run).name] = history
     written = loss_curve([], args.output, curves=curves)  # None (and a message) when no loss was logged
     if written is not None:
         print(f"wrote {written}")

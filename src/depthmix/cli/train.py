@@ -92,10 +92,30 @@ def resumed(values: dict) -> dict:
 
 
 def run_train(args) -> int:
+    import sys
+
     from ..train import train
-    summary = train(train_options(args))
+    from ..train.runs import disk_full, resume_hint
+    opts = train_options(args)
+    try:
+        summary = train(opts)
+    except KeyboardInterrupt:
+        if getattr(args, "verbose", False):
+            raise
+        print(f"depthmix train: interrupted; {resume_hint(opts.output_dir)}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if getattr(args, "verbose", False) or not disk_full(e, opts.output_dir):
+            raise
+        print(f"depthmix train: error: the disk is full ({type(e).__name__}: {str(e).strip().splitlines()[-1]}) "
+              f"while writing in {opts.output_dir}; the files saved before are intact (saves are atomic). Free "
+              f"some space; {resume_hint(opts.output_dir)}", file=sys.stderr)
+        return 1
     if summary:
-        print(json.dumps({"task": summary["task"], "method": summary["method"], **summary["metrics"]}, indent=2))
+        print(json.dumps({"task": summary["task"], "method": summary["method"], **summary["metrics"],
+                          "examples": summary["examples"]}, indent=2))
+        print(f"{summary['task']}: {summary['examples']} examples evaluated; adapter and metrics.json in "
+              f"{opts.output_dir}")
     return 0
 
 
@@ -133,7 +153,7 @@ def run_eval(args) -> int:
     metrics = task.evaluate(model, tokenizer, rows, batch_size=args.batch_size, max_length=args.max_length, **kw)
     out = Path(args.output or Path(args.adapter) / f"eval-{task_name.replace('/', '_')}.json")
     state = model.method.summary() if model.method is not None else {}
-    kw["routing"] = model.method.eval_routing() if model.method is not None else "n/a"
+    kw["routing"] = model.method.eval_routing() if model.method is not None else None
     write_json(out, {"task": task_name, "adapter": str(args.adapter), "examples": len(rows), **kw, "metrics": metrics,
                      "method_state": state})
     print(json.dumps({"task": task_name, **metrics, **{k: v for k, v in state.items() if "/" not in k}}, indent=2))

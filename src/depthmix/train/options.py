@@ -120,7 +120,14 @@ def load_options_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text()
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder; --config takes a YAML or JSON file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as "
+                          "UTF-8") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             data = yaml.load(text, Loader=UniqueKeyLoader) or {}

@@ -19,6 +19,7 @@ def preflight(opts: TrainOptions) -> tuple[Task, dict]:
     config in full)."""
     opts.validate()
     task = get_task(opts.task)
+    check_output_dir(opts.output_dir)
     check_data_dir(opts.data_dir)
     check_model(opts.model, task, opts.max_length)
     if opts.train_pooler and task.head != "sequence_classification":
@@ -45,6 +46,20 @@ def method_config(opts: TrainOptions):
             raise ConfigError(f"method_config {opts.method_config} given, but method is 'lora'")
         return None
     return METHODS[opts.method][0].from_dict(opts.method_config, source="method_config")
+
+
+def check_output_dir(output_dir: str) -> None:
+    """A folder the run can create and write into: a file, '' (the working directory, by accident) or a read-only
+    place fails here, before anything is written, not after training."""
+    if not output_dir.strip():
+        raise ConfigError("output_dir = '': expected a folder (e.g. out/run)")
+    out = Path(output_dir).expanduser()
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())  # the run creates the rest
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir = {output_dir!r}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir = {output_dir!r}: {existing} cannot be written (a read-only file system, or "
+                          "no permission)")
 
 
 def check_data_dir(data_dir) -> None:

@@ -143,6 +143,31 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def resume_hint(out) -> str:
+    """What a stopped run left in OUT for a --resume."""
+    intact = next((p for p in checkpoints(Path(out)) if checkpoint_problem(p) is None), None)
+    if intact is None:
+        return f"no checkpoint was saved in {out} yet: run the same command again to start over"
+    return f"{intact} is intact: resume with the same command and --resume"
+
+
+def disk_full(error: BaseException, out) -> bool:
+    """Whether a failure while writing into OUT came from a full disk: an ENOSPC anywhere in its chain, or
+    (torch.save says only "unexpected pos" or "file write failed") no space left where OUT lies."""
+    import errno
+    import shutil
+    e = error
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    folder = next((p for p in (Path(out), *Path(out).parents) if p.exists()), None)
+    try:
+        return folder is not None and shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
 def run_record(opts, method_config: dict) -> dict:
     """What a run is: its options, with the method config in full (defaults included), as JSON reads it back."""
     options = {k: v for k, v in vars(opts).items() if k != "resume"}

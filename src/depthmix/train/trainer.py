@@ -199,10 +199,11 @@ def _train(opts: TrainOptions, task, args: TrainingArguments, resume: str | None
                             max_length=opts.max_length, progress=opts.progress, **extra)
     summary = {
         "task": opts.task, "method": opts.method, "model": opts.model, "seed": opts.seed, "lora": opts.lora,
-        "metrics": metrics, "train_loss": result.training_loss, "train_steps": result.global_step,
+        "metrics": metrics, "examples": len(eval_rows), "train_loss": result.training_loss,
+        "train_steps": result.global_step,
         "train_seconds": round(train_time, 1), "trainable_params": trainable, "total_params": total,
         "method_state": model.method.summary() if model.method is not None else {},
-        "routing": model.method.eval_routing() if model.method is not None else "n/a",  # of the evaluation
+        "routing": model.method.eval_routing() if model.method is not None else None,  # of the evaluation
         "options": vars(opts),
     }
     io.write_json(out / "metrics.json", summary)

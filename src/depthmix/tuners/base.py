@@ -125,10 +125,10 @@ class Method(nn.Module):
         """A context in which forwards use the routing mode `value` (a method with `routings` overrides this)."""
         raise ConfigError(f"{type(self).__name__} has no routing modes to choose from (asked for {value!r})")
 
-    def eval_routing(self) -> str:
+    def eval_routing(self) -> str | None:
         """What routing a forward outside training uses, recorded in every metrics file (MoD: "causal", or
-        "topk-lookahead" where a study asked for it); "n/a" for a method without token routing."""
-        return "n/a"
+        "topk-lookahead" where a study asked for it); None (JSON null) for a method without token routing."""
+        return None
 
     def reset_stats(self) -> None:
         """Forget the routing statistics gathered so far (before an evaluation, say)."""
