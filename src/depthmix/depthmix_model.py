@@ -35,7 +35,8 @@ class DepthMixModel(nn.Module):
             raise TypeError("this model already carries depthmix; apply to the plain base model")
         if config is not None and not isinstance(config, MethodConfig):
             raise TypeError(f"config must be a depthmix method config (MoLExConfig, ...), got {type(config).__name__}")
-        refuse_carried(model, lora)
+        refuse_carried(model)
+        refuse_meta(model)
         arch = resolve(model)
         if lora is not None:
             lora_layers.check(lora, model)
@@ -318,8 +319,9 @@ def find_pooler(model: nn.Module) -> nn.Module | None:
     return pooler if isinstance(pooler, nn.Module) else None
 
 
-def refuse_carried(model: nn.Module, lora) -> None:
-    """One depthmix model per base model: a second method (or LoRA) would silently stack on the first."""
+def refuse_carried(model: nn.Module) -> None:
+    """One depthmix model per base model, and no other PEFT layers: a second method or LoRA would silently stack on
+    the first, and depthmix would freeze foreign layers and leave them out of its adapter."""
     name = type(model).__name__
     for hook in [*model._forward_pre_hooks.values(), *model._forward_hooks.values()]:
         if isinstance(getattr(hook, "__self__", None), DepthMixModel):
@@ -334,11 +336,16 @@ def refuse_carried(model: nn.Module, lora) -> None:
                          "and leave them out of its adapter. Merge or unload them first (peft's merge_and_unload()), "
                          "or let depthmix add the LoRA: apply(base_model, config, lora=LoraConfig(...)) trains and "
                          "saves it with the method")
+
+
+def refuse_meta(model: nn.Module) -> None:
+    """A model on the meta device has no values to hold: to_empty() would later leave depthmix's weights (new ones,
+    or an adapter's) uninitialised while the base model's weights are loaded."""
     on_meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
     if on_meta is not None:
-        raise ValueError(f"{name} has weights on the meta device (e.g. {on_meta!r}): depthmix's own weights would "
-                         "be lost when it is materialised (to_empty() leaves them uninitialised). Load the base "
-                         "model's weights first, then apply() or from_pretrained()")
+        raise ValueError(f"{type(model).__name__} has weights on the meta device (e.g. {on_meta!r}): depthmix's own "
+                         "weights would be lost when it is materialised (to_empty() leaves them uninitialised). Load "
+                         "the base model's weights first, then apply() or from_pretrained()")
 
 
 def _describe(dm: "DepthMixModel") -> str:
