@@ -7,6 +7,12 @@ import math
 from pathlib import Path
 
 
+def heldout_nll(entry: dict) -> float:
+    """A pretraining run's held-out NLL from its metrics.json "heldout" entry ("loss" in runs written before
+    depthmix.evaluation.heldout_nll named it "nll")."""
+    return entry["nll"] if "nll" in entry else entry["loss"]
+
+
 def parabola_min(points: list[tuple[float, float]]) -> dict:
     """points: (params, mean loss) sorted by params. A parabola in log10(params) through the best point and its
     two neighbours; the best point itself where that is not possible."""

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from isoflop_curves import heldout_nll  # beside this script
+
 CORPORA = {  # name: (train file, held-out file or None = last 10% of the train file)
     "tinyshakespeare": ("lm/tinyshakespeare.txt", None),
     "wikitext-2": ("lm/wikitext-2/valid.txt", "lm/wikitext-2/test.txt"),
@@ -88,8 +90,8 @@ def summarize(out: Path, corpora, models) -> None:
             fwd = m.get("forward_flops_heldout") or recount(out / corpus / name, m)
             summary.setdefault(corpus, {})[name] = {
                 "params": m["params"], "train_steps": m["train_steps"], "train_flops": m["train_flops"],
-                "train_seconds": m["train_seconds"], "heldout_loss_causal": causal["loss"],
-                "heldout_loss_topk": held.get("topk", {}).get("loss"),
+                "train_seconds": m["train_seconds"], "heldout_loss_causal": heldout_nll(causal),
+                "heldout_loss_topk": heldout_nll(held["topk"]) if "topk" in held else None,
                 "forward_flops_causal": fwd.get("causal", fwd.get("dense")), "forward_flops_topk": fwd.get("topk"),
                 "realized_capacity": causal.get("realized_capacity"),
                 "predictor_accuracy": causal.get("predictor_accuracy"),

@@ -72,7 +72,7 @@ import sys
 import time
 from pathlib import Path
 
-from isoflop_curves import loglog_interp, markdown, parabola_min, plot, verdicts  # beside this script
+from isoflop_curves import heldout_nll, loglog_interp, markdown, parabola_min, plot, verdicts  # beside this script
 
 CORPORA = {  # name: (train file, held-out file or None = last 10% of the train file)
     "tinyshakespeare": ("lm/tinyshakespeare.txt", None),
@@ -149,7 +149,7 @@ def edge_extension(out: Path, corpus: str, budget: float, args) -> tuple[int, in
                 if not f.exists():
                     return None
                 held = json.loads(f.read_text())["heldout"]
-                vals.append(held.get("causal", held.get("dense"))["loss"])
+                vals.append(heldout_nll(held.get("causal", held.get("dense"))))
             means.setdefault(family, []).append(sum(vals) / len(vals))
     lo, hi = LADDER.index(shapes[0]), LADDER.index(shapes[-1])
     for family, m in means.items():
@@ -214,9 +214,9 @@ def record(run: Path, family: str, shape, seed: int) -> dict:
     main = held.get("causal", held.get("dense"))
     fwd = m.get("forward_flops_heldout", m["forward_flops"])  # runs before the key was dropped wrote both
     wall = run / "wall_seconds.txt"
-    return {"arm": family, "seed": seed, "value": main["loss"], "layers": shape[0], "hidden": shape[1],
+    return {"arm": family, "seed": seed, "value": heldout_nll(main), "layers": shape[0], "hidden": shape[1],
             "params": m["params"], "params_nonembedding": m["params"] - VOCAB * shape[1],
-            "heldout_loss_topk": held.get("topk", {}).get("loss"),
+            "heldout_loss_topk": heldout_nll(held["topk"]) if "topk" in held else None,
             "forward_flops": fwd.get("causal", fwd.get("dense")), "forward_flops_topk": fwd.get("topk"),
             "train_steps": m["train_steps"], "train_tokens": m["train_tokens"], "train_flops": m["train_flops"],
             "train_step_flops": m["train_step_flops"], "train_seconds": m["train_seconds"],

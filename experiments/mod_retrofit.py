@@ -35,8 +35,8 @@ import depthmix
 from depthmix import flops
 from depthmix.bench.common import interleaved_times
 from depthmix.bench.mod import text_blocks
-from depthmix.data.instruct.text import perplexity
 from depthmix.data.tasks import get_task
+from depthmix.evaluation import evaluate, perplexity
 from depthmix.tuners.mod.importance import drop_blocks, influence, least_important
 from depthmix.models import load_model, load_tokenizer
 from depthmix.tuners.mod import retrofit
@@ -131,8 +131,8 @@ def mc_accuracy(model, tok, args):
         rows = get_task(name).load("eval", args.data_dir, args.mc_samples, 0)
         # each option's own text, as lm-eval scores ARC: the label format ("the correct answer is answer2") means
         # nothing to a model that was not tuned on it (SmolLM2 scored 0.26 on ARC-Easy that way, chance 0.25)
-        m = get_task(name).evaluate(model, tok, rows, batch_size=8, max_length=512, progress=False,
-                                    mode="loglik-text")
+        m = evaluate(get_task(name), model, tok, rows, batch_size=8, max_length=512, progress=False,
+                     mode="loglik-text")
         out[name] = round(m["accuracy"], 4)
         out[f"{name}_norm"] = round(m["accuracy_norm"], 4)
     return out

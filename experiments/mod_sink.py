@@ -25,6 +25,7 @@ import torch
 import depthmix
 import depthmix.tuners.mod.model as mod_model
 from depthmix.data.tasks import get_task
+from depthmix.evaluation import evaluate
 from depthmix.models import load_model, load_tokenizer
 from depthmix.tuners.mod.layer import capacity_k
 
@@ -38,7 +39,7 @@ def heldout_nll(model, tokenizer, rows, max_length) -> dict:
     if method is not None:
         method.reset_stats()
     start = time.time()
-    metrics = get_task(TASK).evaluate(model, tokenizer, rows, max_length=max_length, progress=False)
+    metrics = evaluate(get_task(TASK), model, tokenizer, rows, max_length=max_length, progress=False)
     if method is not None:
         metrics["routing"] = method.eval_routing()
         metrics["realized_capacity"] = method.summary().get("realized_capacity")

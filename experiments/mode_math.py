@@ -170,12 +170,13 @@ def run_name(arm: str, lr: str, options: str | None) -> str:
 def gold_nll(folder: Path, split_dir: Path, file: Path) -> None:
     """Mean NLL per token of the gold worked answers (prompt masked, teacher forced, eval mode: no lookahead)."""
     from depthmix.data.tasks import get_task
+    from depthmix.evaluation import response_nll
     from depthmix.io import write_json
     from depthmix.train import load_trained
     model, tokenizer, _ = load_trained(str(folder))
     task = get_task("singleeq")
     start = time.time()
-    result = task.response_nll(model, tokenizer, task.load("train", str(split_dir)), 256)
+    result = response_nll(task, model, tokenizer, task.load("train", str(split_dir)), 256)
     write_json(file, {**result, "split": split_dir.name, "seconds": round(time.time() - start, 1)})
     print(f"{folder.name}: gold NLL {result['gold_nll']:.4f} on {split_dir.name}", flush=True)
 

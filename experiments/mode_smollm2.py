@@ -80,6 +80,7 @@ def zero_shot(task_name: str, data_dir: str, run: Path) -> None:
     import time
 
     from depthmix.data.tasks import get_task
+    from depthmix.evaluation import evaluate
     from depthmix.io import write_json
     from depthmix.models import load_model, load_tokenizer
     task = get_task(task_name)
@@ -87,8 +88,8 @@ def zero_shot(task_name: str, data_dir: str, run: Path) -> None:
     new_tokens = setting(task_name, "--eval-max-new-tokens")
     extra = {"max_new_tokens": new_tokens} if new_tokens else {}
     start = time.time()
-    metrics = task.evaluate(load_model(MODEL), load_tokenizer(MODEL), rows, batch_size=32,
-                            max_length=setting(task_name, "--max-length"), progress=False, **extra)
+    metrics = evaluate(task, load_model(MODEL), load_tokenizer(MODEL), rows, batch_size=32,
+                       max_length=setting(task_name, "--max-length"), progress=False, **extra)
     write_json(run / "metrics.json", {"task": task_name, "method": "base", "seed": 0, "metrics": metrics,
                                       "trainable_params": 0, "train_seconds": 0.0,
                                       "eval_seconds": round(time.time() - start, 1)})
@@ -103,6 +104,7 @@ def gold_nll(run: Path, data_dir: str) -> None:
     import time
 
     from depthmix.data.tasks import get_task
+    from depthmix.evaluation import response_nll
     from depthmix.io import read_json, write_json
     from depthmix.models import load_model, load_tokenizer
     from depthmix.train import load_trained
@@ -114,7 +116,7 @@ def gold_nll(run: Path, data_dir: str) -> None:
         model, tokenizer = load_model(MODEL), load_tokenizer(MODEL)
     rows = task.load("eval", data_dir, setting(task_name, "--max-eval-samples"), 0)
     start = time.time()
-    result = task.response_nll(model, tokenizer, rows, setting(task_name, "--max-length"))
+    result = response_nll(task, model, tokenizer, rows, setting(task_name, "--max-length"))
     write_json(run / "nll.json", {**result, "seconds": round(time.time() - start, 1)})
     print(f"{run.name}: gold NLL {result['gold_nll']:.4f}", flush=True)
 

@@ -3,7 +3,7 @@ import pytest
 
 from conftest import shared_data
 from depthmix.data import DataError, get_task
-from depthmix.data.glue import glue_metrics
+from depthmix.evaluation.metrics import glue_metrics
 
 
 def test_local_glue_sst2_and_rte_load():
@@ -36,6 +36,17 @@ def test_missing_file_and_env_var(tmp_path, monkeypatch):
     monkeypatch.setenv("DEPTHMIX_DATA", str(tmp_path))
     with pytest.raises(DataError, match="no SST-2/train.tsv under"):
         get_task("glue/sst2").load("train")
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\x0b", "\x85", "\x0c"], ids=["U+2028", "VT", "NEL", "FF"])
+def test_rows_with_unicode_line_separators_inside_a_field_load(tmp_path, char):
+    """pandas ends a line at \\n and \\r only; the field check must split the file the same way."""
+    write(tmp_path / "SST-2" / "dev.tsv", f"sentence\tlabel\nfine{char}film\t1\nbad one\t0\n")
+    rows = get_task("glue/sst2").load("eval", str(tmp_path))
+    assert rows["text_a"] == [f"fine{char}film", "bad one"] and rows["label"] == [1, 0]
+    write(tmp_path / "SST-2" / "train.tsv", f"sentence\tlabel\nfine{char}film\t1\nbad\tone\t0\n")
+    with pytest.raises(DataError, match="train.tsv: line 3: 3 fields, but line 1 has 2"):  # still counted right
+        get_task("glue/sst2").load("train", str(tmp_path))
 
 
 def test_headerless_cola_and_regression_stsb(tmp_path):

@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from conftest import tiny
-from depthmix.data.instruct import arithmetic, choice, e2e, text
-from depthmix.data.instruct.common import generate, loglik
+from depthmix.data import text
 from depthmix.data.tasks import DataError, get_task
+from depthmix.evaluation import evaluate, metrics, response_nll, scorers
+from depthmix.evaluation.generation import generate
+from depthmix.evaluation.loglik import loglik
 
 SHARED = Path(os.environ.get("DEPTHMIX_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
@@ -83,28 +85,28 @@ def test_prompt_is_masked_out_of_the_loss_and_padding_too(tmp_path, tok):
     ("48/2 = 24 clips. The answer is 72.", 72.0), ("It costs $1,234.50 in total", 1234.5),
     ("-3 degrees", -3.0), ("I do not know", None), ("The answer is 5.\n", 5.0)])
 def test_number_extraction_takes_the_last_number(out, expected):
-    assert arithmetic.extract_number(out) == expected
+    assert metrics.extract_number(out) == expected
 
 
 @pytest.mark.parametrize("out,expected", [
     ("The answer is (D).", "D"), ("(B) looks right but the answer is (C)", "C"), ("Rationale: x. (E)", "E"),
     ("so B", "B"), ("no idea", None)])
 def test_letter_extraction(out, expected):
-    assert arithmetic.extract_letter(out) == expected
+    assert metrics.extract_letter(out) == expected
 
 
 def test_numeric_tolerance():
-    assert arithmetic.is_correct(8.0, "8.0", False) and arithmetic.is_correct(8.0005, "8", False)
-    assert not arithmetic.is_correct(8.01, "8", False) and not arithmetic.is_correct(None, "8", False)
-    assert arithmetic.is_correct("C", "C", True) and not arithmetic.is_correct("A", "C", True)
+    assert metrics.is_correct(8.0, "8.0", False) and metrics.is_correct(8.0005, "8", False)
+    assert not metrics.is_correct(8.01, "8", False) and not metrics.is_correct(None, "8", False)
+    assert metrics.is_correct("C", "C", True) and not metrics.is_correct("A", "C", True)
 
 
 def test_arithmetic_accuracy_from_generated_text(tmp_path, tok, monkeypatch):
     write(tmp_path, "reasoning/SVAMP_test.json", [{"instruction": f"q{i}", "input": "", "output": "",
                                                    "answer": a} for i, a in enumerate(["8.0", "3", "1000"])])
     rows = get_task("svamp").load("eval", str(tmp_path))
-    monkeypatch.setattr(arithmetic, "generate", lambda *a, **k: ["so 8", "The answer is 4.", "1,000 apples"])
-    assert get_task("svamp").evaluate(None, tok, rows) == {"accuracy": 2 / 3, "answered": 1.0}
+    monkeypatch.setattr(scorers, "generate", lambda *a, **k: ["so 8", "The answer is 4.", "1,000 apples"])
+    assert evaluate(get_task("svamp"), None, tok, rows) == {"accuracy": 2 / 3, "answered": 1.0}
 
 
 # -- scoring with a model -----------------------------------------------------------------------------------
@@ -132,10 +134,10 @@ def test_loglik_multiple_choice_picks_the_option_the_model_prefers(tmp_path, tok
     assert rows[0]["labels"] == ["answer1", "answer2", "answer3"] and rows[0]["texts"][1] == "fire"
     three = tok("3", add_special_tokens=False)["input_ids"]
     assert len(three) == 1
-    result = task.evaluate(Prefers(lm, three[0]), tok, rows, batch_size=2, progress=False)
+    result = evaluate(task, Prefers(lm, three[0]), tok, rows, batch_size=2, progress=False)
     assert result == {"accuracy": 0.5, "accuracy_norm": 0.5}  # answer3 everywhere: right once, wrong once
     fire = tok("fire", add_special_tokens=False)["input_ids"][0]
-    text = task.evaluate(Prefers(lm, fire), tok, rows, batch_size=2, progress=False, mode="loglik-text")
+    text = evaluate(task, Prefers(lm, fire), tok, rows, batch_size=2, progress=False, mode="loglik-text")
     assert text["accuracy"] == 0.0  # "fire" is answer2, the right answer of neither row
 
 
@@ -166,8 +168,8 @@ def test_generate_mode_extracts_the_first_label(tmp_path, tok, monkeypatch):
                         "Answer format: true/false", "input": "", "output": "", "answer": a}
         for i, a in enumerate(["true", "false", "false"])])
     rows = get_task("boolq").load("eval", str(tmp_path))
-    monkeypatch.setattr(choice, "generate", lambda *a, **k: ["the correct answer is true", "false, not true", "?"])
-    assert get_task("boolq").evaluate(None, tok, rows, mode="generate") == {"accuracy": 2 / 3, "answered": 2 / 3}
+    monkeypatch.setattr(scorers, "generate", lambda *a, **k: ["the correct answer is true", "false, not true", "?"])
+    assert evaluate(get_task("boolq"), None, tok, rows, mode="generate") == {"accuracy": 2 / 3, "answered": 2 / 3}
 
 
 # -- metrics ------------------------------------------------------------------------------------------------
@@ -175,8 +177,8 @@ def test_e2e_metrics_on_toy_outputs():
     refs = [["The Eagle is a pub near the river.", "Near the river is a pub called The Eagle."],
             ["Blue Spice serves cheap food."]]
     with pytest.warns(UserWarning) as record:
-        perfect = e2e.e2e_metrics([r[0] for r in refs], refs)
-        poor = e2e.e2e_metrics(["cats sleep", "dogs bark loudly"], refs)
+        perfect = metrics.e2e_metrics([r[0] for r in refs], refs)
+        poor = metrics.e2e_metrics(["cats sleep", "dogs bark loudly"], refs)
     assert perfect["bleu"] == pytest.approx(100) and perfect["rouge_l"] == pytest.approx(100)
     assert poor["bleu"] < 5 and poor["rouge_l"] < 10 and perfect["nist"] > poor["nist"]
     for name, needs in [("cider", "pycocoevalcap"), ("meteor", "WordNet")]:  # present exactly when installed
@@ -197,7 +199,7 @@ def test_e2e_groups_references_per_meaning_representation(tmp_path):
 def test_perplexity_is_exp_of_the_mean_token_nll(tok, lm):
     task = get_task("lm/pydoc")
     rows = task.load("eval", max_samples=2)
-    result = task.evaluate(lm, tok, rows, batch_size=3, max_length=48, progress=False)
+    result = evaluate(task, lm, tok, rows, batch_size=3, max_length=48, progress=False)
     total, count = 0.0, 0
     for block in text.blocks(rows["text"], tok, 48):  # one block at a time: the model's own mean loss
         with torch.no_grad():
@@ -300,6 +302,27 @@ def test_train_and_eval_from_the_command_line(tmp_path, tok, lm):
     assert json.loads((out / "eval-gsm8k.json").read_text())["examples"] == 2
 
 
+def test_a_max_length_that_drops_every_example_is_refused_before_the_model_loads(tmp_path, tok, lm, monkeypatch,
+                                                                              capsys):
+    from depthmix.cli.main import main
+    from depthmix.train import trainer
+    model_dir = tmp_path / "tiny"
+    lm.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    write(tmp_path / "data", "gsm8k/train.jsonl", GSM)
+    write(tmp_path / "data", "gsm8k/test.jsonl", GSM)
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the options were refused")
+    monkeypatch.setattr(trainer, "build_model", no_model)
+    assert main(["train", "--method", "lora", "--model", str(model_dir), "--task", "gsm8k", "--data-dir",
+                 str(tmp_path / "data"), "--output-dir", str(tmp_path / "run"), "--max-length", "16",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-length 16: none of the 2 training examples of gsm8k" in err and "raise --max-length" in err
+    assert not any((tmp_path / "run" / f).exists() for f in ("adapter_model.safetensors", "metrics.json"))
+
+
 def test_mode_routing_weights_are_drawn_from_the_command_line(tmp_path, tok, lm):
     from depthmix.cli.main import main
     model_dir = tmp_path / "tiny"
@@ -324,7 +347,7 @@ def test_response_nll_is_the_mean_over_response_tokens_of_all_batches(tmp_path, 
     write(tmp_path, "gsm8k/train.jsonl", GSM)
     task = get_task("gsm8k")
     rows = task.load("train", str(tmp_path))
-    got = task.response_nll(lm, tok, rows, 256, batch_size=1)  # one row per batch: the mean must weigh tokens
+    got = response_nll(task, lm, tok, rows, 256, batch_size=1)  # one row per batch: the mean must weigh tokens
     total = count = 0
     for e in task.encode(rows, tok, 256):
         ids, labels = torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]])

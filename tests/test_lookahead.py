@@ -234,7 +234,8 @@ def check_leak_would_show(refs: dict) -> None:
 
 
 def test_multiple_choice_loglik_decides_on_the_prompt(tok):
-    from depthmix.data.instruct.common import loglik, pair_ids
+    from depthmix.data.instruct.common import pair_ids
+    from depthmix.evaluation.loglik import loglik
     dm = wide_molex(tok)
     ps, cs = pair_ids(tok, CONTEXTS, CONTINUATIONS)
     refs = {k: [reference(dm, p, c, k) for p, c in zip(ps, cs)] for k in ("context", "all", "first")}

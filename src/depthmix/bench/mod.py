@@ -13,6 +13,7 @@ import torch
 
 from .. import flops
 from ..depthmix_model import DepthMixModel, apply
+from ..evaluation import heldout_nll
 from ..flags import add_dataclass_flags, pick
 from ..models import load_model
 from ..tuners import MoDConfig
@@ -50,8 +51,8 @@ def add_args(p) -> None:
 
 
 def text_blocks(task_name, split, tokenizer, size, data_dir, limit=None):
-    from ..data.instruct.text import blocks
     from ..data.tasks import get_task
+    from ..data.text import blocks
     rows = get_task(task_name).load(split, data_dir)
     out = [b for b in blocks(rows["text"], tokenizer, size) if len(b) == size]
     return torch.tensor(out[:limit] if limit else out)
@@ -74,24 +75,14 @@ def decode_ceiling(mod, realized: float | None) -> dict:
             "blocks": round(n / (n - (1 - c) * r), 4)}
 
 
-def score(model, blocks, routing=None, batch=4):
-    """Mean held-out NLL; for MoD also its routing statistics in the given mode."""
-    from ..data.instruct.text import perplexity
-    method = getattr(model, "method", None)
-    if method is not None:
-        method.reset_stats()
-    out = perplexity(model, blocks.tolist(), 0, batch, progress=False, routing=routing)
-    return {"nll": out["nll"], **(method.summary() if method is not None else {})}
-
-
 def run(args) -> dict:
     from ..models import load_tokenizer
     torch.manual_seed(0)
     tok = load_tokenizer(args.model)
     dense, mod = build_pair(args, tok)
     heldout = text_blocks(args.task, "eval", tok, args.seq_len, args.data_dir, args.eval_blocks)
-    quality = {"dense": score(dense, heldout), "mod_causal": score(mod, heldout, "causal"),
-               "mod_topk": score(mod, heldout, "topk")}
+    quality = {"dense": heldout_nll(dense, heldout), "mod_causal": heldout_nll(mod, heldout, routing="causal"),
+               "mod_topk": heldout_nll(mod, heldout, routing="topk")}
     # the same random batch for both; no padding, so the dense model runs SDPA with is_causal (its fastest path)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, dense.config.vocab_size, (args.batch_size, args.seq_len), generator=g).to(args.device)

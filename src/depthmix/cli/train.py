@@ -131,6 +131,7 @@ def check_eval_args(args) -> None:
 
 def run_eval(args) -> int:
     from ..data.tasks import get_task
+    from ..evaluation import evaluate
     from ..io import write_json
     from ..train import load_trained
     from ..train.trainer import CONFIG_NAME
@@ -150,7 +151,7 @@ def run_eval(args) -> int:
         model.method.reset_stats()
     rows = task.load("eval", args.data_dir, args.max_eval_samples, 0)
     kw = {k: getattr(args, k) for k in ("mode", "max_new_tokens") if getattr(args, k, None) is not None}
-    metrics = task.evaluate(model, tokenizer, rows, batch_size=args.batch_size, max_length=args.max_length, **kw)
+    metrics = evaluate(task, model, tokenizer, rows, batch_size=args.batch_size, max_length=args.max_length, **kw)
     out = Path(args.output or Path(args.adapter) / f"eval-{task_name.replace('/', '_')}.json")
     state = model.method.summary() if model.method is not None else {}
     kw["routing"] = model.method.eval_routing() if model.method is not None else None

@@ -5,11 +5,7 @@ import csv
 from dataclasses import dataclass
 
 import datasets
-import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from ..runtime import device_of, evaluating
 from .tasks import DataError, Task, check_table, data_root, find_file, register, subsample
 
 
@@ -24,7 +20,10 @@ class Layout:
 
 
 class GlueTask(Task):
+    """metrics: what the "classification" scorer reports, the first one the headline metric."""
+
     head = "sequence_classification"
+    scorer = "classification"
 
     def __init__(self, name, hub_config, hub_fields, layout: Layout, labels, metrics):
         self.name = f"glue/{name}"
@@ -109,36 +108,6 @@ class GlueTask(Task):
             out["labels"] = batch["label"]
             return out
         return rows.map(enc, batched=True, remove_columns=rows.column_names, desc=f"tokenizing {self.name}")
-
-    @torch.no_grad()
-    def predict(self, model, tokenizer, rows, batch_size=32, max_length=256, progress=True):
-        enc = self.encode(rows, tokenizer, max_length).remove_columns(["labels"])
-        collate = self.collator(tokenizer)
-        device = device_of(model)
-        preds = []
-        with evaluating(model):
-            for start in tqdm(range(0, len(enc), batch_size), desc=f"eval {self.name}", disable=not progress):
-                batch = collate([enc[i] for i in range(start, min(start + batch_size, len(enc)))])
-                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
-                preds.append(logits.squeeze(-1) if self.num_labels == 1 else logits.argmax(-1))
-        return torch.cat(preds).cpu().numpy()
-
-    def evaluate(self, model, tokenizer, rows, batch_size=32, max_length=256, progress=True, **kw):
-        preds = self.predict(model, tokenizer, rows, batch_size, max_length, progress)
-        return glue_metrics(self.metrics, preds, np.asarray(rows["label"]))
-
-
-def glue_metrics(names, preds, labels) -> dict[str, float]:
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import f1_score, matthews_corrcoef
-    fns = {
-        "accuracy": lambda: float((preds == labels).mean()),
-        "f1": lambda: float(f1_score(labels, preds)),
-        "matthews_correlation": lambda: float(matthews_corrcoef(labels, preds)),
-        "pearson": lambda: float(pearsonr(preds, labels)[0]),
-        "spearman": lambda: float(spearmanr(preds, labels)[0]),
-    }
-    return {n: fns[n]() for n in names}
 
 
 NLI = ["entailment", "not_entailment"]

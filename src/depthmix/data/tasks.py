@@ -1,7 +1,9 @@
-"""The task registry: every task knows how to load its data, encode it for a model, and score a model on it."""
+"""The task registry: every task knows how to load its data and encode it for a model, and names the scorer that
+measures a model on it (depthmix.evaluation.scorers). Importing depthmix.data registers every task."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import datasets
@@ -11,17 +13,23 @@ class DataError(ValueError):
     """A data file is missing or malformed; the message names the file, line and field."""
 
 
+LINE_BREAK = re.compile(r"\r\n|\r|\n")  # what ends a line for pandas and the csv module; str.splitlines also
+# splits on VT, FF, NEL, U+2028..., which are text inside a field
+
+
 class Task:
-    """Subclasses set the class attributes and implement load/encode/evaluate.
+    """Subclasses set the class attributes and implement load/encode.
 
     head: the model head the task needs: "sequence_classification" or "causal_lm".
     num_labels: classes for classification tasks (1 = regression); None for causal LM tasks.
-    metric: the headline metric in evaluate()'s result, used for summaries and model selection.
+    scorer: the name of the scorer in depthmix.evaluation.scorers that measures a model on the task.
+    metric: the headline metric in the scorer's result, used for summaries and model selection.
     """
 
     name: str = ""
     head: str = "causal_lm"
     num_labels: int | None = None
+    scorer: str = ""
     metric: str = ""
 
     def load(self, split: str, data_dir: str | None = None, max_samples: int | None = None,
@@ -38,10 +46,6 @@ class Task:
         from transformers import DataCollatorWithPadding
         return DataCollatorWithPadding(tokenizer)
 
-    def evaluate(self, model, tokenizer, rows: datasets.Dataset, batch_size: int = 32,
-                 max_length: int = 256, **kw) -> dict[str, float]:
-        raise NotImplementedError
-
 
 TASKS: dict[str, Task] = {}
 
@@ -52,20 +56,10 @@ def register(task: Task) -> Task:
 
 
 def task_names() -> list[str]:
-    _fill()
     return sorted(TASKS)
 
 
-def _fill() -> None:
-    from . import glue, pydoc_topics  # noqa: F401  (fill the registry)
-    try:
-        from . import instruct  # noqa: F401
-    except ImportError:
-        pass
-
-
 def get_task(name: str) -> Task:
-    _fill()
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name]
@@ -109,7 +103,7 @@ def check_table(path: Path, delimiter: str, header: bool, quoted: bool) -> None:
         reader = csv.reader(io.StringIO(text), delimiter=delimiter)
         rows = [(reader.line_num, len(fields)) for fields in reader if fields]
     else:
-        rows = [(n + 1, line.count(delimiter) + 1) for n, line in enumerate(text.splitlines()) if line.strip()]
+        rows = [(n + 1, line.count(delimiter) + 1) for n, line in enumerate(lines(text)) if line.strip()]
     first, width = rows[0]
     for line, count in rows[1:]:
         if count != width:
@@ -117,6 +111,11 @@ def check_table(path: Path, delimiter: str, header: bool, quoted: bool) -> None:
                             f"{' (the header)' if header else ''}")
     if header and len(rows) < 2:
         raise DataError(f"{path}: only a header line, no rows")
+
+
+def lines(text: str) -> list[str]:
+    """The lines of a data file's text, split where pandas and the csv module split them."""
+    return LINE_BREAK.split(text)
 
 
 def subsample(ds: datasets.Dataset, max_samples: int | None, seed: int) -> datasets.Dataset:

@@ -7,6 +7,7 @@ import numpy as np
 
 from ..config import ConfigError
 from ..tuners import METHODS
+from .scorers import evaluate
 
 
 def record(model, tokenizer, task, rows, batch_size: int = 32) -> dict:
@@ -20,7 +21,7 @@ def record(model, tokenizer, task, rows, batch_size: int = 32) -> dict:
     method.reset_stats()
     was, method.recording = method.recording, True
     try:
-        task.evaluate(model, tokenizer, rows, batch_size=batch_size, progress=False)
+        evaluate(task, model, tokenizer, rows, batch_size=batch_size, progress=False)
     finally:
         method.recording = was
     return {"method": model.method_config.method, "layers": method.layers, **method.routing_record()}

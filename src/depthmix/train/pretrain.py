@@ -17,8 +17,8 @@ import torch
 from .. import flops as flop_count
 from .. import io
 from ..config import ConfigError, checked_type
-from ..data.instruct.text import perplexity
 from ..depthmix_model import apply
+from ..evaluation import heldout_nll
 
 ARCHS = ("llama", "gpt2")
 
@@ -152,15 +152,6 @@ def build(opts: PretrainOptions, vocab: int):
     return model
 
 
-def heldout_loss(model, blocks: torch.Tensor, batch_size: int, routing: str | None = None) -> dict:
-    """Mean next-token NLL over held-out blocks; MoD in the given routing mode, with its routing statistics."""
-    method = model.method
-    if method is not None:
-        method.reset_stats()
-    out = perplexity(model, blocks.tolist(), 0, batch_size, progress=False, routing=routing)
-    return {"loss": out["nll"], **(method.summary() if method is not None else {})}
-
-
 def heldout_forward_flops(model, blocks: torch.Tensor) -> dict:
     """FLOPs of one forward pass per sequence, averaged over held-out blocks: dense, or MoD top-k and causal."""
     routings = ("topk", "causal") if model.method is not None else (None,)
@@ -208,8 +199,8 @@ def pretrain(opts: PretrainOptions) -> dict:
     # FLOPs of one inference forward pass of the trained model on a held-out block (causal routing decides per
     # token, so the count depends on real text; it is what generation runs)
     fwd = heldout_forward_flops(model, eval_blocks[:8])
-    evals = {"dense": heldout_loss(model, eval_blocks, opts.batch_size)} if model.method is None else {
-        r: heldout_loss(model, eval_blocks, opts.batch_size, r) for r in ("causal", "topk")}
+    evals = {"dense": heldout_nll(model, eval_blocks, opts.batch_size)} if model.method is None else {
+        r: heldout_nll(model, eval_blocks, opts.batch_size, r) for r in ("causal", "topk")}
     summary = {
         "options": dataclasses.asdict(opts), "params": sum(p.numel() for p in model.parameters()),
         "train_steps": result.global_step, "train_tokens": result.global_step * opts.batch_size * opts.seq_len,

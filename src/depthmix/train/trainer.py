@@ -14,6 +14,7 @@ from .. import io
 from ..config import ConfigError
 from ..data.tasks import get_task
 from ..depthmix_model import CONFIG_NAME, DepthMixModel, apply
+from ..evaluation import evaluate
 from ..lora import config as lora_config
 from ..models import load_model, load_tokenizer
 from ..tuners import METHODS
@@ -109,10 +110,11 @@ class DepthMixTrainer(Trainer):
         (model or self.model).load_adapter_weights(resume_from_checkpoint)
 
 
-def build_model(opts: TrainOptions, head: str, num_labels: int | None):
-    """Base model + tokenizer, with the method of `opts` applied (on top of LoRA unless opts.lora is False)."""
+def build_model(opts: TrainOptions, head: str, num_labels: int | None, tokenizer=None):
+    """Base model + tokenizer (loaded unless given), with the method of `opts` applied (on top of LoRA unless
+    opts.lora is False)."""
     model = load_model(opts.model, head=head, num_labels=num_labels)
-    tokenizer = load_tokenizer(opts.model)
+    tokenizer = tokenizer or load_tokenizer(opts.model)
     lora = None
     if opts.lora:
         lora = lora_config(model, opts.lora_targets, r=opts.lora_r, lora_alpha=opts.lora_alpha,
@@ -168,8 +170,13 @@ def _train(opts: TrainOptions, task, args: TrainingArguments, resume: str | None
     set_seed(opts.seed)
     train_rows = task.load("train", opts.data_dir, opts.max_train_samples, opts.seed)
     eval_rows = task.load("eval", opts.data_dir, opts.max_eval_samples, 0)
-    model, tokenizer = build_model(opts, task.head, task.num_labels)
+    tokenizer = load_tokenizer(opts.model)
     train_ds = task.encode(train_rows, tokenizer, opts.max_length)
+    if len(train_ds) == 0:  # before the model loads: the Trainer would fail later on "num_samples=0"
+        raise ConfigError(f"--max-length {opts.max_length}: none of the {len(train_rows)} training examples of "
+                          f"{opts.task} leaves a token to learn at this length (an instruction's prompt alone fills "
+                          "it); raise --max-length")
+    model, tokenizer = build_model(opts, task.head, task.num_labels, tokenizer)
 
     trainer = DepthMixTrainer(model=model, args=args, train_dataset=train_ds, data_collator=task.collator(tokenizer),
                               processing_class=tokenizer, router_lr=opts.router_lr or _default_router_lr(opts.method),
@@ -195,8 +202,8 @@ def _train(opts: TrainOptions, task, args: TrainingArguments, resume: str | None
     if model.method is not None:  # e.g. MoD's realized capacity: of the evaluation alone
         model.method.reset_stats()
     extra = {k: v for k, v in (("max_new_tokens", opts.eval_max_new_tokens), ("mode", opts.eval_mode)) if v}
-    metrics = task.evaluate(model, tokenizer, eval_rows, batch_size=opts.eval_batch_size,
-                            max_length=opts.max_length, progress=opts.progress, **extra)
+    metrics = evaluate(task, model, tokenizer, eval_rows, batch_size=opts.eval_batch_size,
+                       max_length=opts.max_length, progress=opts.progress, **extra)
     summary = {
         "task": opts.task, "method": opts.method, "model": opts.model, "seed": opts.seed, "lora": opts.lora,
         "metrics": metrics, "examples": len(eval_rows), "train_loss": result.training_loss,

@@ -8,10 +8,11 @@ Tasks: gsm8k, svamp, addsub, multiarith, singleeq, mawps, aqua, reasoning/math.
 * svamp ... aqua evaluate on LLM-Adapters' reasoning/<name>_test.json and train on reasoning/math_train.json
   (LLM-Adapters' recipe: one arithmetic training set, every test set), as does reasoning/math, which evaluates
   on GSM8K test.
-* Scoring follows LLM-Adapters' evaluate.py: greedy generation (max_new_tokens, default 256) after the Alpaca
-  prompt, the response cut at the first "\\n### ", the last number in it (commas removed) compared with the
-  answer within 0.001; no number counts as wrong. For AQuA the option letter: the last "answer is (X)" or "(X)",
-  else (LLM-Adapters' rule) the first capital A-E in the response.
+* Scoring (the "answer" scorer of depthmix.evaluation) follows LLM-Adapters' evaluate.py: greedy generation
+  (max_new_tokens, default 256) after the Alpaca prompt, the response cut at the first "\\n### ", the last
+  number in it (commas removed) compared with the answer within 0.001; no number counts as wrong. For AQuA the
+  option letter: the last "answer is (X)" or "(X)", else (LLM-Adapters' rule) the first capital A-E in the
+  response.
 * Hub sources: openai/gsm8k, ChilleD/SVAMP (train+test = the 1,000 problems), ChilleD/MultiArith (train+test),
   deepmind/aqua_rat (raw, test). AddSub, SingleEq, MAWPS and math_train have no Hub copy in this form: they need
   --data-dir / $DEPTHMIX_DATA.
@@ -21,11 +22,9 @@ from __future__ import annotations
 import re
 
 from ..tasks import DataError, register
-from .common import InstructTask, accuracy, generate, hub, locate, prompt, read_records, to_rows
+from .common import InstructTask, hub, locate, prompt, read_records, to_rows
 
-NUMBER = re.compile(r"-?\d+\.?\d*")
 CALC = re.compile(r"<<[^>]*>>")
-TOLERANCE = 1e-3
 
 
 def parse_number(text) -> float | None:
@@ -33,29 +32,6 @@ def parse_number(text) -> float | None:
         return float(str(text).replace(",", "").strip())
     except ValueError:
         return None
-
-
-def extract_number(text: str) -> float | None:
-    """LLM-Adapters: the last number of the response, commas removed."""
-    found = NUMBER.findall(text.replace(",", ""))
-    return float(found[-1]) if found else None
-
-
-def extract_letter(text: str) -> str | None:
-    for pattern in (r"answer is:?\s*\(?([A-E])\b", r"\(([A-E])\)"):
-        found = re.findall(pattern, text)
-        if found:
-            return found[-1]
-    found = re.findall(r"A|B|C|D|E", text)  # LLM-Adapters' rule
-    return found[0] if found else None
-
-
-def is_correct(pred, answer: str, letter: bool) -> bool:
-    if pred is None:
-        return False
-    if letter:
-        return pred == answer
-    return abs(pred - float(answer.replace(",", ""))) <= TOLERANCE
 
 
 # -- rows -------------------------------------------------------------------------------------------------
@@ -131,6 +107,9 @@ def read_math_train(task: str, data_dir):
 
 # -- tasks ------------------------------------------------------------------------------------------------
 class Arithmetic(InstructTask):
+    """letter: the answer is an option letter (AQuA), not a number."""
+
+    scorer = "answer"
     metric = "accuracy"
     max_new_tokens = 256
 
@@ -150,15 +129,6 @@ class Arithmetic(InstructTask):
         repo, config, hub_split, to_record = HUB[self.name]
         records = hub(self.name, repo, config, hub_split)
         return to_rows(self.name, (to_record(r) for r in records), convert, repo)
-
-    def evaluate(self, model, tokenizer, rows, batch_size=32, max_length=256, progress=True,
-                 max_new_tokens=None, **kw):
-        outputs = generate(model, tokenizer, rows["prompt"], batch_size, max_length,
-                           max_new_tokens or self.max_new_tokens, progress, desc=f"eval {self.name}")
-        extract = extract_letter if self.letter else extract_number
-        preds = [extract(o) for o in outputs]
-        return {"accuracy": accuracy([is_correct(p, a, self.letter) for p, a in zip(preds, rows["answer"])]),
-                "answered": accuracy([p is not None for p in preds])}
 
 
 class GSM8K(Arithmetic):

@@ -2,9 +2,8 @@
 
 Each record's `instruction` holds the question, the options ("Answer1: ... Answer2: ...", "Solution1: ...")
 and an "Answer format: answer1/answer2/..." line; `answer` is one of those labels (true/false for BoolQ).
-The model is trained to answer "the correct answer is <label>" (the records' `output`).
-
-evaluate(..., mode=...):
+The model is trained to answer "the correct answer is <label>" (the records' `output`). The rows keep each
+option's label and text for the "choice" scorer of depthmix.evaluation, whose modes are:
 * "loglik" (default): the log-likelihood of "the correct answer is <label>" after the prompt, for every
   label; accuracy picks the highest sum of token log-probs, accuracy_norm the highest mean per token.
 * "loglik-text": the same over each option's own text (as lm-eval scores ARC/OBQA/PIQA): meaningful for a
@@ -22,11 +21,10 @@ from __future__ import annotations
 import re
 
 from ..tasks import DataError, register
-from .common import InstructTask, accuracy, generate, hub, locate, loglik, read_records, to_rows, prompt
+from .common import InstructTask, hub, locate, prompt, read_records, to_rows
 
 FORMAT = "\n\nAnswer format:"
 OPTION = re.compile(r"(?:Answer|Solution|Option|Ending)\s*(\d+)\s*:\s*", re.IGNORECASE)
-MODES = ("loglik", "loglik-text", "generate")
 
 
 def response(label: str) -> str:
@@ -82,6 +80,7 @@ def piqa_hub(rec):
 
 
 class Choice(InstructTask):
+    scorer = "choice"
     metric = "accuracy"
     max_new_tokens = 32
 
@@ -103,38 +102,6 @@ class Choice(InstructTask):
         repo, config, splits, to_record = self.hub_source
         records = hub(self.name, repo, config, splits[0 if split == "train" else 1])
         return to_rows(self.name, (to_record(r) for r in records), choice_row, repo)
-
-    def evaluate(self, model, tokenizer, rows, batch_size=32, max_length=256, progress=True, mode="loglik",
-                 max_new_tokens=None, **kw):
-        if mode not in MODES:
-            raise ValueError(f"{self.name}: mode {mode!r}; expected one of {MODES}")
-        answers = rows["answer"]
-        if mode == "generate":
-            outputs = generate(model, tokenizer, rows["prompt"], batch_size, max_length,
-                               max_new_tokens or self.max_new_tokens, progress, desc=f"eval {self.name}")
-            preds = []
-            for out, labels in zip(outputs, rows["labels"]):
-                found = re.findall("|".join(re.escape(x) for x in labels), out)
-                preds.append(found[0] if found else None)
-            return {"accuracy": accuracy([p == a for p, a in zip(preds, answers)]),
-                    "answered": accuracy([p is not None for p in preds])}
-        prompts, conts, owner = [], [], []
-        for i, (p, labels, texts) in enumerate(zip(rows["prompt"], rows["labels"], rows["texts"])):
-            for label, text in zip(labels, texts):
-                prompts.append(p)
-                conts.append(response(label) if mode == "loglik" else text)
-                owner.append((i, label))
-        scores = loglik(model, tokenizer, prompts, conts, batch_size, max_length, progress,
-                        desc=f"eval {self.name}")
-        best: dict[int, tuple] = {}
-        best_norm: dict[int, tuple] = {}
-        for (i, label), (total, n) in zip(owner, scores):
-            if i not in best or total > best[i][0]:
-                best[i] = (total, label)
-            if i not in best_norm or total / n > best_norm[i][0]:
-                best_norm[i] = (total / n, label)
-        return {"accuracy": accuracy([best[i][1] == a for i, a in enumerate(answers)]),
-                "accuracy_norm": accuracy([best_norm[i][1] == a for i, a in enumerate(answers)])}
 
 
 register(Choice("boolq", "boolq", ("google/boolq", None, ("train", "validation"), boolq_hub)))

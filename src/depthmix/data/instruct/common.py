@@ -1,18 +1,15 @@
 """What the instruction-tuning tasks share: the Alpaca prompt, reading and checking local files, prompt-masked
-encoding, padding, batched greedy generation and log-likelihood scoring."""
+encoding and padding."""
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from pathlib import Path
 
 import datasets
 import torch
-from tqdm.auto import tqdm
 
-from ...runtime import device_of, evaluating
-from ..tasks import DataError, Task, check_table, data_root, find_file, read_text, subsample
+from ..tasks import DataError, Task, check_table, data_root, find_file, lines, read_text, subsample
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +20,6 @@ PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an i
                 "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
                 "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 STOP = "\n### "  # the model starts a new prompt: the response is over
-LOGITS_BUDGET = 2 ** 27  # float32 logits kept per forward (512 MiB): caps the rows per batch of long vocabularies
 
 
 def prompt(instruction: str, input: str | None = None) -> str:
@@ -87,7 +83,7 @@ def _diagnose(path: Path, fields) -> str | None:
     try:
         if path.suffix == ".jsonl":
             records = []
-            for n, line in enumerate(text.splitlines()):
+            for n, line in enumerate(lines(text)):
                 if line.strip():
                     try:
                         records.append((n, json.loads(line)))
@@ -185,22 +181,6 @@ class InstructTask(Task):
     def collator(self, tokenizer):
         return CausalCollator(tokenizer.pad_token_id)
 
-    @torch.no_grad()
-    def response_nll(self, model, tokenizer, rows, max_length=256, batch_size=16) -> dict:
-        """Mean NLL per token of the rows' gold responses, teacher forced with the prompt masked out (eval mode):
-        a continuous measure of what a short run learned, steadier than accuracy on a few hundred rows."""
-        enc = self.encode(rows, tokenizer, max_length)
-        collate = self.collator(tokenizer)
-        device = device_of(model)
-        total, count = 0.0, 0
-        with evaluating(model):
-            for start in range(0, len(enc), batch_size):
-                batch = collate([enc[i] for i in range(start, min(start + batch_size, len(enc)))])
-                n = int((batch["labels"][:, 1:] != -100).sum())
-                total += model(**{k: v.to(device) for k, v in batch.items()}).loss.item() * n
-                count += n
-        return {"gold_nll": total / max(count, 1), "tokens": count, "rows": len(enc)}
-
 
 class CausalCollator:
     """Right-pads input_ids with the pad id, attention_mask with 0 and labels with -100."""
@@ -217,96 +197,3 @@ class CausalCollator:
             out["attention_mask"].append(list(f.get("attention_mask") or [1] * len(f["input_ids"])) + [0] * k)
             out["labels"].append(list(f.get("labels", f["input_ids"])) + [-100] * k)
         return {key: torch.tensor(v, dtype=torch.long) for key, v in out.items()}
-
-
-# -- running a model --------------------------------------------------------------------------------------
-def left_pad(seqs: list[list[int]], pad_id: int, device):
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), n, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, n - len(s):] = torch.tensor(s)
-            mask[i, n - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], batch_size: int = 8, max_length: int = 256,
-             max_new_tokens: int = 256, progress: bool = True, desc: str = "generating") -> list[str]:
-    """Greedy continuations of left-padded prompt batches (prompts longer than max_length keep their end);
-    each output is cut at the first STOP."""
-    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    ids = [s[-max_length:] for s in ids]
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths together: less padding
-    texts: list[str] = [""] * len(ids)
-    device = device_of(model)
-    pad = tokenizer.pad_token_id
-    with evaluating(model):
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
-            chunk = order[start:start + batch_size]
-            input_ids, mask = left_pad([ids[i] for i in chunk], pad, device)
-            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                                 stop_strings=[STOP], tokenizer=tokenizer)
-            for i, seq in zip(chunk, tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)):
-                texts[i] = seq.split(STOP)[0].strip()
-    return texts
-
-
-@torch.no_grad()
-def loglik(model, tokenizer, prompts: list[str], continuations: list[str], batch_size: int = 8,
-           max_length: int = 256, progress: bool = True, desc: str = "scoring") -> list[tuple[float, int]]:
-    """(sum of log p(continuation token | prompt, previous tokens), number of continuation tokens) per pair.
-
-    Pairs whose token sequences differ only in the last token (the options of a question: "... answer1",
-    "... answer2") share one forward pass, as lm_eval's logits cache does. Sequences are left-padded with
-    position ids counted from the first real token, so padding does not change a score; only the last
-    positions' logits are asked for (logits_to_keep) when the model supports it. A model that takes
-    `prompt_mask` (a DepthMixModel) is told where each prompt ends, so that routing decided per sequence
-    (MoLEx) sees the prompt only, never the continuation it scores."""
-    ps, cs = pair_ids(tokenizer, prompts, continuations)
-    seqs = []
-    for p, c in zip(ps, cs):
-        if not c:
-            raise ValueError(f"empty continuation for prompt {tokenizer.decode(p)[-60:]!r}")
-        seqs.append((p + c)[-max(max_length, len(c) + 1):])
-    groups: dict[tuple, list[int]] = {}
-    for i, s in enumerate(seqs):
-        groups.setdefault(tuple(s[:-1]), []).append(i)
-    keys = list(groups)
-    need = [max(len(cs[i]) for i in groups[key]) for key in keys]  # logits wanted at the end of each key
-    order = sorted(range(len(keys)), key=lambda g: -len(keys[g]))
-    device = device_of(model)
-    params = inspect.signature(model.forward).parameters
-    keep_arg, prompt_arg = "logits_to_keep" in params, "prompt_mask" in params
-    vocab = model.get_output_embeddings().weight.shape[0]
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
-    with evaluating(model):
-        bar = tqdm(total=len(seqs), desc=desc, disable=not progress)
-        start = 0
-        while start < len(order):
-            k = max(need[g] for g in order[start:start + batch_size])
-            chunk = order[start:start + max(1, min(batch_size, LOGITS_BUDGET // (k * vocab)))]
-            k = max(need[g] for g in chunk)
-            ids, mask = left_pad([list(keys[g]) for g in chunk], tokenizer.pad_token_id, device)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            extra = {"logits_to_keep": k} if keep_arg else {}
-            if prompt_arg:  # a row's prompt runs through its first scored position, column width - need[g]
-                ends = ids.shape[1] + 1 - torch.tensor([need[g] for g in chunk], device=device)
-                extra["prompt_mask"] = mask.bool() & (torch.arange(ids.shape[1], device=device) < ends[:, None])
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra).logits[:, -k:]
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            for row, g in enumerate(chunk):
-                for i in groups[keys[g]]:
-                    c = len(cs[i])
-                    target = torch.tensor(seqs[i][-c:], device=device)
-                    results[i] = (float(logp[row, k - c:].gather(-1, target[:, None]).sum()), c)
-                    bar.update(1)
-            start += len(chunk)
-        bar.close()
-    return results
-
-
-def accuracy(correct: list[bool]) -> float:
-    return float(sum(correct) / len(correct)) if correct else 0.0

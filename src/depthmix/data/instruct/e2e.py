@@ -5,7 +5,8 @@ stands in for it) and e2e/testset_w_refs.csv evaluates; both `mr,ref` with one r
 (tuetschek/e2e_nlg: meaning_representation, human_reference) the real train split trains and test evaluates.
 Evaluation rows group the references of each MR (630 MRs, 1-45 references each, in the test set).
 
-Metrics (greedy generation, max_new_tokens default 64, text lowercased, 13a tokenisation):
+Metrics (the "nlg" scorer of depthmix.evaluation: greedy generation, max_new_tokens default 64, text lowercased,
+13a tokenisation):
 * bleu: sacrebleu corpus BLEU over all references, 0-100.
 * nist: nltk corpus_nist, n=5.
 * rouge_l: rouge-score ROUGE-L F1, best reference per MR, averaged, 0-100.
@@ -22,12 +23,9 @@ Numbers are close to, not identical with, the official e2e-metrics scripts (toke
 from __future__ import annotations
 
 import logging
-import warnings
-
-import numpy as np
 
 from ..tasks import register
-from .common import InstructTask, generate, hub, locate, prompt, read_records, to_rows
+from .common import InstructTask, hub, locate, prompt, read_records, to_rows
 
 log = logging.getLogger(__name__)
 INSTRUCTION = "Write a short restaurant description that expresses every attribute of the meaning representation."
@@ -52,6 +50,7 @@ def group(rows) -> list[dict]:
 
 class E2E(InstructTask):
     name = "e2e"
+    scorer = "nlg"
     metric = "bleu"
     max_new_tokens = 64
 
@@ -68,66 +67,6 @@ class E2E(InstructTask):
             import datasets
             rows = datasets.Dataset.from_list(group(rows))
         return rows
-
-    def evaluate(self, model, tokenizer, rows, batch_size=32, max_length=256, progress=True,
-                 max_new_tokens=None, **kw):
-        refs = rows["refs"] if "refs" in rows.column_names else [[t] for t in rows["target"]]
-        outputs = generate(model, tokenizer, rows["prompt"], batch_size, max_length,
-                           max_new_tokens or self.max_new_tokens, progress, desc=f"eval {self.name}")
-        return e2e_metrics(outputs, refs)
-
-
-def e2e_metrics(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
-    import sacrebleu
-    from nltk.translate.nist_score import corpus_nist
-    from rouge_score import rouge_scorer
-    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
-
-    tok = Tokenizer13a()
-
-    def words(s: str) -> list[str]:
-        return tok(s.lower().strip()).split()
-
-    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(max(len(r) for r in refs))]
-    out = {"bleu": float(sacrebleu.corpus_bleu(hyps, streams, lowercase=True).score)}
-    hyp_words, ref_words = [words(h) for h in hyps], [[words(x) for x in r] for r in refs]
-    try:
-        out["nist"] = float(corpus_nist(ref_words, hyp_words, n=5))
-    except ZeroDivisionError:  # every hypothesis empty
-        out["nist"] = 0.0
-    meteor = _meteor(hyp_words, ref_words)
-    if meteor is not None:
-        out["meteor"] = meteor
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    out["rouge_l"] = 100 * float(np.mean([scorer.score_multi(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)]))
-    cider = _cider(hyp_words, ref_words)
-    if cider is not None:
-        out["cider"] = cider
-    return out
-
-
-def _meteor(hyp_words, ref_words) -> float | None:
-    from nltk.translate.meteor_score import meteor_score
-    try:
-        from nltk.corpus import wordnet
-        wordnet.ensure_loaded()
-    except Exception:  # LookupError, or nltk refusing a path
-        warnings.warn("e2e: METEOR left out: nltk's WordNet data is not installed "
-                      "(python -m nltk.downloader wordnet)", stacklevel=3)
-        return None
-    return 100 * float(np.mean([meteor_score(r, h) for h, r in zip(hyp_words, ref_words)]))
-
-
-def _cider(hyp_words, ref_words) -> float | None:
-    try:
-        from pycocoevalcap.cider.cider import Cider
-    except ImportError:
-        warnings.warn("e2e: CIDEr left out: pycocoevalcap is not installed (pip install pycocoevalcap)",
-                      stacklevel=3)
-        return None
-    gts = {i: [" ".join(x) for x in r] for i, r in enumerate(ref_words)}
-    res = {i: [" ".join(h)] for i, h in enumerate(hyp_words)}
-    return float(Cider().compute_score(gts, res)[0])
 
 
 register(E2E())

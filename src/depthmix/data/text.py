@@ -1,9 +1,9 @@
 """Plain-text language modelling with perplexity: lm/tinyshakespeare, lm/wikitext-2, lm/pydoc.
 
 Rows are documents (`text`); encode() tokenises them, joins them with the EOS token and cuts the stream into
-blocks of max_length tokens (the last one shorter), every token a label. evaluate() cuts the held-out rows
-the same way and returns perplexity = exp(total NLL / predicted tokens) over all blocks (the first token of a
-block is not predicted), with `nll` (the mean) and `tokens` (the count).
+blocks of max_length tokens (the last one shorter), every token a label. The "perplexity" scorer
+(depthmix.evaluation) cuts the held-out rows the same way and returns perplexity = exp(total NLL / predicted
+tokens) over all blocks (the first token of a block is not predicted), with `nll` (the mean) and `tokens`.
 
 * lm/tinyshakespeare: lm/tinyshakespeare.txt, paragraphs; the first 90% of the characters train, the last 10%
   evaluate (nanoGPT's split). Hub: karpathy/tiny_shakespeare train / test.
@@ -16,18 +16,13 @@ max_samples picks documents (seeded) and keeps their order.
 """
 from __future__ import annotations
 
-import math
 import random
 import re
 
 import datasets
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from ..tasks import DataError, Task, read_text, register
-from ...runtime import device_of, evaluating
-from .common import LOGITS_BUDGET, CausalCollator, hub, locate
+from .instruct.common import CausalCollator, hub, locate
+from .tasks import DataError, Task, read_text, register
 
 HEADING = re.compile(r"^ = [^=].* = $")
 
@@ -76,6 +71,7 @@ def blocks(texts: list[str], tokenizer, size: int) -> list[list[int]]:
 
 class TextLM(Task):
     head = "causal_lm"
+    scorer = "perplexity"
     metric = "perplexity"
 
     def __init__(self, name, reader):
@@ -99,38 +95,6 @@ class TextLM(Task):
 
     def collator(self, tokenizer):
         return CausalCollator(tokenizer.pad_token_id)
-
-    def evaluate(self, model, tokenizer, rows, batch_size=32, max_length=256, progress=True, **kw):
-        return perplexity(model, blocks(rows["text"], tokenizer, max_length), tokenizer.pad_token_id,
-                          batch_size, progress, desc=f"eval {self.name}")
-
-
-@torch.no_grad()
-def perplexity(model, seqs: list[list[int]], pad_id: int, batch_size: int = 32, progress: bool = True,
-               desc: str = "perplexity", routing: str | None = None) -> dict[str, float]:
-    """exp(mean NLL) over every predicted token of every sequence (right-padded batches); routing: a routing mode
-    of the model's method (MoD's "causal", "topk-lookahead"), None for its default outside training."""
-    method = getattr(model, "method", None)
-    if routing is not None and method is not None:
-        with method.routing_mode(routing):
-            return perplexity(model, seqs, pad_id, batch_size, progress, desc)
-    device = device_of(model)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    rows = max(1, min(batch_size, LOGITS_BUDGET // (max(map(len, seqs)) * vocab)))
-    total, count = 0.0, 0
-    with evaluating(model):
-        for start in tqdm(range(0, len(seqs), rows), desc=desc, disable=not progress):
-            chunk = seqs[start:start + rows]
-            n = max(map(len, chunk))
-            ids = torch.tensor([s + [pad_id] * (n - len(s)) for s in chunk], device=device)
-            mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in chunk], device=device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            keep = mask[:, 1:].bool()
-            total += float(nll[keep].sum())
-            count += int(keep.sum())
-    mean = total / max(count, 1)
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": float(count)}
 
 
 register(TextLM("lm/tinyshakespeare", shakespeare))
