@@ -229,3 +229,36 @@ def test_plot_compare_labels_of_four_long_arm_names_do_not_overlap(tmp_path, mon
     assert [len(b) for b in boxes] == [4, 3]
     for labels in boxes:
         assert not any(a.overlaps(b) for i, a in enumerate(labels) for b in labels[i + 1:])
+
+
+# -- flops -----------------------------------------------------------------------------------------------------
+def test_flops_of_an_unknown_model_is_one_line(capsys):
+    code, err = run(capsys, "flops", "--model", "/nonexistent")
+    assert code == 2 and err.strip().startswith("depthmix flops: error: model '/nonexistent': not an embedded model")
+    assert "not a folder, and not a Hugging Face Hub id" in err
+
+
+def test_flops_gives_the_same_numbers_each_run_and_says_why_causal_differs_from_the_asked_capacity(tmp_path, capsys):
+    from conftest import tiny
+    tiny("llama").save_pretrained(tmp_path / "llama")
+    printed = []
+    for _ in range(2):
+        capsys.readouterr()
+        assert main(["flops", "--model", str(tmp_path / "llama"), "--seq-len", "32", "--capacity", "0.25"]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1]
+    line, record = printed[0].strip().splitlines()
+    record = json.loads(record)
+    assert record["capacity"] == 0.25 and record["seed"] == 0
+    assert (f"at realized capacity {record['realized_capacity_causal']}, asked 0.25: what an untrained predictor "
+            "(seed 0) lets through, not a trained router's share; pass --adapter for a trained one") in line
+    assert record["realized_capacity_note"].startswith("what an untrained predictor (seed 0)")
+
+
+def test_lm_eval_without_lm_eval_installed_gives_the_install_command(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what `import lm_eval` finds when it is not installed
+    monkeypatch.setitem(sys.modules, "lm_eval.utils", None)
+    code, err = run(capsys, "lm-eval", "--model", "minilm-l6", "--tasks", "arc_easy")
+    assert code == 2 and err.strip() == ("depthmix lm-eval: error: lm-eval runs lm-evaluation-harness, which is not "
+                                         "installed: pip install 'lm-eval>=0.4' (or pip install -e '.[eval]' in a "
+                                         "depthmix checkout)")

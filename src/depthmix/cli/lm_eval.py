@@ -26,7 +26,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lm_eval.utils import make_table
+    try:
+        from lm_eval.utils import make_table
+    except ImportError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise ConfigError("lm-eval runs lm-evaluation-harness, which is not installed: pip install 'lm-eval>=0.4' "
+                          "(or pip install -e '.[eval]' in a depthmix checkout)") from None
 
     from ..evaluation.lm_eval import evaluate
     from ..io import write_json
