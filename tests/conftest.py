@@ -5,6 +5,8 @@ import torch
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, RobertaConfig, RobertaForSequenceClassification)
 
+import depthmix
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
@@ -38,6 +40,36 @@ def tiny(family: str, layers: int = 4, seed: int = 0):
 
 CAUSAL = ("llama", "gpt2")
 FAMILIES = ("llama", "gpt2", "bert", "roberta")
+
+# The method x model contract matrix: every test that should hold for every method iterates it, so a new method is
+# tested everywhere by adding one line here. name -> (its config on a 4-layer tiny model, the families it takes);
+# "lora" is LoRA alone (no method). VARIANTS are further settings of a method that change its code path, for the
+# tests that follow the numbers through every path (compile, distributed).
+METHODS = {
+    "lora": (lambda: None, FAMILIES),
+    "molex": (lambda: depthmix.MoLExConfig(), FAMILIES),
+    "mod": (lambda: depthmix.MoDConfig(capacity=0.5), CAUSAL),
+    "mode": (lambda: depthmix.MoDEConfig(), CAUSAL),
+}
+VARIANTS = {
+    "molex-token": (lambda: depthmix.MoLExConfig(granularity="token"), FAMILIES),
+    "mod-attention": (lambda: depthmix.MoDConfig(capacity=0.5, skip="attention"), CAUSAL),
+}
+
+
+def method_config(name: str):
+    """A fresh config of a matrix entry (None for "lora")."""
+    return {**METHODS, **VARIANTS}[name][0]()
+
+
+def method_names(lora: bool = True, variants: bool = False) -> list[str]:
+    names = [*METHODS, *(VARIANTS if variants else ())]
+    return names if lora else [n for n in names if n != "lora"]
+
+
+def method_cases(families=FAMILIES, lora: bool = True) -> list[tuple[str, str]]:
+    """(method, family) for every method and every family of `families` it takes."""
+    return [(name, family) for name in method_names(lora) for family in families if family in METHODS[name][1]]
 LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"],
                 "roberta": ["query", "value"]}
 

@@ -17,17 +17,11 @@ from peft import LoraConfig
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from depthmix import MoDConfig, MoDEConfig, MoLExConfig, apply
+from conftest import method_config
+from depthmix import apply
 
 STEPS = 3
 LR = 0.5
-CONFIGS = {
-    "molex-sequence": lambda: MoLExConfig(granularity="sequence"),
-    "molex-token": lambda: MoLExConfig(granularity="token"),
-    "mod": lambda: MoDConfig(capacity=0.5),
-    "mod-attention": lambda: MoDConfig(capacity=0.5, skip="attention"),
-    "mode": lambda: MoDEConfig(),
-}
 CHECKPOINTED = "+checkpointing"  # a method name ending so: with gradient checkpointing (blocks re-run in backward)
 
 
@@ -39,7 +33,7 @@ def build(method: str):
     if method.endswith(CHECKPOINTED):
         method = method.removesuffix(CHECKPOINTED)
         base.activation_checkpointing_enable({"use_reentrant": False})
-    model = apply(base, CONFIGS[method](), lora=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = apply(base, method_config(method), lora=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     if method.startswith("molex"):
         for gate in model.method.gates:  # sharper gates: the ranks' different tokens pick different experts
             gate.weight.data.mul_(20)

@@ -4,20 +4,12 @@ import torch
 from peft import LoraConfig
 
 import depthmix
-from conftest import LORA_TARGETS, batch, tiny
-
-CONFIGS = {
-    "lora": None,
-    "mod": depthmix.MoDConfig(capacity=0.5),
-    "mode": depthmix.MoDEConfig(distill_weight=0.5),
-    "molex-sequence": depthmix.MoLExConfig(granularity="sequence"),
-    "molex-token": depthmix.MoLExConfig(granularity="token"),
-}
+from conftest import LORA_TARGETS, batch, method_config, method_names, tiny
 
 
 def build(name):
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS["llama"])
-    dm = depthmix.apply(tiny("llama"), CONFIGS[name], lora=lora).train()
+    dm = depthmix.apply(tiny("llama"), method_config(name), lora=lora).train()
     torch.manual_seed(0)
     with torch.no_grad():  # LoRA B and zero-initialised routers would hide a wrong gradient
         for n, p in dm.named_parameters():
@@ -35,7 +27,7 @@ def step_inputs():
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", method_names(variants=True))
 def test_compiled_training_matches_eager(name):
     torch._dynamo.reset()
     eager, compiled = build(name), build(name)

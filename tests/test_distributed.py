@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 import dist_methods
+from conftest import method_names
 
 HERE = Path(__file__).parent
-METHODS = [*dist_methods.CONFIGS, "molex-sequence" + dist_methods.CHECKPOINTED]
+METHODS = [*method_names(lora=False, variants=True), "molex" + dist_methods.CHECKPOINTED]
 LIMIT = 240
 
 

@@ -9,21 +9,16 @@ from peft import LoraConfig, inject_adapter_in_model
 from transformers import LlamaForSequenceClassification
 
 import depthmix
-from conftest import LORA_TARGETS, batch, tiny
+from conftest import LORA_TARGETS, batch, method_config, method_names, tiny
 from depthmix import io
 from depthmix.depthmix_model import CONFIG_NAME, WEIGHTS_NAME
 from test_safety import assert_unchanged, edit_config, logits, perturb, snapshot
-
-CONFIGS = {"molex": lambda: depthmix.MoLExConfig(layers=[1, 2]),
-           "mod": lambda: depthmix.MoDConfig(capacity=0.5, layers=[1, 3]),
-           "mode": lambda: depthmix.MoDEConfig(num_layers=3),
-           "lora": lambda: None}
 
 
 def build(method, with_lora=None):
     """A perturbed depthmix model on tiny Llama (LoRA alone for "lora"), after a training forward and backward."""
     with_lora = method == "lora" if with_lora is None else with_lora
-    dm = depthmix.apply(tiny("llama"), CONFIGS[method](),
+    dm = depthmix.apply(tiny("llama"), method_config(method),
                         lora=LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS["llama"]) if with_lora else None)
     perturb(dm)
     ids, mask = batch("llama")
@@ -38,7 +33,7 @@ def trainable(dm):
 
 
 # -- deepcopy and torch.save ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("method", method_names())
 def test_deepcopy_is_independent(method):
     dm = build(method)
     want = logits(dm, "llama")
@@ -62,7 +57,7 @@ def test_deepcopy_is_independent(method):
     assert torch.equal(logits(twin.unload(), "llama"), logits(tiny("llama"), "llama"))  # its own way back too
 
 
-@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("method", method_names())
 def test_torch_save_of_a_whole_model_loads_back(method, tmp_path):
     dm = build(method)
     want = logits(dm, "llama")
@@ -92,8 +87,7 @@ def test_swapped_blocks_pickle_as_their_swapped_class():
 
 # -- dtype moves: the model's dtype changes, the routers stay float32 ------------------------------------------------
 @pytest.mark.parametrize("move", ["bfloat16", "half"])
-@pytest.mark.parametrize("method,with_lora", [("mod", False), ("mode", False), ("molex", False), ("molex", True),
-                                              ("lora", True)])
+@pytest.mark.parametrize("method,with_lora", [(m, m == "lora") for m in method_names()] + [("molex", True)])
 def test_dtype_move_of_the_whole_model(method, with_lora, move):
     dm = build(method, with_lora)
     dtype = torch.bfloat16 if move == "bfloat16" else torch.float16
@@ -138,14 +132,14 @@ def test_from_pretrained_onto_a_meta_model_is_refused(method, tmp_path):
 
 
 # -- a model that already carries PEFT LoRA ------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["molex", "mod", "mode"])
+@pytest.mark.parametrize("method", method_names(lora=False))
 def test_apply_onto_peft_lora_layers_is_refused(method):
     base = inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"]), tiny("llama"))
     before = snapshot(base, "llama")
     with pytest.raises(ValueError, match=r"already carries PEFT adapter layers \(at 'model.layers.0.self_attn.q_proj'\)"
                                          r": depthmix would freeze them.*apply\(base_model, config, "
                                          r"lora=LoraConfig\(\.\.\.\)\)"):
-        depthmix.apply(base, CONFIGS[method]())
+        depthmix.apply(base, method_config(method))
     assert_unchanged(base, "llama", before, plain=False)
 
 

@@ -8,15 +8,10 @@ from peft import LoraConfig, inject_adapter_in_model
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import depthmix
-from conftest import LORA_TARGETS, batch, tiny
+from conftest import LORA_TARGETS, batch, method_cases, method_config, method_names, tiny
 from depthmix import io
 from depthmix.depthmix_model import CONFIG_NAME, WEIGHTS_NAME
 from depthmix.tuners import base as tuners_base
-
-METHODS = {"molex": lambda: depthmix.MoLExConfig(layers=[1, 2]),
-           "mod": lambda: depthmix.MoDConfig(capacity=0.5, layers=[1, 3]),
-           "mode": lambda: depthmix.MoDEConfig(num_layers=3),
-           None: lambda: None}
 
 
 def lora(family, **kw):
@@ -233,12 +228,12 @@ def test_lora_onto_foreign_peft_layers_is_refused():
 
 
 # -- unload, merge_and_unload, disable_adapter ------------------------------------------------------------------------
-@pytest.mark.parametrize("method,with_lora", [("molex", False), ("molex", True), ("mod", False), ("mod", True),
-                                              ("mode", False), ("mode", True), (None, True)])
+@pytest.mark.parametrize("method,with_lora", [(m, w) for m in method_names() for w in (True, False)
+                                              if m != "lora" or w])
 def test_unload_round_trip_is_bit_exact(method, with_lora):
     base = tiny("llama")
     before = snapshot(base, "llama")
-    dm = depthmix.apply(base, METHODS[method](), lora=lora("llama") if with_lora else None)
+    dm = depthmix.apply(base, method_config(method), lora=lora("llama") if with_lora else None)
     perturb(dm)
     assert not torch.equal(logits(dm, "llama"), before["logits"])  # the adapter does something
     back = dm.unload()
@@ -246,7 +241,7 @@ def test_unload_round_trip_is_bit_exact(method, with_lora):
     assert_unchanged(back, "llama", before)
     with pytest.raises(AttributeError, match="this DepthMixModel was unloaded"):
         dm.base_model
-    again = depthmix.apply(back, METHODS[method](), lora=lora("llama") if with_lora else None)  # a fresh apply works
+    again = depthmix.apply(back, method_config(method), lora=lora("llama") if with_lora else None)  # a fresh apply works
     assert logits(again, "llama").shape == before["logits"].shape
 
 
@@ -285,11 +280,11 @@ def test_merge_and_unload_keeps_the_lora_effect():
         dm.merge_and_unload()
 
 
-@pytest.mark.parametrize("family,method", [("llama", "molex"), ("llama", "mod"), ("llama", "mode"), ("bert", "molex")])
+@pytest.mark.parametrize("method,family", method_cases(("llama", "bert"), lora=False))
 def test_disable_adapter_runs_the_base_model_alone(family, method):
     base = tiny(family)
     before = snapshot(base, family)
-    dm = depthmix.apply(base, METHODS[method](), lora=lora(family))
+    dm = depthmix.apply(base, method_config(method), lora=lora(family))
     perturb(dm)
     adapted = logits(dm, family)
     grads = {n: p.requires_grad for n, p in dm.named_parameters()}
