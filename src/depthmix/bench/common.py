@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..flags import at_least
-from ..flops import count as count_flops  # noqa: F401  (for the benches; it also counts the CPU SDPA kernel)
+from ..flops import count as count_flops  # (it also counts the CPU SDPA kernel)
 
 
 def add_timing_args(p, repeats: int, budget: float) -> None:
@@ -147,3 +147,41 @@ def peak_memory(step, device="cpu") -> int:
     base = _rss("VmRSS")
     step()
     return _rss("VmHWM") - base
+
+
+def training_step(model, batch):
+    """One optimizer step of the model on the batch, as a function to time."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        opt.step()
+    return step
+
+
+def forward_backward(model, batch):
+    def run():
+        model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+    return run
+
+
+def training_ratios(models: dict, batch: dict, repeats: int, device, budget_s: float = 0.0) -> dict:
+    """A training step of models["method"] against models["lora"] on one batch: interleaved times, FLOPs and peak
+    memory, each as the method's ratio to LoRA alone, with the raw numbers of both."""
+    steps = {k: training_step(m, batch) for k, m in models.items()}
+    times = interleaved_times(steps, repeats, device=device, pairs=[("method", "lora")], budget_s=budget_s)
+    flops = {k: count_flops(forward_backward(m, batch)) for k, m in models.items()}
+    mem = {k: peak_memory(steps[k], device) for k in models}
+    step = times.ratio("method", "lora")
+    return {
+        "step_time_ratio": step["median"],
+        "step_time_ratio_spread": step,
+        "timing": times.stopped,
+        "flop_ratio": round(flops["method"] / flops["lora"], 4),
+        "peak_mem_ratio": round(mem["method"] / mem["lora"], 4),
+        "step_seconds": {k: round(times.median(k), 4) for k in steps},
+        "train_flops": flops,
+        "step_peak_bytes": mem,
+    }

@@ -7,8 +7,7 @@ from ..depthmix_model import apply
 from ..lora import config as lora_config
 from ..models import load_model
 from ..tuners import MoDEConfig
-from .common import add_timing_args, count_flops, interleaved_times, peak_memory
-from .molex import forward_backward, training_step
+from .common import add_timing_args, training_ratios, training_step
 
 
 def add_args(p) -> None:
@@ -77,29 +76,16 @@ def run(args) -> dict:
     batch = instruction_batch(vocab, args.batch_size, args.seq_len, args.labelled, args.device)
     labelled = int((batch["labels"][:, 1:] != -100).sum())
 
-    steps = {k: training_step(m, batch) for k, m in models.items()}
-    times = interleaved_times(steps, args.repeats, device=args.device, pairs=[("method", "lora")],
-                              budget_s=args.budget)
-    step = times.ratio("method", "lora")
-    flops = {k: count_flops(forward_backward(m, batch)) for k, m in models.items()}
-    mem = {k: peak_memory(steps[k], args.device) for k in models}
     result = {
         "method": "mode", "model": args.model, "device": args.device, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "labelled_tokens": labelled, "num_layers": args.num_layers, "mixing": args.mixing,
         "chunk_size": args.chunk_size, "distill_weight": args.distill_weight,
-        "step_time_ratio": step["median"],
-        "step_time_ratio_spread": step,
-        "timing": times.stopped,
-        "peak_mem_ratio": round(mem["method"] / mem["lora"], 4),
+        **training_ratios(models, batch, args.repeats, args.device, args.budget),
         "trainable_params_ratio": round(params["method"] / params["lora"], 4),
-        "flop_ratio": round(flops["method"] / flops["lora"], 4),
-        "step_seconds": {k: round(times.median(k), 4) for k in steps},
-        "train_flops": flops,
-        "step_peak_bytes": mem,
         "trainable_params": {"lora": params["lora"], "mode+lora": params["method"], "mode_alone": params["alone"]},
     }
     if args.device == "cpu" and args.tensor_peak:
-        tensors = {k: tensor_peak(steps[k]) for k in models}
+        tensors = {k: tensor_peak(training_step(m, batch)) for k, m in models.items()}
         result["tensor_peak_bytes"] = tensors
         result["tensor_peak_mem_ratio"] = round(tensors["method"] / tensors["lora"], 4)
     # the ensemble and its distillation cost FLOPs of their own: the time should follow them, not exceed them
@@ -108,7 +94,8 @@ def run(args) -> dict:
         "step_time_ratio <= 1.05 * flop_ratio": result["step_time_ratio"] <= 1.05 * result["flop_ratio"]}
     result["targets_met"] = all(result["targets"].values())
     print(f"MoDE+LoRA / LoRA on {args.model} (batch {args.batch_size} x {args.seq_len}, {labelled} labelled "
-          f"tokens, {args.device}): step time {result['step_time_ratio']:.3f}x (95% CI {step['ci95']}), "
+          f"tokens, {args.device}): step time {result['step_time_ratio']:.3f}x "
+          f"(95% CI {result['step_time_ratio_spread']['ci95']}), "
           f"FLOPs {result['flop_ratio']:.3f}x, "
           f"peak step memory {result['peak_mem_ratio']:.3f}x, trainable params {result['trainable_params_ratio']:.3f}x "
           f"(MoDE alone: {params['alone']:,d} vs LoRA {params['lora']:,d})")

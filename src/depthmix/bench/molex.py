@@ -8,7 +8,7 @@ from ..lora import config as lora_config
 from ..models import load_model
 from ..architectures import resolve
 from ..tuners import MoLExConfig
-from .common import add_timing_args, count_flops, interleaved_times, peak_memory
+from .common import add_timing_args, training_ratios
 
 
 def add_args(p) -> None:
@@ -20,23 +20,6 @@ def add_args(p) -> None:
     add_timing_args(p, repeats=10, budget=120.0)
     p.add_argument("--granularity", default="sequence", choices=["sequence", "token"], help="MoLEx's expert choice: "
                    "one expert per sequence or one per token (choices: %(choices)s)")
-
-
-def training_step(model, batch):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
-        opt.step()
-    return step
-
-
-def forward_backward(model, batch):
-    def run():
-        model(**batch).loss.backward()
-        model.zero_grad(set_to_none=True)
-    return run
 
 
 def synthetic_batch(model, batch_size, seq_len, device, seed=0):
@@ -69,30 +52,13 @@ def _is_causal(name) -> bool:
     return not any(mt in f.model_types and not f.causal for f in FAMILIES)
 
 
-def compare(models: dict, batch: dict, repeats: int, device, budget_s: float = 0.0) -> dict:
-    steps = {k: training_step(m, batch) for k, m in models.items()}
-    times = interleaved_times(steps, repeats, device=device, pairs=[("method", "lora")], budget_s=budget_s)
-    flops = {k: count_flops(forward_backward(m, batch)) for k, m in models.items()}
-    mem = {k: peak_memory(steps[k], device) for k in models}
-    step = times.ratio("method", "lora")
-    return {
-        "step_time_ratio": step["median"],
-        "step_time_ratio_spread": step,
-        "timing": times.stopped,
-        "flop_ratio": round(flops["method"] / flops["lora"], 4),
-        "peak_mem_ratio": round(mem["method"] / mem["lora"], 4),
-        "step_seconds": {k: round(times.median(k), 4) for k in steps},
-        "train_flops": flops,
-        "step_peak_bytes": mem,
-    }
-
-
 def run(args) -> dict:
     torch.manual_seed(0)
     models = build_pair(args.model, args.device, MoLExConfig(granularity=args.granularity))
     batch = synthetic_batch(models["lora"], args.batch_size, args.seq_len, args.device)
     result = {"method": "molex", "model": args.model, "device": args.device, "batch_size": args.batch_size,
-              "seq_len": args.seq_len, "granularity": args.granularity, **compare(models, batch, args.repeats, args.device, args.budget)}
+              "seq_len": args.seq_len, "granularity": args.granularity,
+              **training_ratios(models, batch, args.repeats, args.device, args.budget)}
     result["target"] = "step_time_ratio <= 1.05 * flop_ratio"
     result["target_met"] = result["step_time_ratio"] <= 1.05 * result["flop_ratio"]
     print(f"MoLEx+LoRA / LoRA on {args.model} (batch {args.batch_size} x {args.seq_len}, {args.device}): "
