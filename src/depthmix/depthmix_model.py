@@ -14,6 +14,7 @@ from . import lora as lora_layers
 from .config import MethodConfig
 from .io import AdapterError
 from .architectures import fingerprint, resolve
+from .generation import Decoding
 from .tuners import METHODS
 from .tuners.base import detach_all
 from .runtime import device_of
@@ -191,7 +192,8 @@ class DepthMixModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
         if not self.method.supports_cache:
             kwargs["use_cache"] = False
-        with self.method.generating(kwargs):
+        # the method sees the decoding as transformers will run it (keywords, generation_config, the model's own)
+        with self.method.generating(Decoding(self.base_model, args, kwargs)):
             return self.base_model.generate(*args, **kwargs)
 
     def __getattr__(self, name):

@@ -113,12 +113,19 @@ class Method(nn.Module):
         """[B, S] bool: True for real tokens of the current call (padding False)."""
         mask = self.inputs.get("attention_mask")
         b, s = hidden.shape[:2]
+        if mask is not None and mask.dim() == 4:
+            # a prepared [B, 1, q, kv] mask (generate() with a static cache): a real token sees at least one key,
+            # a padding token none (bool: True where seen; additive float: 0 where seen)
+            seen = mask[:, 0, -s:, :]
+            seen = seen if seen.dtype == torch.bool else seen == 0
+            return seen.any(-1).expand(b, s).to(hidden.device)
         if mask is None or mask.dim() != 2:
             return torch.ones(b, s, dtype=torch.bool, device=hidden.device)
         return mask[:, -s:].to(device=hidden.device, dtype=torch.bool)
 
-    def generating(self, kwargs: dict):
-        """Context entered around generate() (kwargs: generate's); e.g. MoD switches to causal routing."""
+    def generating(self, decoding):
+        """Context entered around generate() (decoding: the call's depthmix.generation.Decoding); e.g. MoD switches
+        to causal routing. A decoding the method's caches cannot follow is refused here (Decoding.refuse)."""
         return contextlib.nullcontext()
 
     def routing_mode(self, value: str):

@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import torch
 
+from ...generation import KeptState, kept
+
 KEY = "_depthmix_mod"
 
 
 def store_for(cache, index: int) -> "BlockStore":
     """The store of routed block `index`, kept on the HF cache object (so it lives and dies with the generation)."""
-    return cache.__dict__.setdefault(KEY, {}).setdefault(index, BlockStore())
+    stores = kept(cache, KEY)
+    if index not in stores:
+        stores[index] = BlockStore()
+    return stores[index]
 
 
-class BlockStore:
+class BlockStore(KeptState):
     """K/V of the tokens one routed block processed, packed per sequence: row b holds length[b] tokens (their RoPE
     already applied at their true positions). Buffers grow by doubling; slots past a row's length are scratch."""
 
@@ -25,8 +30,25 @@ class BlockStore:
             self.length = torch.zeros(batch, dtype=torch.long, device=device)
         if self.length.shape[0] != batch:
             raise RuntimeError(f"MoD KV store holds {self.length.shape[0]} sequences, this step has {batch} "
-                               "(beam search and batch reordering are not supported with MoD caches)")
+                               "(the batch changed without the KV cache's reorder or select methods)")
         return self.length
+
+    def batch_size(self) -> int:
+        return 0 if self.length is None else self.length.shape[0]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Beam search: row k becomes the old row rows[k]."""
+        if self.length is None:
+            return
+        rows = rows.to(self.length.device)
+        self.length = self.length.index_select(0, rows)
+        if self.keys is not None:
+            self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        # each sequence's store holds only the tokens it processed: which of the last ones those were is not kept
+        raise RuntimeError("MoD KV stores cannot take tokens back (assisted or prompt-lookup decoding); "
+                           "generate with use_cache=False")
 
     def view(self, count: torch.Tensor, q: int, rows: torch.Tensor | None = None) -> "StoreView":
         return StoreView(self, count, q, rows)

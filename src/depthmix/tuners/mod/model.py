@@ -109,9 +109,8 @@ class MoD(Method):
         finally:
             self._routing = old
 
-    def generating(self, kwargs: dict):
-        if kwargs.get("num_beams", 1) > 1:
-            raise ConfigError("MoD generate(): beam search is not supported (its KV stores are not reordered)")
+    def generating(self, decoding):
+        decoding.refuse("MoD", "its per-block KV stores cannot take tokens back")
         return self.routing_mode("causal")
 
     def reset_stats(self) -> None:

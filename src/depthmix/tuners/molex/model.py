@@ -6,12 +6,11 @@ import math
 
 import torch
 from torch import nn
-from transformers import DynamicCache
-
 from ...blocks import CACHE_ARG, take_rows_all, unrecorded
 from ...config import ConfigError, pick_layers
 from ...sharding import keep, must_call
 from ..base import Method, float32_linear
+from .cache import experts_for
 from .dist import agree
 from .layer import CosineGate, MoLExBlock, balance_loss, route
 
@@ -93,7 +92,7 @@ class MoLEx(Method):
 
     # -- generate(): the prompt is the input of the first forward, remembered until generate() returns ---------
     @contextlib.contextmanager
-    def generating(self, kwargs: dict):
+    def generating(self, decoding):
         self._generating, self._generate_prompt = True, None
         try:
             yield
@@ -116,16 +115,16 @@ class MoLEx(Method):
         if cache is not None and not self.supports_cache and cache.get_seq_length(t) > 0:
             raise RuntimeError("MoLEx token routing in a causal LM cannot decode from a KV cache; "
                                "use use_cache=False (DepthMixModel.generate does this for you)")
-        state = None if cache is None else cache.__dict__.setdefault("_depthmix_molex", {}).setdefault(i, {})
+        state = None if cache is None else experts_for(cache, i)
         out = forward(z, **named)
 
-        if state is not None and "choice" in state:  # decoding: the prompt's decision holds
-            choice, factor = state["choice"], None
+        if state is not None and state.choice is not None:  # decoding: the prompt's decision holds
+            choice, factor = state.choice, None
         else:
             units = self.units(z)
             choice, factor = self._choose(i, z, units)
             if state is not None:
-                state["choice"] = choice
+                state.choice = choice
             if self.recording:
                 picked = choice[units] if self.config.granularity == "token" else choice[units.any(1)]
                 self.counts[i] += torch.bincount(picked.cpu(), minlength=self.counts.shape[1])
@@ -158,7 +157,7 @@ class MoLEx(Method):
     def _by_sequence(self, t, z, out, named, choice, state):
         groups = self._groups(choice.unique().tolist(), z)
         if len(groups) == 1:
-            return out if groups[0] == t else self._expert(groups[0], z, named, None, state)
+            return out if groups[0] == t else self._expert(groups[0], z, named, None, state, t)
         expert = torch.empty_like(out)
         spare = []
         for j in groups:
@@ -166,7 +165,7 @@ class MoLEx(Method):
             if j != t and len(r) == 0:
                 spare.append(self._spare(j, z, named))
                 continue
-            expert.index_copy_(0, r, out.index_select(0, r) if j == t else self._expert(j, z, named, r, state))
+            expert.index_copy_(0, r, out.index_select(0, r) if j == t else self._expert(j, z, named, r, state, t))
         return keep(expert, spare)
 
     def _by_token(self, t, z, out, named, choice):
@@ -200,12 +199,14 @@ class MoLEx(Method):
             kw.pop("attention_mask", None)
         return self._expert(j, z, kw, torch.zeros(1, dtype=torch.long, device=z.device), None)
 
-    def _expert(self, j, z, named, rows, state):
-        """Block j on z (rows of it), called through the module so FSDP/ZeRO-3 hooks gather its weights."""
+    def _expert(self, j, z, named, rows, state, t=None):
+        """Block j on z (rows of it) at layer t, called through the module so FSDP/ZeRO-3 hooks gather its weights."""
         kw = take_rows_all(named, rows, z.shape[0])
-        if kw.get(CACHE_ARG) is not None:
+        cache = kw.get(CACHE_ARG)
+        if cache is not None:
             # Expert j at layer t attends over z_t, not z_j: it needs its own cache, holding only these rows.
-            kw[CACHE_ARG] = state.setdefault("caches", {}).setdefault(j, DynamicCache()) if state is not None else None
+            every = torch.arange(z.shape[0], device=z.device)
+            kw[CACHE_ARG] = None if state is None else state.view(j, every if rows is None else rows, cache, t)
         zr = z if rows is None else z.index_select(0, rows)
         with unrecorded():
             return self.arch.blocks[j](zr, depthmix_plain=True, **kw)
