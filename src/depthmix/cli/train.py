@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..config import ConfigError
+from ..evaluation.scorers import CHOICE_MODES
 from ..tuners import METHODS
 from ..flags import add_dataclass_flags, pick
 
@@ -33,7 +34,7 @@ def register(sub) -> None:
     e.add_argument("--batch-size", type=int, default=32, help="examples per batch")
     e.add_argument("--max-length", type=int, default=256, help="tokens per example; longer ones are cut")
     e.add_argument("--output", help="metrics JSON (default: ADAPTER/eval-TASK.json)")
-    e.add_argument("--mode", choices=("loglik", "loglik-text", "generate"),
+    e.add_argument("--mode", choices=CHOICE_MODES,
                    help="multiple-choice tasks: loglik scores each answer label by log-likelihood (default), "
                    "loglik-text each option's own text, generate generates an answer (choices: %(choices)s)")
     e.add_argument("--max-new-tokens", type=int, help="generation tasks: tokens to generate (default: the task's)")
@@ -47,10 +48,10 @@ def register(sub) -> None:
 def train_choices() -> dict[str, str]:
     from ..data.tasks import task_names
     from ..models import EMBEDDED
-    from ..train.options import EVAL_MODES, METHOD_NAMES
+    from ..train.options import METHOD_NAMES
     return {"method": ", ".join(METHOD_NAMES), "task": ", ".join(task_names()),
             "model": f"{', '.join(EMBEDDED)} (embedded: no Hub needed), or a folder or Hub id",
-            "eval_mode": ", ".join(EVAL_MODES)}
+            "eval_mode": ", ".join(CHOICE_MODES)}
 
 
 def train_options(args):

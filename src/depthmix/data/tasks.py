@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import datasets
+import torch
 
 
 class DataError(ValueError):
@@ -116,6 +117,43 @@ def check_table(path: Path, delimiter: str, header: bool, quoted: bool) -> None:
 def lines(text: str) -> list[str]:
     """The lines of a data file's text, split where pandas and the csv module split them."""
     return LINE_BREAK.split(text)
+
+
+def locate(task: str, data_dir, *candidates: str) -> Path | None:
+    """The local file of a task, None when no data folder is given (load from the Hub)."""
+    root = data_root(data_dir)
+    if root is None:
+        return None
+    path = find_file(root, *candidates)
+    if path is None:
+        raise DataError(f"{task}: none of {list(candidates)} under {root}")
+    return path
+
+
+def hub(task: str, repo: str, config: str | None, split: str, **kwargs) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(repo, config, split=split, **kwargs)
+    except Exception as e:
+        raise DataError(f"{task}: cannot load {repo}{'/' + config if config else ''} ({split}) from the Hub "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "pass --data-dir or set DEPTHMIX_DATA to read local files") from None
+
+
+class CausalCollator:
+    """Right-pads input_ids with the pad id, attention_mask with 0 and labels with -100."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features):
+        n = max(len(f["input_ids"]) for f in features)
+        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            k = n - len(f["input_ids"])
+            out["input_ids"].append(list(f["input_ids"]) + [self.pad_id] * k)
+            out["attention_mask"].append(list(f.get("attention_mask") or [1] * len(f["input_ids"])) + [0] * k)
+            out["labels"].append(list(f.get("labels", f["input_ids"])) + [-100] * k)
+        return {key: torch.tensor(v, dtype=torch.long) for key, v in out.items()}
 
 
 def subsample(ds: datasets.Dataset, max_samples: int | None, seed: int) -> datasets.Dataset:

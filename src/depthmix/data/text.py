@@ -21,8 +21,7 @@ import re
 
 import datasets
 
-from .instruct.common import CausalCollator, hub, locate
-from .tasks import DataError, Task, read_text, register
+from .tasks import CausalCollator, DataError, Task, hub, locate, read_text, register
 
 HEADING = re.compile(r"^ = [^=].* = $")
 

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError, checked_type
+from ..evaluation.scorers import CHOICE_MODES
 from ..tuners import METHODS
 from ..tuners.base import reserve_names
 
@@ -107,11 +108,10 @@ class TrainOptions:
         for name in ("warmup", "lora_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} = {getattr(self, name)!r}: expected a fraction in [0, 1)")
-        if self.eval_mode is not None and self.eval_mode not in EVAL_MODES:
-            raise ConfigError(f"eval_mode = {self.eval_mode!r}: expected one of {EVAL_MODES}")
+        if self.eval_mode is not None and self.eval_mode not in CHOICE_MODES:
+            raise ConfigError(f"eval_mode = {self.eval_mode!r}: expected one of {CHOICE_MODES}")
 
 
-EVAL_MODES = ("loglik", "loglik-text", "generate")
 reserve_names(TrainOptions)
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import re
 
-from ..tasks import DataError, register
-from .common import InstructTask, hub, locate, prompt, read_records, to_rows
+from ..tasks import DataError, hub, locate, register
+from .common import InstructTask, prompt, read_records, to_rows
 
 CALC = re.compile(r"<<[^>]*>>")
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import re
 
-from ..tasks import DataError, register
-from .common import InstructTask, hub, locate, prompt, read_records, to_rows
+from ..tasks import DataError, hub, locate, register
+from .common import InstructTask, prompt, read_records, to_rows
 
 FORMAT = "\n\nAnswer format:"
 OPTION = re.compile(r"(?:Answer|Solution|Option|Ending)\s*(\d+)\s*:\s*", re.IGNORECASE)

@@ -1,5 +1,5 @@
-"""What the instruction-tuning tasks share: the Alpaca prompt, reading and checking local files, prompt-masked
-encoding and padding."""
+"""What the instruction-tuning tasks share: the Alpaca prompt, reading and checking local record files and
+prompt-masked encoding."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,8 @@ import logging
 from pathlib import Path
 
 import datasets
-import torch
 
-from ..tasks import DataError, Task, check_table, data_root, find_file, lines, read_text, subsample
+from ..tasks import CausalCollator, DataError, Task, check_table, lines, read_text, subsample
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +28,6 @@ def prompt(instruction: str, input: str | None = None) -> str:
 
 
 # -- files ------------------------------------------------------------------------------------------------
-def locate(task: str, data_dir, *candidates: str) -> Path | None:
-    """The local file of a task, None when no data folder is given (load from the Hub)."""
-    root = data_root(data_dir)
-    if root is None:
-        return None
-    path = find_file(root, *candidates)
-    if path is None:
-        raise DataError(f"{task}: none of {list(candidates)} under {root}")
-    return path
-
-
 def where(path, i: int) -> str:
     """How a message names record i of a file: its line in JSON lines and CSV, its index in a JSON list."""
     path = Path(path)
@@ -125,15 +113,6 @@ def to_rows(task: str, records, convert, source) -> datasets.Dataset:
     return datasets.Dataset.from_list(out)
 
 
-def hub(task: str, repo: str, config: str | None, split: str, **kwargs) -> datasets.Dataset:
-    try:
-        return datasets.load_dataset(repo, config, split=split, **kwargs)
-    except Exception as e:
-        raise DataError(f"{task}: cannot load {repo}{'/' + config if config else ''} ({split}) from the Hub "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        "pass --data-dir or set DEPTHMIX_DATA to read local files") from None
-
-
 # -- model inputs -----------------------------------------------------------------------------------------
 def pair_ids(tokenizer, prompts: list[str], responses: list[str]) -> tuple[list[list[int]], list[list[int]]]:
     """Prompt and response token ids, tokenised apart so the boundary is the same in training and scoring."""
@@ -180,20 +159,3 @@ class InstructTask(Task):
 
     def collator(self, tokenizer):
         return CausalCollator(tokenizer.pad_token_id)
-
-
-class CausalCollator:
-    """Right-pads input_ids with the pad id, attention_mask with 0 and labels with -100."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, features):
-        n = max(len(f["input_ids"]) for f in features)
-        out = {"input_ids": [], "attention_mask": [], "labels": []}
-        for f in features:
-            k = n - len(f["input_ids"])
-            out["input_ids"].append(list(f["input_ids"]) + [self.pad_id] * k)
-            out["attention_mask"].append(list(f.get("attention_mask") or [1] * len(f["input_ids"])) + [0] * k)
-            out["labels"].append(list(f.get("labels", f["input_ids"])) + [-100] * k)
-        return {key: torch.tensor(v, dtype=torch.long) for key, v in out.items()}

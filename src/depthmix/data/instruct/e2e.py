@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import logging
 
-from ..tasks import register
-from .common import InstructTask, hub, locate, prompt, read_records, to_rows
+from ..tasks import hub, locate, register
+from .common import InstructTask, prompt, read_records, to_rows
 
 log = logging.getLogger(__name__)
 INSTRUCTION = "Write a short restaurant description that expresses every attribute of the meaning representation."
