@@ -357,3 +357,5 @@ def test_response_nll_is_the_mean_over_response_tokens_of_all_batches(tmp_path, 
         count += int(keep.sum())
     assert got["tokens"] == count and got["rows"] == len(rows)
     assert abs(got["gold_nll"] - total / count) < 1e-4
+    with pytest.raises(ValueError, match="gsm8k: no response token to score in 2 rows at max_length=16"):
+        response_nll(task, lm, tok, rows, 16)  # not a perfect 0.0

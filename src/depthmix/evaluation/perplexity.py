@@ -55,6 +55,8 @@ def response_nll(task, model, tokenizer, rows, max_length: int = 256, batch_size
     """Mean NLL per token of an instruction task's gold responses, teacher forced with the prompt masked out (eval
     mode): a continuous measure of what a short run learned, steadier than accuracy on a few hundred rows."""
     enc = task.encode(rows, tokenizer, max_length)
+    if len(enc) == 0:  # a mean over no token would read as a perfect 0.0
+        raise ValueError(f"{task.name}: no response token to score in {len(rows)} rows at max_length={max_length}")
     collate = task.collator(tokenizer)
     device = device_of(model)
     total, count = 0.0, 0
@@ -64,4 +66,4 @@ def response_nll(task, model, tokenizer, rows, max_length: int = 256, batch_size
             n = int((batch["labels"][:, 1:] != -100).sum())
             total += model(**{k: v.to(device) for k, v in batch.items()}).loss.item() * n
             count += n
-    return {"gold_nll": total / max(count, 1), "tokens": count, "rows": len(enc)}
+    return {"gold_nll": total / count, "tokens": count, "rows": len(enc)}
