@@ -166,15 +166,29 @@ def test_save_after_unload_names_the_unload(method, tmp_path):
 
 
 # -- adapter files ---------------------------------------------------------------------------------------------------
+def assert_refused(path, match, base=None):
+    """Loading the adapter at `path` onto `base` (a fresh tiny Llama) raises AdapterError `match`, and leaves the
+    model as it was."""
+    base = tiny("llama") if base is None else base
+    before = snapshot(base, "llama")
+    with pytest.raises(depthmix.AdapterError, match=match):
+        depthmix.DepthMixModel.from_pretrained(base, path)
+    assert_unchanged(base, "llama", before)
+
+
+def rewrite_tensors(path, change):
+    """Rewrite the adapter's tensors with `change` and re-sign them (the config's sha256), as a tool would."""
+    tensors = change(io.load_tensors(path / WEIGHTS_NAME))
+    digest = io.save_tensors(path / WEIGHTS_NAME, tensors, {"format": "depthmix-adapter/1"})
+    edit_config(path, lambda m: m.update(weights_sha256=digest))
+
+
 def test_causal_lm_adapter_onto_a_sequence_classifier_is_refused(tmp_path):
     build("molex").save_pretrained(tmp_path)
     torch.manual_seed(0)
     other = LlamaForSequenceClassification(tiny("llama").config).eval()
-    before = snapshot(other, "llama")
-    with pytest.raises(depthmix.AdapterError, match="model_class: adapter 'LlamaForCausalLM' vs model "
-                                                    "'LlamaForSequenceClassification'"):
-        depthmix.DepthMixModel.from_pretrained(other, tmp_path)
-    assert_unchanged(other, "llama", before)
+    assert_refused(tmp_path, "model_class: adapter 'LlamaForCausalLM' vs model 'LlamaForSequenceClassification'",
+                   other)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -190,34 +204,21 @@ def test_causal_lm_adapter_onto_a_sequence_classifier_is_refused(tmp_path):
 def test_adapter_config_field_of_the_wrong_kind_is_refused(field, value, message, tmp_path):
     build("molex", with_lora=True).save_pretrained(tmp_path)
     edit_config(tmp_path, lambda m: m.update({field: value}))
-    base = tiny("llama")
-    before = snapshot(base, "llama")
-    with pytest.raises(depthmix.AdapterError, match=f"{CONFIG_NAME}: {message}"):
-        depthmix.DepthMixModel.from_pretrained(base, tmp_path)
-    assert_unchanged(base, "llama", before)
+    assert_refused(tmp_path, f"{CONFIG_NAME}: {message}")
 
 
 def test_adapter_config_that_is_not_utf8_is_refused(tmp_path):
     build("molex").save_pretrained(tmp_path)
     file = tmp_path / CONFIG_NAME
     file.write_bytes(file.read_bytes().replace(b'"info": {}', '"info": {"who": "Jos\u00e9"}'.encode("latin-1")))
-    with pytest.raises(depthmix.AdapterError, match=rf"{CONFIG_NAME}: not UTF-8 text \(byte \d+: b'\\xe9'\)"):
-        depthmix.DepthMixModel.from_pretrained(tiny("llama"), tmp_path)
+    assert_refused(tmp_path, rf"{CONFIG_NAME}: not UTF-8 text \(byte \d+: b'\\xe9'\)")
 
 
 def test_gate_tensors_stored_as_integers_are_refused(tmp_path):
-    dm = build("molex")
-    dm.save_pretrained(tmp_path)
-    tensors = io.load_tensors(tmp_path / WEIGHTS_NAME)
-    tensors["method.gates.0.weight"] = tensors["method.gates.0.weight"].round().long()
-    digest = io.save_tensors(tmp_path / WEIGHTS_NAME, tensors, {"format": "depthmix-adapter/1"})
-    edit_config(tmp_path, lambda m: m.update(weights_sha256=digest))  # re-signed: only the dtype is wrong
-    base = tiny("llama")
-    before = snapshot(base, "llama")
-    with pytest.raises(depthmix.AdapterError, match=rf"{WEIGHTS_NAME}: method.gates.0.weight is stored as "
-                                                    r"torch.int64, the model expects torch.float32"):
-        depthmix.DepthMixModel.from_pretrained(base, tmp_path)
-    assert_unchanged(base, "llama", before)
+    build("molex").save_pretrained(tmp_path)
+    rewrite_tensors(tmp_path, lambda t: {**t, "method.gates.0.weight": t["method.gates.0.weight"].round().long()})
+    assert_refused(tmp_path, rf"{WEIGHTS_NAME}: method.gates.0.weight is stored as torch.int64, the model expects "
+                             r"torch.float32")
 
 
 def test_half_precision_adapter_still_loads_as_a_cast(tmp_path):
@@ -225,9 +226,7 @@ def test_half_precision_adapter_still_loads_as_a_cast(tmp_path):
     that are not floating point are refused."""
     dm = build("molex", with_lora=True)
     dm.save_pretrained(tmp_path)
-    tensors = {k: v.half() for k, v in io.load_tensors(tmp_path / WEIGHTS_NAME).items()}
-    digest = io.save_tensors(tmp_path / WEIGHTS_NAME, tensors, {"format": "depthmix-adapter/1"})
-    edit_config(tmp_path, lambda m: m.update(weights_sha256=digest))
+    rewrite_tensors(tmp_path, lambda t: {k: v.half() for k, v in t.items()})
     again = depthmix.DepthMixModel.from_pretrained(tiny("llama"), tmp_path)
     torch.testing.assert_close(logits(again, "llama"), logits(dm, "llama"), rtol=1e-2, atol=1e-2)
 
