@@ -1,5 +1,6 @@
 """Layering, as torchtune keeps it: method code, the model wrapper and the architecture registry import nothing from
-the command line, the trainer or the benchmarks; the benchmarks import nothing from the command line."""
+the command line, the trainer or the benchmarks; the benchmarks import nothing from the command line; data/ imports no
+scoring (evaluation/) and no recipe."""
 import re
 from pathlib import Path
 
@@ -9,7 +10,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "depthmix"
 RULES = {  # files -> packages they must not import
     "tuners": ("cli", "train", "bench"), "depthmix_model.py": ("cli", "train", "bench"),
     "architectures.py": ("cli", "train", "bench"),
-    "blocks.py": ("cli", "train", "bench"), "bench": ("cli",), "evaluation": ("cli", "bench"), "data": ("cli", "bench"),
+    "blocks.py": ("cli", "train", "bench"), "bench": ("cli",), "evaluation": ("cli", "bench", "train"),
+    "data": ("cli", "bench", "train", "evaluation"),
 }
 
 
