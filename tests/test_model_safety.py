@@ -131,6 +131,14 @@ def test_from_pretrained_onto_a_meta_model_is_refused(method, tmp_path):
         depthmix.apply(base, depthmix.MoDConfig())
 
 
+def test_meta_model_of_a_distributed_rank_is_accepted(monkeypatch):
+    """FSDP's cpu_ram_efficient_loading: ranks but the first hold meta weights, which FSDP fills from the first."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    dm = depthmix.apply(meta_llama(), depthmix.MoDConfig())
+    assert {p.device.type for p in dm.method.parameters()} == {"meta"}
+
+
 # -- a model that already carries PEFT LoRA ------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", method_names(lora=False))
 def test_apply_onto_peft_lora_layers_is_refused(method):

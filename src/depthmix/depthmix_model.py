@@ -342,9 +342,13 @@ def refuse_carried(model: nn.Module) -> None:
 
 def refuse_meta(model: nn.Module) -> None:
     """A model on the meta device has no values to hold: to_empty() would later leave depthmix's weights (new ones,
-    or an adapter's) uninitialised while the base model's weights are loaded."""
+    or an adapter's) uninitialised while the base model's weights are loaded. Allowed in a distributed run, where
+    it is FSDP's cpu_ram_efficient_loading: every rank but the first holds meta weights, and FSDP fills them all,
+    depthmix's included, from the first rank's (sync_module_states)."""
     on_meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
-    if on_meta is not None:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+    if on_meta is not None and not distributed:
         raise ValueError(f"{type(model).__name__} has weights on the meta device (e.g. {on_meta!r}): depthmix's own "
                          "weights would be lost when it is materialised (to_empty() leaves them uninitialised). Load "
                          "the base model's weights first, then apply() or from_pretrained()")
