@@ -36,8 +36,8 @@ def check_retrofit_loss(opts: TrainOptions, config) -> None:
         return
     if opts.retrofit_loss not in LOSSES:
         raise ConfigError(f"retrofit_loss = {opts.retrofit_loss!r}: expected one of {LOSSES}")
-    if opts.method != "mod" or config.update != "retrofit":
-        raise ConfigError("retrofit_loss is for router tuning: method 'mod' with update 'retrofit'")
+    if opts.method != "mod" or config.update not in ("retrofit", "gated"):
+        raise ConfigError("retrofit_loss is for router tuning: method 'mod' with update 'retrofit' or 'gated'")
 
 
 def method_config(opts: TrainOptions):

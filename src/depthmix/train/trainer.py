@@ -76,7 +76,8 @@ class DepthMixTrainer(Trainer):
         if not self.retrofit_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         from ..tuners.mod.retrofit import retrofit_loss
-        loss, outputs = retrofit_loss(model, inputs, self.retrofit_loss)
+        progress = self.state.global_step / max(self.state.max_steps, 1)  # anneals a gated router's temperature
+        loss, outputs = retrofit_loss(model, inputs, self.retrofit_loss, progress)
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):

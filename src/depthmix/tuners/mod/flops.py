@@ -27,10 +27,10 @@ def analytic(config, seq_len: int, layers: list[int], capacity: float, num_layer
              predictor: bool = True, skip: str = "block") -> dict:
     """Per-token-sequence forward FLOPs (2 per multiply-add): dense blocks, routed blocks, routers/predictors, LM
     head. Returns both totals and the block-only ratio. In a routed block only what a token skips (MoDConfig.skip:
-    "block", "attention" or "mlp") runs on the k routed tokens (linear parts x c, attention scores x c^2); the
-    other sub-layer runs on every token at full cost."""
+    "block", "attention", "mlp", or "sublayers": both, each with its own router) runs on the k routed tokens
+    (linear parts x c, attention scores x c^2); the other sub-layer runs on every token at full cost."""
     if skip not in SKIP:
-        raise ValueError(f"skip={skip!r}: expected 'block', 'attention' or 'mlp'")
+        raise ValueError(f"skip={skip!r}: expected one of {SKIP}")
     s = block_shape(config)
     d, hd = s["d"], s["head_dim"]
     attn_linear = 2 * seq_len * (d * hd * s["heads"] * 2 + d * hd * s["kv_heads"] * 2)  # q, o; k, v
@@ -40,10 +40,11 @@ def analytic(config, seq_len: int, layers: list[int], capacity: float, num_layer
     c = k / seq_len
     routed = len(layers)
     h = predictor_hidden(d)
-    extra = routed * 2 * seq_len * (d + (d * h + h if predictor else 0))
+    units = routed * (2 if skip == "sublayers" else 1)
+    extra = units * 2 * seq_len * (d + (d * h + h if predictor else 0))
     attn, mlp = attn_linear + attention, mlp_linear
-    routed_attn = c * attn_linear + c * c * attention if skip in ("block", "attention") else attn
-    routed_mlp = c * mlp_linear if skip in ("block", "mlp") else mlp
+    routed_attn = c * attn_linear + c * c * attention if skip in ("block", "attention", "sublayers") else attn
+    routed_mlp = c * mlp_linear if skip in ("block", "mlp", "sublayers") else mlp
     dense_blocks = num_layers * (attn + mlp)
     mod_blocks = (num_layers - routed) * (attn + mlp) + routed * (routed_attn + routed_mlp)
     head = 2 * seq_len * d * vocab

@@ -13,6 +13,7 @@ from ...config import ConfigError, pick_layers
 from ...sharding import keep, must_call
 from ..base import Method, float32_linear
 from .cache import KEY, PackedView, store_for
+from .gate import budget_loss, executed_fraction, gate_values, new_router, router_input
 from .layer import (MoDBlock, attn_impl, first_real, gather_tokens, membership, pack, packed_mask,
                     predictor_hidden, slots, subset_mask, take_packed, topk_membership, topk_slots)
 
@@ -38,28 +39,33 @@ class MoD(Method):
         if not arch.causal:
             raise ConfigError(f"MoDConfig: MoD routes tokens of causal LMs; {arch.family.name} is an encoder")
         self.layers = pick_layers(config.layers, arch.num_layers, "MoDConfig.layers")
-        zero = config.update == "retrofit"  # Router-Tuning: zero-initialised routers on a pretrained model
-        self.routers = nn.ModuleList(float32_linear(hidden_size, 1, zero=zero) for _ in self.layers)
+        # the routed units: (block, what it routes), two per block where both sub-layers are routed apart
+        kinds = ("attention", "mlp") if config.skip == "sublayers" else (config.skip,)
+        self.units = [(t, kind) for t in self.layers for kind in kinds]
+        self.routers = nn.ModuleList(new_router(config, hidden_size) for _ in self.units)
         if config.causal == "predictor":
             h = predictor_hidden(hidden_size)
             self.predictors = nn.ModuleList(
-                nn.Sequential(float32_linear(hidden_size, h), nn.SiLU(), float32_linear(h, 1)) for _ in self.layers)
+                nn.Sequential(float32_linear(hidden_size, h), nn.SiLU(), float32_linear(h, 1)) for _ in self.units)
         self._routing = "auto"
         self._valid = None
+        self.progress = 0.0  # fraction of training done: anneals the gate's temperature (update="gated")
+        self._executed = []  # (executed fraction, unit) of this forward's gated units, for the budget loss
         self.reset_stats()
-        for i, t in enumerate(self.layers):
-            self.wrap(self._target(arch, t), MoDBlock, i)
+        for i, (t, kind) in enumerate(self.units):
+            self.wrap(self._target(arch, t, kind), MoDBlock, i)
+        self._costs = [sum(p.numel() for p in module.parameters()) for module in self._swapped]
 
-    def _target(self, arch, t: int) -> nn.Module:
+    def _target(self, arch, t: int, kind: str) -> nn.Module:
         """The module that routed block t routes: the block, or its attention or MLP sub-layer (config.skip)."""
         block = arch.blocks[t]
-        if self.config.skip == "block":
+        if kind == "block":
             return block
         names = SUBLAYERS.get(arch.family.name)
         if names is None:
             raise ConfigError(f"MoDConfig.skip={self.config.skip!r}: routing a sub-layer is supported for the "
                               f"families {sorted(SUBLAYERS)}, not {arch.family.name}")
-        name = names[self.config.skip]
+        name = names[kind]
         sub = getattr(block, name, None)
         if not isinstance(sub, nn.Module):
             raise ConfigError(f"MoDConfig.skip={self.config.skip!r}: block {t} ({type(block).__name__}) of the "
@@ -67,12 +73,24 @@ class MoD(Method):
         return sub
 
     def routed_module(self, i: int) -> nn.Module:
-        """The module routed as self.layers[i] (a block or one of its sub-layers)."""
+        """The module routed as unit i, self.units[i] (a block or one of its sub-layers)."""
         return self._swapped[i]
+
+    def unit_name(self, i: int) -> str:
+        """How statistics name unit i: its block ("7"), with the sub-layer where both are routed ("7.mlp")."""
+        t, kind = self.units[i]
+        return f"{t}.{kind}" if self.config.skip == "sublayers" else str(t)
 
     def begin(self, inputs: dict) -> None:
         super().begin(inputs)
         self._valid = None
+        self._executed = []
+
+    def finish(self, output):
+        if self._executed:
+            self.add_aux(budget_loss(self.config, self._executed, self._costs))
+            self._executed = []
+        return super().finish(output)
 
     def valid_mask(self, hidden: torch.Tensor) -> torch.Tensor:
         """As Method.valid_mask, computed once per forward (every routed block asks for the same one)."""
@@ -114,14 +132,15 @@ class MoD(Method):
         return self.routing_mode("causal")
 
     def reset_stats(self) -> None:
-        # per routed block: processed tokens, valid tokens, correct causal decisions, decisions scored
+        # per routed unit: processed tokens, valid tokens, correct causal decisions, decisions scored
         device = self.stats.device if hasattr(self, "stats") else None
-        self.stats = torch.zeros(len(self.layers), 4, dtype=torch.long, device=device)
+        self.stats = torch.zeros(len(self.units), 4, dtype=torch.long, device=device)
 
     def summary(self) -> dict:
         s = self.stats.cpu()  # the one read of the device-side counts
         out = {}
-        for i, t in enumerate(self.layers):
+        for i in range(len(self.units)):
+            t = self.unit_name(i)
             if s[i, 1] > 0:
                 out[f"realized_capacity/{t}"] = round(float(s[i, 0] / s[i, 1]), 4)
             if s[i, 3] > 0:
@@ -132,14 +151,14 @@ class MoD(Method):
             out["predictor_accuracy"] = round(float(s[:, 2].sum() / s[:, 3].sum()), 4)
         return out
 
-    # -- the routed forward of block self.layers[i] (or of its sub-layer) -----------------------------------
+    # -- the routed forward of unit self.units[i] (a block or one of its sub-layers) -------------------------
     def scores(self, i: int, x: torch.Tensor):
         """Router logits r [B, S] and the causal decision logits [B, S] (predictor, or the router itself)."""
         r = self.router(i, x)
         return r, (self.predictor(i, x) if self.config.causal == "predictor" else r)
 
     def router(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        return self.routers[i](x.float()).squeeze(-1)
+        return self.routers[i](router_input(self.config, x)).squeeze(-1)
 
     def predictor(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return self.predictors[i](x.float().detach()).squeeze(-1)
@@ -147,8 +166,12 @@ class MoD(Method):
     def route(self, module, i: int, forward, args, kwargs):
         x, named = self._split(module, args, kwargs)
         valid = self.valid_mask(x)
+        kind = self.units[i][1]
         # an eval-mode base model routes causally even if the method module was left in train mode
         causal = self.active_routing(self.training and module.training) == "causal"
+        if self.config.update == "gated" and not causal and self._routing == "auto":
+            out = self._gated(i, forward, x, named, valid)
+            return (out, None) if kind == "attention" else out
         cache = named.get(CACHE_ARG)
         if cache is not None and self.training and torch.is_grad_enabled():
             named[CACHE_ARG] = cache = None  # training never decodes: keep no subset K/V
@@ -160,7 +183,8 @@ class MoD(Method):
             r, decide = self.scores(i, x)
         slots_, sel, topk = self._select(i, r, decide, valid, cache, causal, x)
         self._record(i, sel, valid, decide, topk)
-        if self.training and torch.is_grad_enabled() and self.config.aux_weight > 0 and topk is not None:
+        if self.training and torch.is_grad_enabled() and self.config.aux_weight > 0 and topk is not None \
+                and self.config.causal != "threshold":
             w = valid.to(decide.dtype)
             bce = F.binary_cross_entropy_with_logits(decide, topk.to(decide.dtype), reduction="none")
             self.add_aux(self.config.aux_weight * (bce * w).sum() / w.sum().clamp(min=1))
@@ -169,7 +193,7 @@ class MoD(Method):
             out = self._step(module, i, forward, x, named, sel, r, cache)
         else:
             out = self._subset(module, i, forward, x, named, sel, valid, r, cache, causal, slots_)
-        return (out, None) if self.config.skip == "attention" else out
+        return (out, None) if kind == "attention" else out
 
     def _split(self, module, args, kwargs):
         """The routed module's hidden-state input and its other arguments, by name."""
@@ -181,9 +205,23 @@ class MoD(Method):
         named = self.arch.bind(module, args, kwargs)
         return named.pop(next(iter(named))), named
 
-    def _rest(self, x):
+    def _rest(self, x, kind):
         """What a token that is not processed gets: its input (a block) or nothing (a sub-layer's branch)."""
-        return x if self.config.skip == "block" else torch.zeros_like(x)
+        return x if kind == "block" else torch.zeros_like(x)
+
+    def _gated(self, i, forward, x, named, valid):
+        """update="gated" while training: the unit runs on every token and the hard gate z of each token keeps
+        its update or not (exact values forward; the straight-through gradient reaches every token's router
+        score from what its update adds or would have added)."""
+        kind = self.units[i][1]
+        r = self.router(i, x)
+        z, hard = gate_values(self.config, r, self.progress, self._first(i, valid, None))
+        hard = hard & valid
+        self._record(i, hard, valid, r, None)
+        self._executed.append((executed_fraction(z, valid), i))
+        y = self._run(forward, x, named)
+        f = y if kind != "block" else y - x
+        return torch.where(hard.unsqueeze(-1), y, self._rest(x, kind)) + (z - z.detach()).unsqueeze(-1).to(y.dtype) * f
 
     def _run(self, forward, x, kw):
         y = forward(x, **kw)
@@ -191,28 +229,29 @@ class MoD(Method):
 
     def _subset(self, module, i, forward, x, named, sel, valid, r, cache, causal, slots_):
         """Gather the selected tokens of each row, run the module on them, scatter the results back."""
+        kind = self.units[i][1]
         if cache is None and (slots_[2] == x.shape[1] if slots_ is not None else bool((sel == valid).all())):
             # every real token is selected (top-k: K = S gives k = n in every row): run the module as it was
-            return self._dense(forward, x, named, sel, self._weight(r))
+            return self._dense(forward, x, named, sel, self._weight(r), kind)
         if slots_ is None and x.shape[0] > 1:
             store = None if cache is None else self._store(cache, i)
             if store is None or not store.written:
-                return self._packed(module, forward, x, named, sel, r, store)
+                return self._packed(module, kind, forward, x, named, sel, r, store)
         idx, count, top = slots_ if slots_ is not None else slots(sel)
         if top == 0:
             if cache is not None:
                 self._store(cache, i).start(x.shape[0], x.device)
-            return self._idle(module, forward, x, named)
+            return self._idle(module, kind, forward, x, named)
         weight = self._weight(r)
         xs = gather_tokens(x, idx)
-        kw = self._subset_kwargs(module, i, named, idx, count, top, xs)
-        rest = None if self.config.skip != "block" else xs
+        kw = self._subset_kwargs(module, i, kind, named, idx, count, top, xs)
+        rest = None if kind != "block" else xs
         new = self._update(rest, self._run(forward, xs, kw), None if weight is None else gather_tokens(weight, idx))
         keep = torch.arange(top, device=x.device).unsqueeze(0) < count.unsqueeze(1)
         new = torch.where(keep.unsqueeze(-1), new, xs if rest is not None else torch.zeros_like(new))
-        return self._rest(x).scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), new)
+        return self._rest(x, kind).scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), new)
 
-    def _packed(self, module, forward, x, named, sel, r, store):
+    def _packed(self, module, kind, forward, x, named, sel, r, store):
         """Causal routing at batch > 1 (no cache, or the first call into an empty one, `store`: a prompt): the
         processed tokens of all rows packed together (each row causal and apart from the others), so the module's
         work follows what the rows really route."""
@@ -221,7 +260,7 @@ class MoD(Method):
             store.start(b, x.device)
         packed = pack(sel)
         if packed is None:
-            return self._idle(module, forward, x, named)
+            return self._idle(module, kind, forward, x, named)
         idx, seg, flat, slot = packed[:4]
         xs = take_packed(x, idx, b)
         kw = dict(named)
@@ -232,32 +271,33 @@ class MoD(Method):
         pos = kw.get("position_ids")
         if isinstance(pos, torch.Tensor) and pos.dim() == 2:
             kw["position_ids"] = take_packed(pos, idx, b)
-        if self._keeps_kv():
+        if self._keeps_kv(kind):
             kw["attention_mask"] = packed_mask(seg, attn_impl(module), x.dtype)
             if store is not None:
                 kw[CACHE_ARG] = PackedView(store, packed, b)
         weight = self._weight(r)
         weight = None if weight is None else take_packed(weight, idx, b)
-        new = self._update(xs if self.config.skip == "block" else None, self._run(forward, xs, kw), weight)
-        out = self._rest(x).reshape(b * s, d).index_copy(0, flat, new.reshape(-1, d).index_select(0, slot))
+        new = self._update(xs if kind == "block" else None, self._run(forward, xs, kw), weight)
+        out = self._rest(x, kind).reshape(b * s, d).index_copy(0, flat, new.reshape(-1, d).index_select(0, slot))
         return out.view(b, s, d)
 
     def _step(self, module, i, forward, x, named, sel, r, cache):
         """A decoding step (one new token per row): the module runs only on the rows that process their token
         (those rows' KV stores gathered and scattered back); the other rows keep their store and skip it."""
         b = x.shape[0]
-        if self._keeps_kv():
+        kind = self.units[i][1]
+        if self._keeps_kv(kind):
             store = self._store(cache, i)
             start = store.start(b, x.device)
         rows = sel[:, 0].nonzero().squeeze(1)  # decoding is inference: this sync is allowed
         n = rows.numel()
         if n == 0:
-            return self._idle(module, forward, x, named)
+            return self._idle(module, kind, forward, x, named)
         pick = None if n == b else rows
         kw = take_rows_all(named, pick, b)
         kw.pop("cache_position", None)
         xr = x if pick is None else x.index_select(0, rows)
-        if self._keeps_kv():
+        if self._keeps_kv(kind):
             begin = start if pick is None else start.index_select(0, rows)
             kw[CACHE_ARG] = store.view(torch.ones_like(begin), 1, pick)
             kw["attention_mask"] = subset_mask(begin, 1, int(begin.max()) + 1, attn_impl(module), x.dtype, x.device)
@@ -266,26 +306,27 @@ class MoD(Method):
         elif pick is not None:
             r = r.index_select(0, rows)
         weight = self._weight(r)
-        y = self._update(xr if self.config.skip == "block" else None, self._run(forward, xr, kw), weight)
-        return y if pick is None else self._rest(x).index_copy(0, rows, y)
+        y = self._update(xr if kind == "block" else None, self._run(forward, xr, kw), weight)
+        return y if pick is None else self._rest(x, kind).index_copy(0, rows, y)
 
-    def _idle(self, module, forward, x, named):
+    def _idle(self, module, kind, forward, x, named):
         """No token here is processed. Where the module's weights are sharded, every rank must call it all the same
         (gathering them is a collective): on one token, without the KV cache, its output thrown away."""
-        rest = self._rest(x)
+        rest = self._rest(x, kind)
         if not must_call([module]):
             return rest
         one = torch.zeros(1, dtype=torch.long, device=x.device)
         kw = take_rows_all(named, one, x.shape[0])
         kw.pop(CACHE_ARG, None)
         xs = x[:1, :1]
-        kw = self._subset_kwargs(module, None, kw, one.view(1, 1), torch.ones_like(one), 1, xs)
+        kw = self._subset_kwargs(module, None, kind, kw, one.view(1, 1), torch.ones_like(one), 1, xs)
         return keep(rest, [self._run(forward, xs, kw)])
 
-    def _keeps_kv(self) -> bool:
+    @staticmethod
+    def _keeps_kv(kind: str) -> bool:
         """Whether the routed module attends (keeps K/V of the tokens it processed): not a routed MLP, which is
         token-wise and is never handed the KV cache."""
-        return self.config.skip != "mlp"
+        return kind != "mlp"
 
     def _continues(self, x) -> bool:
         """Whether this call continues earlier tokens (a decoding step): the attention mask, which also covers a
@@ -299,7 +340,7 @@ class MoD(Method):
         the causal decision otherwise (there only for statistics, and None in decoding steps, where a sequence's
         top-k is undefined)."""
         if cache is None:
-            fresh = self._keeps_kv() or not self._continues(valid)
+            fresh = self._keeps_kv(self.units[i][1]) or not self._continues(valid)
         else:
             fresh = i not in cache.__dict__.get(KEY, {})  # before _first creates the store
         keep = self._first(i, valid, cache)
@@ -309,7 +350,9 @@ class MoD(Method):
             return (idx, count, top), topk, topk
         if fresh and r is None:
             r = self.router(i, x)
-        topk = topk_membership(r.detach(), valid, self.config.capacity, keep) if fresh else None
+        # the top-k target scores a predictor's (or aux_loss router's) decisions; a threshold decision has none
+        scored = fresh and self.config.causal != "threshold"
+        topk = topk_membership(r.detach(), valid, self.config.capacity, keep) if scored else None
         sel = (decide.detach() > 0) & valid
         sel = sel if keep is None else sel | keep
         return None, sel, topk
@@ -330,17 +373,18 @@ class MoD(Method):
         return first
 
     def _store(self, cache, i):
-        if self.layers[i] == 0 and self._keeps_kv():
+        if self.units[i][0] == 0 and self._keeps_kv(self.units[i][1]):
             raise ConfigError(f"MoDConfig.layers: block 0 cannot be routed (skip={self.config.skip!r}) when "
                               "decoding with a KV cache (the model reads its cache length from block 0)")
         return store_for(cache, i)
 
     def _weight(self, r):
         """[B, S, 1] weight of f: the raw router logit (paper) or g - 1 = s - stopgrad(s) (retrofit: zero in
-        the forward pass, the gradient of s = sigmoid(r) in the backward pass; None where nothing needs it)."""
+        the forward pass, the gradient of s = sigmoid(r) in the backward pass; None where nothing needs it: also
+        for "gated", whose router learns in _gated)."""
         if self.config.update == "paper":
             return r.unsqueeze(-1)
-        if not r.requires_grad:
+        if not r.requires_grad or self.config.update == "gated":
             return None
         s = torch.sigmoid(r)
         return (s - s.detach()).unsqueeze(-1)
@@ -356,13 +400,13 @@ class MoD(Method):
             return y + w * f
         return w * f if x is None else x + w * f
 
-    def _dense(self, forward, x, named, sel, weight):
+    def _dense(self, forward, x, named, sel, weight, kind):
         """Every real token is selected (capacity 1.0): the module runs as it was, bit for bit."""
         y = self._run(forward, x, named)
-        return torch.where(sel.unsqueeze(-1), self._update(x if self.config.skip == "block" else None, y, weight),
-                           self._rest(x))
+        return torch.where(sel.unsqueeze(-1), self._update(x if kind == "block" else None, y, weight),
+                           self._rest(x, kind))
 
-    def _subset_kwargs(self, module, i, named, idx, count, top, xs):
+    def _subset_kwargs(self, module, i, kind, named, idx, count, top, xs):
         kw = dict(named)
         pe = kw.get("position_embeddings")
         if pe is not None:
@@ -372,7 +416,7 @@ class MoD(Method):
             kw["position_ids"] = gather_tokens(pos, idx)
         kw.pop("cache_position", None)
         cache = kw.get(CACHE_ARG)
-        if not self._keeps_kv():  # an MLP: token-wise, no mask, no K/V
+        if not self._keeps_kv(kind):  # an MLP: token-wise, no mask, no K/V
             return kw
         impl = attn_impl(module)
         if cache is not None:
