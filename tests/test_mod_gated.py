@@ -11,6 +11,7 @@ from conftest import VOCAB, tiny
 from depthmix.cli.main import main
 from depthmix.tuners.mod.gate import budget_loss, gate_values, temperature
 from depthmix.tuners.mod.retrofit import calibrate_gates, retrofit_loss, tune
+from test_mod_retrofit import model_dir  # noqa: F401  (a tiny Llama saved with a tokenizer)
 
 
 def gated(capacity=0.5, layers=(1, 2, 3), seed=0, **kw):
@@ -184,19 +185,7 @@ def test_saved_gated_adapter_with_lora_gives_the_same_logits(tmp_path):
     assert again.method_config.update == "gated" and again.method.units == model.method.units
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from depthmix.models import load_tokenizer
-    tok = load_tokenizer("smollm2-135m")
-    model = tiny("llama")
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def test_gated_training_from_the_command_line(model_dir, tmp_path):
+def test_gated_training_from_the_command_line(model_dir, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     assert main(["train", "--method", "mod", "--update", "gated", "--skip", "sublayers", "--budget", "global",
                  "--gate", "gumbel", "--retrofit-loss", "both", "--no-lora", "--capacity", "0.5", "--layers",

@@ -12,7 +12,7 @@ from ..data.tasks import DataError
 from ..io import AdapterError
 from ..architectures import UnsupportedModelError
 
-COMMANDS = ("train", "plot", "bench", "demo", "lm_eval", "pretrain", "flops", "models")  # modules of depthmix.cli; train also registers eval
+COMMANDS = ("train", "plot", "bench", "demo", "lm_eval", "pretrain", "flops", "drop", "models")  # modules of depthmix.cli; train also registers eval
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -111,3 +111,40 @@ def drop_blocks(model: nn.Module, drop) -> nn.Module:
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = [t for i, t in enumerate(cfg.layer_types) if i not in drop]
     return model
+
+
+class DroppedAttention(nn.Module):
+    """Stands in for a removed attention sub-layer: its residual branch adds nothing and nothing is computed (no
+    K/V is kept either). Returns what Llama's and GPT-2's attention modules return: (output, weights)."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states), None
+
+
+ATTENTION_NAMES = ("self_attn", "attn")
+
+
+def drop_attention(model: nn.Module, drop) -> nn.Module:
+    """Remove the attention sub-layer of blocks `drop` in place (each replaced by DroppedAttention; the MLPs stay)
+    and return the model: the attention-drop baseline ("What Matters in Transformers", arXiv 2406.15786). A plain
+    Hugging Face checkpoint cannot express it (Llama's config has no per-layer "no attention"; `layer_types` only
+    chooses among kinds of attention), so such a model lives in memory only: save_pretrained is refused."""
+    arch = resolve(model)
+    drop = sorted(set(int(i) for i in drop))
+    if any(not 0 < i < arch.num_layers for i in drop):
+        raise ConfigError(f"drop_attention: {drop} for a model with {arch.num_layers} blocks (block 0 keeps its "
+                          "attention: the model reads its KV cache length there)")
+    for i in drop:
+        block = arch.blocks[i]
+        name = next((n for n in ATTENTION_NAMES if isinstance(getattr(block, n, None), nn.Module)), None)
+        if name is None:
+            raise ConfigError(f"drop_attention: block {i} ({type(block).__name__}) has no attention sub-layer named "
+                              f"one of {ATTENTION_NAMES}")
+        setattr(block, name, DroppedAttention())
+
+    def refuse(*args, **kwargs):
+        raise ConfigError("drop_attention: a model without some attention sub-layers has no plain Hugging Face "
+                          "checkpoint (its config cannot say which blocks lack attention; loading it would give "
+                          "them new random weights)")
+    model.save_pretrained = refuse
+    return model
