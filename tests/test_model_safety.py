@@ -238,3 +238,16 @@ def test_half_precision_adapter_still_loads_as_a_cast(tmp_path):
     again = depthmix.DepthMixModel.from_pretrained(tiny("llama"), tmp_path)
     torch.testing.assert_close(logits(again, "llama"), logits(dm, "llama"), rtol=1e-2, atol=1e-2)
 
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m: m.update(info=[]), r"field 'info' is \[\], expected an object"),
+    (lambda m: m.update(config=None), "field 'config' is null, expected the molex method's config"),
+])
+def test_load_trained_checks_the_config_before_loading_a_model(change, message, tmp_path):
+    """The CLI's way in (eval, plot, lm-eval): the config is checked whole before the base model it names loads."""
+    from depthmix.train import load_trained
+    build("molex").save_pretrained(tmp_path, info={"base_model": "/nonexistent/model"})
+    edit_config(tmp_path, change)
+    with pytest.raises(depthmix.AdapterError, match=f"{CONFIG_NAME}: {message}"):
+        load_trained(str(tmp_path))

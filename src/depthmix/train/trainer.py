@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from .. import io
 from ..config import ConfigError
 from ..data.tasks import get_task
-from ..depthmix_model import CONFIG_NAME, DepthMixModel, apply
+from ..depthmix_model import DepthMixModel, apply, read_adapter_config
 from ..evaluation import evaluate
 from ..lora import config as lora_config
 from ..models import load_model, load_tokenizer
@@ -223,7 +223,7 @@ def _train(opts: TrainOptions, task, args: TrainingArguments, resume: str | None
 
 def load_trained(adapter: str, model: str | None = None, head: str | None = None, num_labels: int | None = None):
     """An adapter folder written by `train` -> (DepthMixModel, tokenizer, info)."""
-    meta = io.read_json(Path(adapter) / CONFIG_NAME)
+    meta = read_adapter_config(adapter)  # every field checked before the base model loads
     info = meta.get("info", {})
     name = model or info.get("base_model")
     if name is None:
