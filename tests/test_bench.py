@@ -98,3 +98,68 @@ def test_bench_mod_prints_ratios_last_with_causal_forward(tmp_path, capsys):
                  "decode_tokens_per_s_ratio"):
         assert result[name] > 0 and result["spreads"][name]["median"] == result[name]
     assert "rounds" in result["timing"]["forward_causal"]
+
+
+def test_bench_latency_table_json_and_picture(tmp_path, capsys):
+    tiny("llama").save_pretrained(tmp_path / "model")
+    out = tmp_path / "latency"
+    assert main(["bench", "latency", "--json", "--model", str(tmp_path / "model"), "--prompt-lens", "8",
+                 "--batch-sizes", "1,2", "--new-tokens", "3", "--repeats", "2", "--budget", "0", "--capacity", "0.5",
+                 "--layers", "[1, 3]", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.loads((out / "latency.json").read_text())["cells"] == result["cells"]
+    assert (out / "latency.png").stat().st_size > 0 and result["skipped"] == []
+    assert [(c["prompt_len"], c["batch"]) for c in result["cells"]] == [(8, 1), (8, 2)]
+    for c in result["cells"]:
+        assert c["prefill_time_ratio"] > 0 and c["spreads"]["prefill_time_ratio"]["median"] == c["prefill_time_ratio"]
+        assert c["spreads"]["decode_tokens_per_s_ratio"]["n"] >= 1
+        # counted on what ran: routed blocks at capacity 0.5 cost less than dense, and the ceilings say > 1
+        assert 0 < c["prefill_flop_ratio"] < 1 and c["prefill_ceiling"] > 1 and c["decode_ceiling"] > 1
+        assert c["peak_memory_bytes"]["dense"] > 0 and c["peak_memory_bytes"]["mod"] > 0
+        # the untrained predictors' bias is calibrated: some tokens run the routed blocks, not all
+        assert 0 < c["realized_capacity"]["prefill"] < 1
+
+
+def test_bench_latency_time_limit_skips_what_does_not_fit(tmp_path, capsys):
+    tiny("llama").save_pretrained(tmp_path / "model")
+    assert main(["bench", "latency", "--json", "--model", str(tmp_path / "model"), "--prompt-lens", "8,16",
+                 "--batch-sizes", "1", "--time-limit", "0.001", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["cells"] == [] and [s["prompt_len"] for s in result["skipped"]] == [8, 16]
+    assert "--time-limit" in result["skipped"][0]["why"] and not (tmp_path / "latency.png").exists()
+
+
+def test_bench_latency_refuses_bad_sizes(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "latency", "--prompt-lens", "128,x"])
+    assert "'128,x': expected whole numbers" in capsys.readouterr().err
+    from depthmix.bench.gpu import shapes
+    assert shapes("2x256, 4X512") == [(2, 256), (4, 512)]
+    with pytest.raises(ValueError, match="--shapes '2x'"):
+        shapes("2x")
+
+
+def test_bench_gpu_runs_every_bench_on_the_cpu(tmp_path, capsys):
+    # the accelerator script with the device as the only difference: tiny sizes on the CPU
+    from depthmix.models import load_tokenizer
+    tok = load_tokenizer("smollm2-135m")
+    model = tiny("llama")
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    out = tmp_path / "gpu"
+    assert main(["bench", "gpu", "--out", str(out), "--device", "cpu", "--dtype", "float32", "--model",
+                 str(tmp_path / "model"), "--shapes", "2x16", "--time-limit", "900",
+                 "--latency-flags", "--prompt-lens 8 --batch-sizes 1 --new-tokens 3 --repeats 2 --budget 0 "
+                 "--capacity 0.5 --layers [1,3] --compile-backend eager",
+                 "--mod-flags", "--task lm/pydoc --repeats 2 --budget 0 --capacity 0.5 --layers [1,3] "
+                 "--tune-steps 1 --feature-batches 1 --eval-blocks 4 --prompt-len 8 --new-tokens 4"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["device_name"] == "cpu" and set(summary["runs"]) == {"latency", "mod-2x16", "latency-compiled"}
+    assert all("error" not in run for run in summary["runs"].values()), summary["runs"]
+    eager, compiled = (json.loads((out / d / "latency.json").read_text()) for d in (".", "compiled"))
+    assert not eager["compile"] and compiled["compile"] and len(compiled["cells"]) == 1
+    assert (out / "latency.png").exists() and (out / "compiled" / "latency.png").exists()
+    forward = json.loads((out / "mod-2x16.json").read_text())
+    assert forward["batch_size"] == 2 and forward["seq_len"] == 16 and forward["forward_time_ratio"] > 0
+    assert summary["runs"]["mod-2x16"]["train_step_time_ratio"] == forward["train_step_time_ratio"]

@@ -150,3 +150,32 @@ def _differences(ax, paired: dict[str, dict]) -> None:
     ax.set_xlim(-0.6, len(paired) - 0.4)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
+
+
+def speedup_lines(result: dict, path) -> Path:
+    """`depthmix bench latency`: decoding and prefill speed-up over dense against batch size, one line per prompt
+    length, each with its analytic ceiling dotted."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    lengths = sorted({c["prompt_len"] for c in result["cells"]})
+    for ax, key, ceiling, title in ((axes[0], "decode_tokens_per_s_ratio", "decode_ceiling", "decoding tokens/s"),
+                                    (axes[1], "prefill_speedup", "prefill_ceiling", "prefill (time to first token)")):
+        for p in lengths:
+            cells = sorted((c for c in result["cells"] if c["prompt_len"] == p and c[key] is not None),
+                           key=lambda c: c["batch"])
+            if not cells:
+                continue
+            line, = ax.plot([c["batch"] for c in cells], [c[key] for c in cells], marker="o",
+                            label=f"prompt {p}")
+            ax.plot([c["batch"] for c in cells], [c[ceiling] for c in cells], ls=":", color=line.get_color())
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        batches = sorted({c["batch"] for c in result["cells"]})
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("speed-up over dense (dotted: ceiling)")
+        ax.set_title(title)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+    fig.suptitle(f"MoD capacity {result['capacity']} on {len(result['layers'])} blocks, {result['model']}, "
+                 f"{result['device_name']} {result['dtype']}", fontsize=9)
+    return save(fig, path)

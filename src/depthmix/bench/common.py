@@ -23,6 +23,14 @@ def add_timing_args(p, repeats: int, budget: float) -> None:
                    "else cpu)")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_dtype_arg(p) -> None:
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and activations of both "
+                   "sides (bfloat16 on a GPU; default: %(default)s)")
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

@@ -19,7 +19,7 @@ from ..models import load_model
 from ..tuners import MoDConfig
 from ..tuners.mod import retrofit
 from ..tuners.mod.flops import analytic
-from .common import add_timing_args, interleaved_times
+from .common import DTYPES, add_dtype_arg, add_timing_args, interleaved_times
 
 MOD_FLAGS = ("capacity", "layers")  # the bench tunes a retrofit MoD with these MoDConfig fields from flags
 
@@ -35,6 +35,7 @@ def add_args(p) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence of the timed batch, of the "
                    "held-out blocks and of the predictors' fitting passes")
     add_timing_args(p, repeats=5, budget=120.0)
+    add_dtype_arg(p)
     p.add_argument("--prompt-len", type=int, default=64,
                    help="tokens of the held-out prompt that greedy decoding starts from")
     p.add_argument("--new-tokens", type=int, default=48, help="decoding speed: tokens per second of the decoding "
@@ -95,8 +96,8 @@ def run(args) -> dict:
 def build_pair(args, tok):
     """The dense model and the same model with MoD: from --adapter, or with routers and predictors tuned here."""
     config = None if args.adapter else MoDConfig(**pick(args, MOD_FLAGS), update="retrofit")  # refused before loading
-    dense = load_model(args.model).to(args.device).eval()
-    base = load_model(args.model)
+    dense = load_model(args.model, dtype=DTYPES[args.dtype]).to(args.device).eval()
+    base = load_model(args.model, dtype=DTYPES[args.dtype])
     if args.adapter:
         return dense, DepthMixModel.from_pretrained(base, args.adapter).to(args.device)
     mod = apply(base, config).to(args.device)
@@ -208,7 +209,7 @@ def report(args, dense, mod, quality, fwd, trn, dec) -> dict:
                    dense.config.vocab_size, predictor=config.causal == "predictor", skip=config.skip)
     flop_ratio = flop["mod"] / flop["dense"]
     result = {
-        "method": "mod", "model": args.model, "device": args.device, "capacity": config.capacity,
+        "method": "mod", "model": args.model, "device": args.device, "dtype": args.dtype, "capacity": config.capacity,
         "layers": mod.method.layers, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "flop_ratio": round(flop_ratio, 4),
         "flop_ratio_causal": round(flop["mod_causal"] / flop["dense_rows"], 4),
