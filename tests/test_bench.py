@@ -164,3 +164,15 @@ def test_bench_gpu_runs_every_bench_on_the_cpu(tmp_path, capsys):
     forward = json.loads((out / "mod-2x16.json").read_text())
     assert forward["batch_size"] == 2 and forward["seq_len"] == 16 and forward["forward_time_ratio"] > 0
     assert summary["runs"]["mod-2x16"]["train_step_time_ratio"] == forward["train_step_time_ratio"]
+
+
+def test_bench_ops_counts_what_routing_adds(capsys):
+    assert main(["bench", "ops", "--json", "--hidden", "18", "--num-layers", "4", "--seq-len", "16",
+                 "--prompt-len", "8", "--new-tokens", "3", "--decode-batch", "2", "--capacity", "0.5"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["layers"] == [1, 3] and set(result["counts"]["mod"]) == {
+        "forward_topk", "train_step", "forward_causal", "generate_b1", "generate_b2"}
+    # the same model and inputs: the dense counts are positive and MoD's routing adds operators to a forward
+    assert all(v > 0 for v in result["counts"]["dense"].values())
+    assert result["mod_minus_dense"]["forward_topk"] > 0
+    assert result["per_routed_block"]["forward_topk"] == round(result["mod_minus_dense"]["forward_topk"] / 2, 1)

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from ..depthmix_model import DepthMixModel, apply
+from ..flags import add_dataclass_flags, at_least, pick
 from ..models import load_model
 from ..tuners import MoDConfig
 from ..tuners.mod.flops import analytic, block_shape
-from ..flags import add_dataclass_flags, pick
 from .common import DTYPES, add_dtype_arg, add_timing_args, interleaved_times, peak_memory
+from .mod import step_seconds
 MOD_FLAGS = ("capacity", "layers", "skip")  # MoDConfig fields from flags (update is "retrofit": a pretrained model)
 
 
@@ -48,7 +49,7 @@ def add_args(p) -> None:
                    help="prompt lengths, comma-separated (default: 128,512,2048)")
     p.add_argument("--batch-sizes", type=_ints, default=[1, 4, 16],
                    help="batch sizes, comma-separated (default: 1,4,16)")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per timed decode (>= 2: the "
+    p.add_argument("--new-tokens", type=at_least(2), default=32, help="tokens generated per timed decode (>= 2: the "
                    "decoding steps are generate(N) - generate(1))")
     add_timing_args(p, repeats=3, budget=30.0)
     add_dtype_arg(p)
@@ -65,9 +66,6 @@ def add_args(p) -> None:
 
 
 def check(args) -> None:
-    if args.new_tokens < 2:
-        raise ValueError(f"--new-tokens {args.new_tokens}: expected >= 2 (decoding is timed as generate(N) - "
-                         "generate(1))")
     if args.time_limit <= 0:
         raise ValueError(f"--time-limit {args.time_limit}: expected seconds > 0")
 
@@ -185,11 +183,8 @@ def cell(dense, mod, args, prompt_len: int, batch: int, budget: float) -> dict:
     for name in models:
         memory[name] = peak_memory(fns[name], args.device)
 
-    def step(name):  # one round's seconds per decoding step, prompt processing left out
-        def fn(r):
-            return (r[name] - r[f"{name}_first"]) / (n - 1)
-        fn.__name__ = f"{name}_step"
-        return fn
+    def step(name):
+        return step_seconds(name, n)
 
     rounds = interleaved_times(fns, args.repeats, warmup=0, device=args.device, progress=False,
                                pairs=[("mod_first", "dense_first"), (step("dense"), step("mod"))], budget_s=budget)

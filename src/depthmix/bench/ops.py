@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import torch
 
-from ..config import parse_value
 from ..depthmix_model import apply
+from ..flags import add_dataclass_flags, pick
 from ..tuners import MoDConfig
+from .latency import MOD_FLAGS
 
 
 def add_args(p) -> None:
     p.add_argument("--hidden", type=int, default=72, help="hidden size of the SmolLM2-shaped model (576 is the "
                    "real one; a multiple of 9 heads x 2)")
     p.add_argument("--num-layers", type=int, default=30, help="blocks (SmolLM2-135M: 30)")
-    p.add_argument("--capacity", type=float, default=0.125, help="fraction of the tokens a routed block processes")
-    p.add_argument("--layers", default="every_other", help='routed blocks: "every_other", "all" or a list')
-    p.add_argument("--skip", default="block", choices=("block", "attention", "mlp"), help="what a token skips")
+    add_dataclass_flags(p, MoDConfig, group="MoD options", only=MOD_FLAGS)
     p.add_argument("--batch-size", type=int, default=2, help="sequences of the forward and training phases")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence of the forward and training phases")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens of the generate phases")
@@ -90,21 +89,20 @@ def phases(model, args, mod: bool) -> dict:
 
 
 def run(args) -> dict:
+    config = MoDConfig(**pick(args, MOD_FLAGS), update="retrofit")
     torch.manual_seed(0)
     dense = smollm2_shaped(args.hidden, args.num_layers)
     for p in dense.parameters():
         p.requires_grad_(True)
     torch.manual_seed(0)
-    mod = apply(smollm2_shaped(args.hidden, args.num_layers),
-                MoDConfig(capacity=args.capacity, layers=parse_value(args.layers), skip=args.skip,
-                          update="retrofit"))
+    mod = apply(smollm2_shaped(args.hidden, args.num_layers), config)
     for p in mod.parameters():
         p.requires_grad_(True)
     counts = {"dense": phases(dense, args, False), "mod": phases(mod, args, True)}
     routed = len(mod.method.layers)
     extra = {k: counts["mod"][k] - counts["dense"][k] for k in counts["dense"]}
     result = {"bench": "ops", "shape": f"SmolLM2-135M shape, hidden {args.hidden}, {args.num_layers} blocks",
-              "capacity": args.capacity, "layers": mod.method.layers, "skip": args.skip, "counts": counts,
+              "capacity": config.capacity, "layers": mod.method.layers, "skip": config.skip, "counts": counts,
               "mod_minus_dense": extra,
               "per_routed_block": {k: round(v / routed, 1) for k, v in extra.items()},
               "torch": torch.__version__}
