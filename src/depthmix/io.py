@@ -63,13 +63,18 @@ def read_json(path) -> dict:
     except json.JSONDecodeError as e:
         raise AdapterError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
     except UnicodeDecodeError as e:
-        raise AdapterError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}), so not "
-                           "a JSON file") from None
+        raise AdapterError(not_utf8(path, e)) from None
     except IsADirectoryError:
         raise AdapterError(f"{path}: is a folder, expected a JSON file") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def not_utf8(path, error: UnicodeDecodeError) -> str:
+    """How every reader names a file that is not UTF-8 text: its line and byte."""
+    line = error.object.count(b"\n", 0, error.start) + 1
+    return f"{path}: line {line}: not UTF-8 text (byte 0x{error.object[error.start]:02x}); save the file as UTF-8"
 
 
 def sha256(path) -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 import datasets
 import torch
 
+from ..io import not_utf8
+
 
 class DataError(ValueError):
     """A data file is missing or malformed; the message names the file, line and field."""
@@ -89,9 +91,7 @@ def read_text(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as "
-                        "UTF-8") from None
+        raise DataError(not_utf8(path, e)) from None
 
 
 def check_table(path: Path, delimiter: str, header: bool, quoted: bool) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError, checked_type
+from ..io import not_utf8
 from ..evaluation.scorers import CHOICE_MODES
 from ..tuners import METHODS
 from ..tuners.base import reserve_names
@@ -126,9 +127,7 @@ def load_options_file(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        line = e.object[:e.start].count(b"\n") + 1
-        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as "
-                          "UTF-8") from None
+        raise ConfigError(not_utf8(path, e)) from None
     try:
         if path.suffix in (".yaml", ".yml"):
             data = yaml.load(text, Loader=UniqueKeyLoader) or {}
