@@ -262,3 +262,133 @@ def test_lm_eval_without_lm_eval_installed_gives_the_install_command(monkeypatch
     assert code == 2 and err.strip() == ("depthmix lm-eval: error: lm-eval runs lm-evaluation-harness, which is not "
                                          "installed: pip install 'lm-eval>=0.4' (or pip install -e '.[eval]' in a "
                                          "depthmix checkout)")
+
+
+# -- the README's next commands: eval and plot routing of a finished run ------------------------------------------
+@pytest.fixture(scope="module")
+def sst2(tmp_path_factory):
+    """The README's run, small: MoLEx on glue/sst2 with --data-dir; (folder, what train printed)."""
+    import contextlib
+    import io
+
+    from conftest import shared_data
+    out = tmp_path_factory.mktemp("readme") / "sst2"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([str(a) for a in ("train", "--method", "molex", *SMALL[:2], "--task", "glue/sst2", "--data-dir",
+                                      shared_data(), *SMALL[4:], "--max-steps", 2, "--output-dir", out)]) == 0
+    return out, printed.getvalue()
+
+
+def edited_copy(run_dir: Path, to: Path, name: str, edit) -> Path:
+    """A copy of a finished run whose JSON file `name` was changed by edit(data) (in place)."""
+    moved = to / run_dir.name
+    shutil.copytree(run_dir, moved)
+    data = json.loads((moved / name).read_text())
+    edit(data)
+    (moved / name).write_text(json.dumps(data))
+    return moved
+
+
+def test_train_prints_the_examples_evaluated_and_where_the_adapter_went(sst2):
+    out, printed = sst2
+    assert printed.strip().splitlines()[-1] == f"glue/sst2: 8 examples evaluated; adapter and metrics.json in {out}"
+    assert json.loads(printed[printed.rindex("{\n"):printed.rindex("}") + 1])["examples"] == 8
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["examples"] == 8 and metrics["routing"] is None  # MoLEx routes no tokens: null, not "n/a"
+
+
+def test_eval_and_plot_routing_read_the_data_folder_the_run_recorded(sst2, capsys, monkeypatch):
+    out, _ = sst2
+    monkeypatch.delenv("DEPTHMIX_DATA", raising=False)  # a new shell: only the run's record knows the data
+    code, err = run(capsys, "eval", "--adapter", out, "--max-eval-samples", 8)
+    assert code == 0, err
+    assert json.loads((out / "eval-glue_sst2.json").read_text())["examples"] == 8
+    code, err = run(capsys, "plot", "routing", out, "--task", "glue/sst2", "--max-samples", 8)
+    assert code == 0, err
+    assert (out / "routing-glue_sst2.png").exists()
+
+
+def test_eval_offline_without_its_data_folder_fails_in_one_line_naming_the_fix(sst2, tmp_path, capsys, monkeypatch):
+    moved = edited_copy(sst2[0], tmp_path, "run_options.json",
+                        lambda record: record["options"].update(data_dir=str(tmp_path / "gone")))
+    monkeypatch.delenv("DEPTHMIX_DATA", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = snapshot(moved)
+    code, err = run(capsys, "eval", "--adapter", moved, "--max-eval-samples", 8)
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0] == (f"depthmix: the data folder {moved}/run_options.json records ({tmp_path / 'gone'}) is not "
+                        "there; reading the Hub instead")
+    assert lines[-1].startswith("depthmix eval: error: glue/sst2: cannot load nyu-mll/glue/sst2 (validation) from "
+                                "the Hub (") and lines[-1].endswith("pass --data-dir or set DEPTHMIX_DATA to read "
+                                                                    "local files")
+    assert snapshot(moved) == before
+
+
+def test_eval_of_a_classifier_on_gsm8k_names_the_task_model_mismatch(sst2, capsys):
+    out, _ = sst2
+    before = snapshot(out)
+    code, err = run(capsys, "eval", "--adapter", out, "--task", "gsm8k")
+    assert code == 2 and err.strip() == (f"depthmix eval: error: --task gsm8k: the adapter in {out} was trained on "
+                                         "glue/sst2, a classifier with 2 labels; gsm8k needs a causal language model. "
+                                         "Score it on a task with the same head, or train an adapter on gsm8k")
+    code, err = run(capsys, "plot", "routing", out, "--task", "glue/mnli")
+    assert code == 2 and "glue/mnli needs a classifier with 3 labels" in err
+    assert snapshot(out) == before
+
+
+def test_eval_output_that_is_a_folder_is_refused_before_loading(sst2, tmp_path, capsys):
+    out, _ = sst2
+    before = snapshot(out)
+    code, err = run(capsys, "eval", "--adapter", out, "--output", tmp_path)
+    assert code == 2 and err.strip() == (f"depthmix eval: error: --output {tmp_path}: a folder; give a file path, "
+                                         f"e.g. {tmp_path / 'eval.json'}")
+    assert list(tmp_path.iterdir()) == [] and snapshot(out) == before
+
+
+def test_eval_of_an_adapter_whose_base_model_folder_is_gone(sst2, tmp_path, capsys):
+    moved = edited_copy(sst2[0], tmp_path, "depthmix_config.json",
+                        lambda meta: meta["info"].update(base_model=str(tmp_path / "deleted-model")))
+    before = snapshot(moved)
+    code, err = run(capsys, "eval", "--adapter", moved, "--max-eval-samples", 8)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().startswith(f"depthmix eval: error: {moved}: the base model recorded in depthmix_config.json "
+                                  f"cannot be found (model '{tmp_path / 'deleted-model'}': not an embedded model")
+    assert err.strip().endswith("pass --model with its folder or name")
+    assert snapshot(moved) == before
+
+
+@pytest.mark.parametrize("config, says", [
+    (b"\x8f\x00binary", "not UTF-8 text"),
+    (None, "config"),
+])
+def test_eval_of_a_binary_or_null_adapter_config_is_one_line(sst2, tmp_path, capsys, config, says):
+    moved = edited_copy(sst2[0], tmp_path, "depthmix_config.json", lambda meta: meta.update(config=None))
+    if config is not None:
+        (moved / "depthmix_config.json").write_bytes(config)
+    before = snapshot(moved)
+    code, err = run(capsys, "eval", "--adapter", moved, "--max-eval-samples", 8)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"depthmix eval: error: {moved / 'depthmix_config.json'}") and says in err
+    assert snapshot(moved) == before
+
+
+# -- refused in preflight, not after training ------------------------------------------------------------------
+def test_mod_routing_block_0_on_a_generation_task_is_refused_before_loading(tmp_path, capsys):
+    from conftest import tiny
+
+    from depthmix.train.options import TrainOptions
+    from depthmix.train.preflight import preflight
+    tiny("llama").save_pretrained(tmp_path / "llama")  # config.json only is read: no tokenizer needed to refuse
+    code, err = run(capsys, "train", "--method", "mod", "--layers", "all", "--model", tmp_path / "llama",
+                    "--task", "gsm8k", "--output-dir", tmp_path / "out")
+    assert code == 2 and err.strip() == (
+        "depthmix train: error: task 'gsm8k' is scored by generating text, and MoDConfig.layers = 'all': block 0 "
+        "cannot be routed (skip='block') when decoding with a KV cache (the model reads its cache length from block "
+        "0); route blocks from 1 on (every_other, or a list without 0)")
+    assert not (tmp_path / "out").exists()
+    # the same layers on a task scored without decoding, and blocks from 1 on for gsm8k, pass the preflight
+    for task, layers in (("lm/tinyshakespeare", "all"), ("gsm8k", [1, 2, 3])):
+        preflight(TrainOptions(method="mod", model=str(tmp_path / "llama"), task=task, output_dir=str(tmp_path / "o"),
+                               method_config={"layers": layers}))

@@ -30,6 +30,10 @@ class MethodConfig:
     def validate(self) -> None:
         pass
 
+    def check_decoding(self) -> None:
+        """Refuses a config whose model cannot decode with a KV cache: asked before a run whose evaluation
+        generates, so that the refusal comes before training, not after it."""
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

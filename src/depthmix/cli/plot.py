@@ -13,7 +13,8 @@ def register(sub) -> None:
                                          "is chosen at layer t) or MoDE mean routing weight per ensembled layer")
     r.add_argument("adapter", help="folder written by `depthmix train`")
     r.add_argument("--task", help="task whose eval split is routed (default: the training task)")
-    r.add_argument("--data-dir", help="local data folder (default: $DEPTHMIX_DATA, else the Hub)")
+    r.add_argument("--data-dir", help="local data folder (default: the one the adapter was trained "
+                   "with, recorded in its run_options.json; else $DEPTHMIX_DATA, else the Hub)")
     r.add_argument("--max-samples", type=int, default=500, help="eval examples routed")
     r.add_argument("--batch-size", type=int, default=32, help="examples per batch")
     r.add_argument("--output", help="PNG path (default: ADAPTER/routing-TASK.png)")
@@ -32,18 +33,17 @@ def register(sub) -> None:
 
 
 def run_routing(args) -> int:
-    from ..data.tasks import get_task
-    from ..io import read_json, write_json
+    from ..io import write_json
     from ..evaluation import routing
-    from ..depthmix_model import CONFIG_NAME
     from ..train import load_trained
+    from .train import adapter_task, check_output, data_dir
     for name in ("max_samples", "batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
-    info = read_json(Path(args.adapter) / CONFIG_NAME).get("info", {})
-    task = get_task(args.task or info.get("task") or "")
+    check_output(args.output)
+    task = adapter_task(args.adapter, args.task)
+    rows = task.load("eval", data_dir(args.adapter, args.data_dir), args.max_samples, 0)  # before the model
     model, tokenizer, _ = load_trained(args.adapter, None, task.head, task.num_labels)
-    rows = task.load("eval", args.data_dir, args.max_samples, 0)
     out = Path(args.output or Path(args.adapter) / f"routing-{task.name.replace('/', '_')}.png")
     summary = routing.record(model, tokenizer, task, rows, args.batch_size)
     routing.draw(model, summary, out, f"{model.method.routing_title}, {task.name}", label=Path(args.adapter).name)

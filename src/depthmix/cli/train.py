@@ -29,7 +29,8 @@ def register(sub) -> None:
     e.add_argument("--adapter", required=True, help="folder written by `depthmix train`")
     e.add_argument("--task", help="task (default: the one it was trained on)")
     e.add_argument("--model", help="base model (default: the one it was trained on)")
-    e.add_argument("--data-dir", help="local data folder (default: $DEPTHMIX_DATA, else the Hub)")
+    e.add_argument("--data-dir", help="local data folder (default: the one the adapter was trained "
+                   "with, recorded in its run_options.json; else $DEPTHMIX_DATA, else the Hub)")
     e.add_argument("--max-eval-samples", type=int, help="score a random subset of this many examples (default: all)")
     e.add_argument("--batch-size", type=int, default=32, help="examples per batch")
     e.add_argument("--max-length", type=int, default=256, help="tokens per example; longer ones are cut")
@@ -130,19 +131,65 @@ def check_eval_args(args) -> None:
     check_data_dir(args.data_dir)
 
 
+def adapter_task(adapter: str, name: str | None):
+    """The task an adapter is scored or routed on: `name`, else the one it was trained on. One that needs another
+    head than the adapter's (an SST-2 classifier on gsm8k) is refused here, naming both, not as missing tensors."""
+    from ..data.tasks import TASKS, get_task
+    from ..io import read_json
+    from ..train.trainer import CONFIG_NAME
+    trained = read_json(Path(adapter) / CONFIG_NAME).get("info", {}).get("task")
+    name = name or trained
+    if name is None:
+        raise ConfigError(f"{adapter}: the adapter does not name its task; pass --task")
+    task = get_task(name)
+    if trained in TASKS and trained != name:
+        old = TASKS[trained]
+        if (old.head, old.num_labels) != (task.head, task.num_labels):
+            raise ConfigError(f"--task {name}: the adapter in {adapter} was trained on {trained}, {_head(old)}; "
+                              f"{name} needs {_head(task)}. Score it on a task with the same head, or train an "
+                              f"adapter on {name}")
+    return task
+
+
+def _head(task) -> str:
+    if task.head == "causal_lm":
+        return "a causal language model"
+    return "a regression head" if task.num_labels == 1 else f"a classifier with {task.num_labels} labels"
+
+
+def data_dir(adapter: str, given: str | None) -> str | None:
+    """--data-dir, else the one the adapter's run was trained with (its run_options.json), else None
+    ($DEPTHMIX_DATA, else the Hub). A recorded folder that is gone is said, not used."""
+    import os
+    import sys
+
+    from ..train.runs import RUN_NAME, recorded_options
+    if given:
+        return given
+    recorded = (recorded_options(adapter) or {}).get("data_dir")
+    if not recorded:
+        return None
+    if not Path(recorded).is_dir():
+        print(f"depthmix: the data folder {adapter}/{RUN_NAME} records ({recorded}) is not there; reading "
+              f"{os.environ.get('DEPTHMIX_DATA') or 'the Hub'} instead", file=sys.stderr)
+        return None
+    return recorded
+
+
+def check_output(output: str | None) -> None:
+    if output and Path(output).is_dir():
+        raise ConfigError(f"--output {output}: a folder; give a file path, e.g. {Path(output) / 'eval.json'}")
+
+
 def run_eval(args) -> int:
-    from ..data.tasks import get_task
     from ..evaluation import evaluate
     from ..io import write_json
     from ..train import load_trained
-    from ..train.trainer import CONFIG_NAME
-    from .. import io
     check_eval_args(args)
-    info = io.read_json(Path(args.adapter) / CONFIG_NAME).get("info", {})
-    task_name = args.task or info.get("task")
-    if task_name is None:
-        raise ConfigError(f"{args.adapter}: the adapter does not name its task; pass --task")
-    task = get_task(task_name)
+    check_output(args.output)
+    task = adapter_task(args.adapter, args.task)
+    task_name = task.name
+    rows = task.load("eval", data_dir(args.adapter, args.data_dir), args.max_eval_samples, 0)  # before the model
     model, tokenizer, info = load_trained(args.adapter, args.model, task.head, task.num_labels)
     if args.routing:
         if model.method is None or not model.method.routings:
@@ -150,7 +197,6 @@ def run_eval(args) -> int:
         model.method.routing = args.routing
     if model.method is not None:
         model.method.reset_stats()
-    rows = task.load("eval", args.data_dir, args.max_eval_samples, 0)
     kw = {k: getattr(args, k) for k in ("mode", "max_new_tokens") if getattr(args, k, None) is not None}
     metrics = evaluate(task, model, tokenizer, rows, batch_size=args.batch_size, max_length=args.max_length, **kw)
     out = Path(args.output or Path(args.adapter) / f"eval-{task_name.replace('/', '_')}.json")

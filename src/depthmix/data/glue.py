@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import datasets
 
-from .tasks import DataError, Task, check_table, data_root, find_file, register, subsample
+from .tasks import DataError, Task, check_table, data_root, find_file, hub, register, subsample
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class GlueTask(Task):
         else:
             hub_split = "train" if split == "train" else ("validation_matched" if self.hub_config == "mnli"
                                                           else "validation")
-            raw = datasets.load_dataset("nyu-mll/glue", self.hub_config, split=hub_split)
+            raw = hub(self.name, "nyu-mll/glue", self.hub_config, hub_split)
             a, b = self.hub_fields
             ds = raw.map(lambda r: {"text_a": r[a], "text_b": r[b] if b else None, "label": r["label"]},
                          remove_columns=raw.column_names)

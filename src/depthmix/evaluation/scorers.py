@@ -36,6 +36,11 @@ def scorer(name: str):
     return add
 
 
+def generates(task, mode: str | None = None) -> bool:
+    """Whether scoring the task (in this choice mode) decodes with the model: greedy generation, a KV cache."""
+    return task.scorer in ("answer", "nlg") or (task.scorer == "choice" and mode == "generate")
+
+
 def evaluate(task, model, tokenizer, rows, batch_size: int = 32, max_length: int = 256, progress: bool = True,
              **options) -> dict[str, float]:
     """The task's metrics of the model on `rows` (from task.load("eval", ...)). options: mode (choice tasks),

@@ -11,6 +11,7 @@ from ..data.tasks import Task, data_root, get_task
 from ..models import EMBEDDED, cache_dir
 from ..architectures import FAMILIES
 from ..tuners import METHODS
+from ..evaluation.scorers import generates
 from .options import TrainOptions
 
 
@@ -26,6 +27,11 @@ def preflight(opts: TrainOptions) -> tuple[Task, dict]:
         raise ConfigError(f"train_pooler = True: task {task.name!r} is not a sequence classification task (no pooler "
                           "feeds its head)")
     config = method_config(opts)
+    if config is not None and generates(task, opts.eval_mode):
+        try:
+            config.check_decoding()
+        except ConfigError as e:
+            raise ConfigError(f"task {task.name!r} is scored by generating text, and {e}") from None
     check_retrofit_loss(opts, config)
     return task, config.to_dict() if config is not None else {}
 

@@ -19,7 +19,7 @@ from ..lora import config as lora_config
 from ..models import load_model, load_tokenizer
 from ..tuners import METHODS
 from .options import TrainOptions
-from .preflight import method_config, preflight
+from .preflight import method_config, model_config, preflight
 from .runs import RunLock, begin, run_record
 
 
@@ -228,6 +228,13 @@ def load_trained(adapter: str, model: str | None = None, head: str | None = None
     name = model or info.get("base_model")
     if name is None:
         raise ConfigError(f"{adapter}: the adapter does not name its base model; pass --model")
+    try:
+        model_config(name)  # a base model that is gone fails in one line, before anything loads
+    except ConfigError as e:
+        if model:
+            raise
+        raise ConfigError(f"{adapter}: the base model recorded in {CONFIG_NAME} cannot be found ({e}); pass --model "
+                          "with its folder or name") from None
     if head is None:
         task = get_task(info["task"]) if info.get("task") else None
         head, num_labels = (task.head, task.num_labels) if task else ("causal_lm", None)

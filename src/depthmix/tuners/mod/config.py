@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...config import MAX_WEIGHT, MethodConfig, check_layers, check_range
+from ...config import MAX_WEIGHT, ConfigError, MethodConfig, check_layers, check_range
 
 SKIP = ("block", "attention", "mlp", "sublayers")
 UPDATES = ("paper", "retrofit", "gated")
@@ -91,6 +91,13 @@ class MoDConfig(MethodConfig):
         self._check(self.budget in BUDGETS, "budget", "'unit' or 'global'")
         check_range(self, "budget_weight", 0, MAX_WEIGHT)
         check_range(self, "aux_weight", 0, MAX_WEIGHT)
+
+    def check_decoding(self) -> None:
+        first = self.layers == "all" or (isinstance(self.layers, (list, tuple)) and 0 in self.layers)
+        if first and self.skip != "mlp":
+            raise ConfigError(f"MoDConfig.layers = {self.layers!r}: block 0 cannot be routed (skip={self.skip!r}) "
+                              "when decoding with a KV cache (the model reads its cache length from block 0); route "
+                              "blocks from 1 on (every_other, or a list without 0)")
 
     @property
     def keeps_first(self) -> bool:
