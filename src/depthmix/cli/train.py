@@ -135,9 +135,8 @@ def adapter_task(adapter: str, name: str | None):
     """The task an adapter is scored or routed on: `name`, else the one it was trained on. One that needs another
     head than the adapter's (an SST-2 classifier on gsm8k) is refused here, naming both, not as missing tensors."""
     from ..data.tasks import TASKS, get_task
-    from ..io import read_json
-    from ..train.trainer import CONFIG_NAME
-    trained = read_json(Path(adapter) / CONFIG_NAME).get("info", {}).get("task")
+    from ..depthmix_model import read_adapter_config
+    trained = read_adapter_config(adapter).get("info", {}).get("task")
     name = name or trained
     if name is None:
         raise ConfigError(f"{adapter}: the adapter does not name its task; pass --task")

@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from .. import io
 from ..config import ConfigError
 from ..data.tasks import get_task
-from ..depthmix_model import DepthMixModel, apply, read_adapter_config
+from ..depthmix_model import CONFIG_NAME, DepthMixModel, apply, read_adapter_config
 from ..evaluation import evaluate
 from ..lora import config as lora_config
 from ..models import load_model, load_tokenizer
