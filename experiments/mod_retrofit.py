@@ -240,8 +240,8 @@ def retime(runs, dense, data, args):
     loaded machine: --retime wide), all in one quiet sitting. The earlier measurement is kept under
     `decode_before_retime`."""
     for name, rec in runs.all().items():
-        if rec.get("decode_speedup") is None:
-            continue
+        if rec.get("decode_speedup") is None or rec.get("arm") not in ("mod", "layerdrop"):
+            continue  # issue 25's arms are timed again by their own script
         if args.retime == "wide" and "IQR still wider" not in rec.get("timing", ""):
             continue
         model = point_model(runs, dense, name, rec, args)
@@ -302,7 +302,9 @@ def settings(args):
 
 # -- results -----------------------------------------------------------------------------------------------------
 POINT_KEYS = ("arm", "what", "layers", "capacity", "tuning_steps", "flop_ratio", "nll", "decode_speedup",
-              "realized_capacity", "predictor_accuracy", "mc_accuracy")
+              "realized_capacity", "predictor_accuracy", "mc_accuracy",
+              # issue 25 (experiments/mod_retrofit_st.py): absent from the first study's points
+              "tuning_tokens", "healing", "decode_speedup_b4", "nll_second_corpus")
 
 
 def record(runs, args, todo):
@@ -325,7 +327,9 @@ def record(runs, args, todo):
 
 
 DETAIL_KEYS = ("choice", "tuning", "tuning_seconds", "decode_spread", "timing", "realized_capacity_decode", "tokens",
-               "nll_topk_lookahead", "nll_untrained_topk_lookahead", "decode_profile")
+               "nll_topk_lookahead", "nll_untrained_topk_lookahead", "decode_profile",
+               "decode_spread_b4", "realized_capacity_units", "realized_capacity_calibration", "curve",
+               "router_agreement", "oracle_router", "oracle_text", "nll_dense_same_text")
 
 
 def table(rec) -> str:
@@ -340,11 +344,17 @@ def table(rec) -> str:
         mc = p.get("mc_accuracy") or {}
         what = "whole block (dropped)" if p["arm"] == "layerdrop" else p["what"]
         blocks = f"{d.get('choice') or 'least influential'} ({len(p['layers'])})"
-        lines.append(f"| {p['arm']} | {what} | {blocks} | {p['capacity'] if p['capacity'] is not None else ''} | "
-                     f"{p['flop_ratio']:.3f} | {p['nll']:.3f} | {p['decode_speedup']:.2f}{iqr} | "
+        speed = "" if p.get("decode_speedup") is None else f"{p['decode_speedup']:.2f}{iqr}"
+        lines.append(f"| {arm_label(p)} | {what} | {blocks} | {p['capacity'] if p['capacity'] is not None else ''} | "
+                     f"{p['flop_ratio']:.3f} | {p['nll']:.3f} | {speed} | "
                      f"{fmt(p['realized_capacity'])} | {fmt(p['predictor_accuracy'])} | {mc.get('arc-easy', '')} | "
                      f"{mc.get('boolq', '')} |")
     return "\n".join(lines)
+
+
+def arm_label(p) -> str:
+    """The arm, with its healing where it has one (issue 25's points)."""
+    return p["arm"] + (" + LoRA" if p.get("healing") == "lora" else "")
 
 
 def fmt(v):
@@ -354,13 +364,18 @@ def fmt(v):
 def draw(rec, path):
     from depthmix.plots import plt, save
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for arm, marker in (("mod", "o"), ("layerdrop", "s")):
+    markers = {"mod": "o", "layerdrop": "s", "mod-st": "D", "blockdrop": "s", "attndrop": "^", "oracle": "*"}
+    for arm, marker in markers.items():
         pts = [p for p in rec["points"] if p["arm"] == arm]
-        for what in sorted({p["what"] for p in pts}):
-            sel = sorted((p for p in pts if p["what"] == what), key=lambda p: p["flop_ratio"])
-            label = arm if arm == "layerdrop" else f"MoD ({what})"
-            a.plot([p["flop_ratio"] for p in sel], [p["nll"] for p in sel], marker, label=label)
-            b.plot([p["decode_speedup"] for p in sel], [p["nll"] for p in sel], marker, label=label)
+        for what, healing in sorted({(p["what"], p.get("healing") or "") for p in pts}):
+            sel = sorted((p for p in pts if p["what"] == what and (p.get("healing") or "") == healing),
+                         key=lambda p: p["flop_ratio"])
+            label = arm_label(sel[0]) if arm != "mod" else f"MoD ({what})"
+            fill = "none" if healing == "none" else None
+            a.plot([p["flop_ratio"] for p in sel], [p["nll"] for p in sel], marker, label=label, fillstyle=fill)
+            timed = [p for p in sel if p.get("decode_speedup") is not None]
+            b.plot([p["decode_speedup"] for p in timed], [p["nll"] for p in timed], marker, label=label,
+                   fillstyle=fill)
     for ax in (a, b):
         ax.axhline(rec["dense_nll"], color="gray", ls="--", lw=1, label="dense")
         ax.axhline(1.05 * rec["dense_nll"], color="gray", ls=":", lw=1, label="1.05 x dense")

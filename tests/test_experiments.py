@@ -329,3 +329,40 @@ def test_a_finished_comparison_reads_in_the_docs_as_heading_table_and_verdicts()
     text = sweeps.report(result, " on dev")
     assert text.startswith("**glue/sst2, accuracy on dev** (paired seeds):\n\n" + table(result))
     assert all(f"- {v}" in text for v in result["verdicts"].values()) and result["verdicts"]
+
+
+def test_mod_retrofit_st_smoke_runs_every_arm_once_and_resumes(tmp_path):
+    """experiments/mod_retrofit_st.py at a tiny budget on a tiny Llama: the gated MoD arm with LoRA healing, the
+    attention-drop arm healed on the same tokens, the oracle with the MoD point's router agreement and the tuning
+    curve; the results file has issue 25's keys; a second run finds every point done and runs none again."""
+    from conftest import tiny
+    from depthmix.models import load_tokenizer
+    data = shared_data()
+    model = tiny("llama")
+    tok = load_tokenizer("smollm2-135m")
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    study = script("mod_retrofit_st")
+    argv = ["--model", str(tmp_path / "tiny"), "--data-dir", str(data), "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "out.json"), "--img", str(tmp_path / "map.png"), "--capacities", "0.75",
+            "--healing", "lora", "--static", "attndrop", "--steps", "2", "--batch", "2", "--train-len", "16",
+            "--seq-len", "16", "--eval-blocks", "2", "--prompt-len", "4", "--new-tokens", "3", "--repeats", "1",
+            "--budget", "0", "--oracle-blocks", "1", "--oracle-seqs", "1", "--oracle-len", "6", "--oracle-chunk",
+            "5", "--calib-blocks", "2", "--curve-every", "1", "--oracle-router", "mod-st-c0.75-lora"]
+    study.main(argv)
+    rec = json.loads((tmp_path / "out.json").read_text())
+    arms = Counter((p["arm"], p["healing"]) for p in rec["points"])
+    assert arms == Counter({("mod-st", "lora"): 1, ("attndrop", "lora"): 1, ("oracle", "none"): 1})
+    for p in rec["points"]:
+        assert {"tuning_tokens", "healing", "decode_speedup_b4", "nll_second_corpus", "flop_ratio", "nll"} <= set(p)
+        assert math.isfinite(p["nll"]) and 0 < p["flop_ratio"] <= 1.01
+    st = next(d for d in rec["details"] if d["name"] == "mod-st-c0.75-lora")
+    assert [c["tuning_tokens"] for c in st["curve"]] == [32, 64]
+    assert st["realized_capacity_calibration"] == pytest.approx(0.75, abs=0.05)
+    oracle = next(d for d in rec["details"] if d["name"] == "oracle-c0.75")
+    assert set(oracle["router_agreement"]) == {"1.attention", "1.mlp"}
+    assert (tmp_path / "runs" / "mod-st-c0.75-lora" / "depthmix_config.json").exists() and (tmp_path / "map.png").exists()
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
+    study.main(argv)  # resumed: nothing left to run
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")} == stamps

@@ -195,5 +195,5 @@ def test_gated_training_from_the_command_line(model_dir, tmp_path):  # noqa: F81
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_steps"] == 2 and math.isfinite(metrics["train_loss"])
     assert metrics["options"]["retrofit_loss"] == "both" and metrics["routing"] == "causal"
-    saved = json.loads((out / "adapter" / "adapter_config.json").read_text()) if (out / "adapter").is_dir() else None
-    assert saved is None or saved["config"]["update"] == "gated"
+    saved = json.loads((out / "depthmix_config.json").read_text())
+    assert saved["config"]["update"] == "gated" and saved["config"]["skip"] == "sublayers"

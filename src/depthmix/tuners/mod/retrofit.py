@@ -65,9 +65,10 @@ def retrofit_loss(model, inputs: dict, kind: str = "distill", progress: float | 
 
 
 def tune(model, blocks: torch.Tensor, steps: int, batch: int = 4, lr: float = 1e-2, loss: str = "distill",
-         seed: int = 0, progress: bool = True, lora_lr: float = 2e-4) -> list[float]:
+         seed: int = 0, progress: bool = True, lora_lr: float = 2e-4, every: int = 0, callback=None) -> list[float]:
     """`steps` AdamW steps on the routers and predictors (lr), and on LoRA's weights where the model has them
-    (lora_lr: healing), on random batches of `blocks` [N, S]; the losses."""
+    (lora_lr: healing), on random batches of `blocks` [N, S]; the losses. callback(steps done) is called every
+    `every` steps (the model in eval mode, e.g. for a held-out curve; training goes on after it)."""
     from tqdm.auto import tqdm
     method = method_of(model)
     device = device_of(model)
@@ -88,6 +89,10 @@ def tune(model, blocks: torch.Tensor, steps: int, batch: int = 4, lr: float = 1e
         value.backward()
         opt.step()
         losses.append(float(value.detach()))
+        if callback is not None and every and (step + 1) % every == 0:
+            model.eval()
+            callback(step + 1)
+            model.train()
     for p in params:
         p.requires_grad_(False)
     model.eval()
