@@ -45,7 +45,7 @@ def test_config_defaults_and_refusals():
         depthmix.MoDConfig(update="gated", causal="predictor")
     with pytest.raises(depthmix.ConfigError, match="causal"):
         depthmix.MoDConfig(update="retrofit", causal="threshold")
-    for field, value in (("gate", "hard"), ("budget", "block"), ("budget_weight", -1), ("gate_temperature", 0)):
+    for field, value in (("hard_gate", "hard"), ("budget", "block"), ("budget_weight", -1), ("gate_temperature", 0)):
         with pytest.raises(depthmix.ConfigError, match=field):
             depthmix.MoDConfig(update="gated", **{field: value})
     assert temperature(c, 0) == 5.0 and temperature(c, 1) == 1.0 and temperature(c, 0.5) == 3.0
@@ -130,7 +130,7 @@ def test_budget_loss_weighs_units_by_their_parameters():
 
 
 def test_gumbel_gate_is_noisy_while_training_and_straight_through():
-    c = depthmix.MoDConfig(update="gated", gate="gumbel")
+    c = depthmix.MoDConfig(update="gated", hard_gate="gumbel")
     r = torch.zeros(4, 64, requires_grad=True)
     torch.manual_seed(0)
     z, hard = gate_values(c, r, 0.0, None)
@@ -188,7 +188,7 @@ def test_saved_gated_adapter_with_lora_gives_the_same_logits(tmp_path):
 def test_gated_training_from_the_command_line(model_dir, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     assert main(["train", "--method", "mod", "--update", "gated", "--skip", "sublayers", "--budget", "global",
-                 "--gate", "gumbel", "--retrofit-loss", "both", "--no-lora", "--capacity", "0.5", "--layers",
+                 "--hard-gate", "gumbel", "--retrofit-loss", "both", "--no-lora", "--capacity", "0.5", "--layers",
                  "[1, 3]", "--model", str(model_dir), "--task", "lm/pydoc", "--max-train-samples", "8",
                  "--max-eval-samples", "2", "--max-length", "32", "--batch-size", "2", "--max-steps", "2",
                  "--output-dir", str(out), "--no-progress"]) == 0

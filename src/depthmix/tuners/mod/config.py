@@ -45,9 +45,10 @@ class MoDConfig(MethodConfig):
         "its update or not, x + z * f(x), with a straight-through gradient, so skipped tokens teach the router too; "
         "outside training the gate is the causal decision r > 0 and a skipped token skips the compute; capacity is "
         "the target of the executed fraction, met on average)."})
-    gate: str = field(default="sigmoid", metadata={"help":
-        "update='gated': 'sigmoid' (z = [r > 0], gradient of sigmoid(r / T); MindSkip) or 'gumbel' (z = [r + L > 0] "
-        "with logistic noise L while training, gradient of sigmoid((r + L) / T); SkipGPT's hard Gumbel)."})
+    hard_gate: str = field(default="sigmoid", metadata={"help":
+        "update='gated', how the hard per-token gate is drawn and differentiated: 'sigmoid' (z = [r > 0], "
+        "gradient of sigmoid(r / T); MindSkip) or 'gumbel' (z = [r + L > 0] with logistic noise L while training, "
+        "gradient of sigmoid((r + L) / T); SkipGPT's hard Gumbel)."})
     gate_temperature: float = field(default=5.0, metadata={"help":
         "update='gated': the gate's temperature T when training starts, annealed linearly to gate_temperature_end "
         "over the run (SkipGPT: 5 to 1)."})
@@ -85,7 +86,7 @@ class MoDConfig(MethodConfig):
         else:
             self._check(self.causal in ("predictor", "aux_loss"), "causal",
                         "'predictor', 'aux_loss' or null ('threshold' needs update='gated')")
-        self._check(self.gate in GATES, "gate", "'sigmoid' or 'gumbel'")
+        self._check(self.hard_gate in GATES, "hard_gate", "'sigmoid' or 'gumbel'")
         check_range(self, "gate_temperature", 1e-3, 1e3)
         check_range(self, "gate_temperature_end", 1e-3, 1e3)
         self._check(self.budget in BUDGETS, "budget", "'unit' or 'global'")

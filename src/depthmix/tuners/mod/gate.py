@@ -42,7 +42,7 @@ def gate_values(config, r: torch.Tensor, progress: float, keep: torch.Tensor | N
     score = r + L, L logistic noise (the binary Gumbel-softmax). Tokens in `keep` (the attention sink) are always
     kept, and their z carries no gradient."""
     score = r
-    if config.gate == "gumbel":
+    if config.hard_gate == "gumbel":
         u = torch.rand_like(r).clamp(1e-6, 1 - 1e-6)
         score = r + torch.log(u) - torch.log1p(-u)
     hard = score > 0
