@@ -47,7 +47,11 @@ def main() -> None:
     p.add_argument("--reverse", action="store_true", help="a second lane: phase 2's runs from the other end")
     p.add_argument("--base-premise-only", action="store_true",
                    help="measure the premise on the untrained base model (minutes, no training) and stop")
+    p.add_argument("--table", action="store_true", help="print the Markdown of the results files and stop")
     args = p.parse_args()
+    if args.table:
+        print(tables(Path(args.results)))
+        return
     math_result = json.loads((Path(args.results) / "mode-math.json").read_text())
     args.train_size, args.epochs, args.eval_samples = 500, "2", 300  # mode-math's, so its LoRA runs pair with these
     out = Path(args.out)
@@ -105,11 +109,12 @@ def lens_of(folder: Path | None, splits: dict) -> dict:
 def mixing(folder: Path, splits: dict) -> dict:
     """The learned mixing weights of a MoDE run on the held-out problems: mean and spread over tokens per layer."""
     from depthmix.data.tasks import get_task
+    from depthmix.evaluation import response_nll
     from depthmix.train import load_trained
     model, tok, _ = load_trained(str(folder))
     model.method.reset_stats()
     task = get_task("singleeq")
-    task.response_nll(model, tok, task.load("train", str(splits["heldout"])), 256)
+    response_nll(task, model, tok, task.load("train", str(splits["heldout"])), 256)
     return model.method.routing_record()
 
 
@@ -183,6 +188,33 @@ def summarize(args, math_result: dict, best: dict, runs: list[dict], layers: lis
                         Path(args.results).parent / "img" / "mode-engage-weights.png",
                         title="MoDE + LoRA (engaged): learned mixing weights on held-out tokens (± s.d. over tokens)")
     print(sweeps.report(result), flush=True)
+
+
+def tables(results: Path) -> str:
+    parts = []
+    file = results / "mode-premise.json"
+    if file.exists():
+        rec = json.loads(file.read_text())
+        lines = ["| model | layer | NLL | top-1 accuracy | right where the final layer is wrong |", "|" + " --- |" * 5]
+        for key, label in (("base", "base"), ("after_lora", "after LoRA (seed 0)"),
+                           ("after_mode_lora", "after MoDE + LoRA (seed 0)")):
+            if key not in rec:
+                continue
+            lens = rec[key]
+            for j, t in enumerate(lens["layers"]):
+                final = " (final)" if j == len(lens["layers"]) - 1 else ""
+                lines.append(f"| {label} | block {t}{final} | {lens['nll'][j]:.4f} | {lens['accuracy'][j]:.4f} | "
+                             f"{lens['right_where_final_wrong'][j]:.4f} |")
+            lines.append(f"| {label} | any of them (oracle) | | {lens['oracle_accuracy']:.4f} | |")
+        parts.append(f"**The premise** ({rec['model']}; {rec['data']}; {rec['base']['tokens']} tokens; logit lens "
+                     "through each layer's MoDE norm and the shared head):\n\n" + "\n".join(lines))
+    file = results / "mode-engage.json"
+    if file.exists():
+        rec = json.loads(file.read_text())
+        weights = ", ".join(f"seed {s}: {w:.3f}" for s, w in sorted(rec["setup"]["final_layer_weight"].items()))
+        parts.append(sweeps.report(rec, picture=True) + f"\n\nFinal layer's mean mixing weight at the end: {weights}."
+                     "\n\n![learned mixing weights](img/mode-engage-weights.png)")
+    return "\n\n".join(parts) if parts else "no results yet"
 
 
 if __name__ == "__main__":
