@@ -1,7 +1,8 @@
 """Every decoding mode, however it is asked for, gives the tokens the uncached model gives, or is refused by name."""
 import pytest
 import torch
-from transformers import GenerationConfig, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (Gemma2Config, Gemma2ForCausalLM, GenerationConfig, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 import depthmix
 from conftest import CAUSAL, batch, tiny
@@ -21,22 +22,28 @@ def molex(model, **kw):
     return spread(depthmix.apply(model, depthmix.MoLExConfig(**kw)))
 
 
-def mod(family, seed=0):
-    dm = depthmix.apply(tiny(family, seed=seed), depthmix.MoDConfig(capacity=0.5, layers=[1, 3]))
-    with torch.no_grad():  # predictors that send some tokens through and some around
+def mod(family, seed=0, skip="block"):
+    dm = depthmix.apply(tiny(family, seed=seed), depthmix.MoDConfig(capacity=0.5, layers=[1, 3], skip=skip,
+                                                                    update="retrofit"))
+    with torch.no_grad():  # routers and predictors that send some tokens through and some around
         for p in dm.method.predictors:
             p[-1].bias.normal_(0, 1.0)
+        for r in dm.method.routers:
+            r.weight.normal_(0, 1.0)
     return dm.eval()
 
 
 def sliding(kind: str, window: int = 4):
-    """A tiny Mistral, or Qwen2 with use_sliding_window, whose window is shorter than what is generated."""
+    """A tiny Mistral, Qwen2 with use_sliding_window, or Gemma2 (sliding and full layers in turn), whose window is
+    shorter than what is generated."""
     torch.manual_seed(0)
     common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                   sliding_window=window)
     if kind == "mistral":
         return MistralForCausalLM(MistralConfig(**common)).eval()
+    if kind == "gemma2":
+        return Gemma2ForCausalLM(Gemma2Config(**common, head_dim=8)).eval()
     return Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, max_window_layers=0)).eval()
 
 
@@ -80,7 +87,7 @@ def test_molex_beam_search_from_a_generation_config_and_the_models_own():
 
 
 # -- MoLEx past a sliding window, with a static cache, with prompt lookup and an assistant -----------------------
-@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "gemma2"])
 def test_molex_generates_past_the_sliding_window(kind):
     dm = molex(sliding(kind, window=4))
     ids, mask = batch("llama", b=3, s=6)
@@ -97,9 +104,10 @@ def test_molex_static_cache_equals_uncached():
     assert picks_several(dm, ids, mask)
     cached, uncached = both(dm, ids, mask, cache_implementation="static")
     assert torch.equal(cached, uncached)
-    dm = molex(sliding("mistral", window=4))  # static sliding-window layers
-    cached, uncached = both(dm, ids, mask, cache_implementation="static")
-    assert torch.equal(cached, uncached)
+    for kind in ("mistral", "gemma2"):  # static sliding-window layers; Gemma2 gets one prepared mask per kind
+        dm = molex(sliding(kind, window=4))
+        cached, uncached = both(dm, ids, mask, cache_implementation="static")
+        assert torch.equal(cached, uncached), kind
 
 
 def repetitive_prompt():
@@ -145,7 +153,7 @@ def test_mod_refuses_decodings_that_take_tokens_back(how, ask, named):
         for k, v in ask.items():
             setattr(dm.base_model.generation_config, k, v)
         kw = {}
-    with pytest.raises(depthmix.ConfigError, match=f"MoD generate\\(\\): {named}.*use_cache=False"):
+    with pytest.raises(depthmix.ConfigError, match=f"MoD generate\\(\\): {named}.*greedy decoding, sampling or beam"):
         dm.generate(input_ids=ids, attention_mask=mask, **GREEDY, **kw)
 
 
@@ -156,8 +164,30 @@ def test_mod_refuses_an_assistant_model():
         dm.generate(input_ids=ids, attention_mask=mask, **GREEDY, assistant_model=tiny("llama", seed=5))
 
 
-def test_mod_static_cache_equals_uncached():
-    dm = mod("llama")
+@pytest.mark.parametrize("skip", ["block", "attention"])
+def test_mod_static_cache_routes_as_the_dynamic_cache(skip):
+    dm = mod("llama", skip=skip)
     ids, mask = batch("llama", b=2, s=5)
-    cached, uncached = both(dm, ids, mask, cache_implementation="static")
-    assert torch.equal(cached, uncached)
+    processed = []
+    for kw in ({}, {"cache_implementation": "static"}):
+        dm.method.reset_stats()
+        with torch.no_grad():
+            out = dm.generate(input_ids=ids, attention_mask=mask, **GREEDY, **kw)
+        processed.append((out, dm.method.stats[:, :2].clone()))
+    assert torch.equal(processed[0][0], processed[1][0])
+    assert torch.equal(processed[0][1], processed[1][1])  # the same tokens went through each routed module
+    assert torch.equal(processed[1][0], both(dm, ids, mask)[1])
+
+
+def test_mod_routed_mlp_refuses_a_static_cache():
+    dm = mod("llama", skip="mlp")
+    ids, mask = batch("llama", b=2, s=5)
+    with pytest.raises(depthmix.ConfigError, match="skip='mlp' with a static cache"):
+        dm.generate(input_ids=ids, attention_mask=mask, **GREEDY, cache_implementation="static")
+
+
+def test_molex_token_routing_refuses_assisted_decoding():
+    dm = molex(tiny("llama"), granularity="token")
+    ids, mask = repetitive_prompt()
+    with pytest.raises(depthmix.ConfigError, match="MoLEx generate\\(\\): prompt-lookup.*granularity 'sequence'"):
+        dm.generate(input_ids=ids, attention_mask=mask, **GREEDY, prompt_lookup_num_tokens=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers.generation import GenerationMode
+from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 
 from .blocks import swap_class
 from .config import ConfigError
@@ -27,8 +28,10 @@ class Decoding:
         rest = {k: v for k, v in named.items() if k not in _NAMED}
         self.config, _ = model._prepare_generation_config(named.get("generation_config"), **rest)
         self.mode = self.config.get_generation_mode(named.get("assistant_model"))
-        self.cached = self.config.use_cache is not False
-        self.static = self.config.cache_implementation is not None and "static" in self.config.cache_implementation
+        passed = named.get("cache", named.get("past_key_values"))
+        # a static cache (asked for, or passed in) makes generate() hand the model prepared 4D masks, not the 2D one
+        self.static = (self.config.cache_implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS
+                       or bool(getattr(passed, "is_compileable", False)))
 
     def describe(self) -> str:
         c = self.config
@@ -39,16 +42,11 @@ class Decoding:
             return f"{self.mode.value.replace('_', ' ')} (num_beams={c.num_beams})"
         return self.mode.value.replace("_", " ")
 
-    def refuse(self, method: str, why: str, static_ok: bool = True) -> None:
-        """Refuse a cached decoding that is not stepwise (or, static_ok False, that uses a static cache)."""
-        if not self.cached:
-            return
+    def refuse(self, method: str, why: str) -> None:
+        """Refuse a decoding that is not stepwise (assisted and prompt-lookup decoding, which need a KV cache)."""
         if self.mode not in STEPWISE:
-            raise ConfigError(f"{method} generate(): {self.describe()} is not supported with a KV cache ({why}); "
-                              "use greedy decoding, sampling or beam search, or pass use_cache=False")
-        if not static_ok and self.static:
-            raise ConfigError(f"{method} generate(): cache_implementation={self.config.cache_implementation!r} is "
-                              f"not supported ({why}); leave cache_implementation unset")
+            raise ConfigError(f"{method} generate(): {self.describe()} is not supported ({why}); "
+                              "use greedy decoding, sampling or beam search")
 
 
 class KeptState:

@@ -113,6 +113,8 @@ class Method(nn.Module):
         """[B, S] bool: True for real tokens of the current call (padding False)."""
         mask = self.inputs.get("attention_mask")
         b, s = hidden.shape[:2]
+        if isinstance(mask, dict):  # one prepared mask per attention kind (Gemma2's hybrid static cache): any will do
+            mask = next(iter(mask.values()), None)
         if mask is not None and mask.dim() == 4:
             # a prepared [B, 1, q, kv] mask (generate() with a static cache): a real token sees at least one key,
             # a padding token none (bool: True where seen; additive float: 0 where seen)

@@ -129,6 +129,10 @@ class MoD(Method):
 
     def generating(self, decoding):
         decoding.refuse("MoD", "its per-block KV stores cannot take tokens back")
+        if decoding.static and self.config.skip == "mlp":
+            raise ConfigError("MoD generate(): skip='mlp' with a static cache is not supported (a routed MLP, never "
+                              "handed the cache, tells a decoding step by the 2D attention mask, which a static "
+                              "cache replaces with prepared 4D masks); leave cache_implementation unset")
         return self.routing_mode("causal")
 
     def reset_stats(self) -> None:
@@ -332,7 +336,7 @@ class MoD(Method):
         """Whether this call continues earlier tokens (a decoding step): the attention mask, which also covers a
         KV cache's tokens, is longer than x. How a routed MLP, never handed the cache, knows."""
         mask = self.inputs.get("attention_mask")
-        return mask is not None and mask.dim() == 2 and mask.shape[1] > x.shape[1]
+        return torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[1] > x.shape[1]
 
     def _select(self, i, r, decide, valid, cache, causal: bool, x):
         """The slots (idx, count, K) of the tokens block i processes, as a [B, S] selection, and their top-k

@@ -79,7 +79,7 @@ class MoLEx(Method):
             return explicit[:, -s:].to(device=z.device, dtype=torch.bool)
         if self._generate_prompt is not None:  # z covers columns total - s .. total of the generated sequence
             mask = self.inputs.get("attention_mask")
-            total = mask.shape[1] if mask is not None and mask.dim() == 2 else s
+            total = mask.shape[1] if torch.is_tensor(mask) and mask.dim() == 2 else s
             return (torch.arange(total - s, total, device=z.device) < self._generate_prompt).expand(b, s)
         labels = self.inputs.get("labels")
         if labels is not None and labels.shape == (b, s):
@@ -93,6 +93,9 @@ class MoLEx(Method):
     # -- generate(): the prompt is the input of the first forward, remembered until generate() returns ---------
     @contextlib.contextmanager
     def generating(self, decoding):
+        if not self.supports_cache:
+            decoding.refuse("MoLEx", "token routing decodes without a KV cache, and this decoding needs one; "
+                                     "granularity 'sequence' supports it")
         self._generating, self._generate_prompt = True, None
         try:
             yield
