@@ -43,6 +43,10 @@ def register(sub) -> None:
                    help="MoD adapters: causal routing (default: each token decides from its own hidden state, as "
                         "in generation) or topk-lookahead (top-k over the whole sequence, as in training: a "
                         "token's routing sees the tokens after it; for studies only)")
+    e.add_argument("--layer-lens", action="store_true",
+                   help="also measure how well each layer the method mixes predicts on its own over the task's gold "
+                        "tokens (MoDE: NLL and top-1 accuracy through each layer's norm and the shared head, and how "
+                        "often a shallower layer is right where the final one is wrong); written under 'layer_lens'")
     e.set_defaults(func=run_eval)
 
 
@@ -180,6 +184,16 @@ def check_output(output: str | None) -> None:
         raise ConfigError(f"--output {output}: a folder; give a file path, e.g. {Path(output) / 'eval.json'}")
 
 
+def layer_lens(model, task, tokenizer, rows, args) -> dict:
+    if model.method is None:
+        raise ConfigError(f"--layer-lens: {args.adapter} is LoRA alone; it mixes no layers")
+    enc = task.encode(rows, tokenizer, args.max_length)
+    collate = task.collator(tokenizer)
+    size = args.batch_size
+    return model.method.layer_lens(model, (collate([enc[i] for i in range(s, min(s + size, len(enc)))])
+                                           for s in range(0, len(enc), size)))
+
+
 def run_eval(args) -> int:
     from ..evaluation import evaluate
     from ..io import write_json
@@ -198,6 +212,8 @@ def run_eval(args) -> int:
         model.method.reset_stats()
     kw = {k: getattr(args, k) for k in ("mode", "max_new_tokens") if getattr(args, k, None) is not None}
     metrics = evaluate(task, model, tokenizer, rows, batch_size=args.batch_size, max_length=args.max_length, **kw)
+    if args.layer_lens:
+        kw["layer_lens"] = layer_lens(model, task, tokenizer, rows, args)
     out = Path(args.output or Path(args.adapter) / f"eval-{task_name.replace('/', '_')}.json")
     state = model.method.summary() if model.method is not None else {}
     kw["routing"] = model.method.eval_routing() if model.method is not None else None

@@ -155,6 +155,11 @@ class Method(nn.Module):
         """Method-specific summaries a trainer may log (realized capacity, routing counts...)."""
         return {}
 
+    def layer_lens(self, model, batches) -> dict:
+        """How well each layer the method mixes predicts on its own, over the labelled tokens of `batches` (dicts of
+        input_ids, attention_mask, labels): the premise of a method that ensembles layers. Others have none."""
+        raise ConfigError(f"{type(self).__name__} mixes no layers' predictions: it has no layer lens")
+
 
 def detach_all(model: nn.Module) -> None:
     """Undo every wrap in `model`, also those of a method whose construction failed half-way."""

@@ -12,6 +12,7 @@ from ...config import ConfigError
 from ...architectures import UnsupportedModelError
 from ..base import Method, float32_linear
 from .layer import MoDECapture, MoDENorm, distill_sum
+from .lens import layer_lens
 
 
 class MoDE(Method):
@@ -154,6 +155,9 @@ class MoDE(Method):
     def routing_record(self) -> dict:
         return {"picture": "layer_weights", "label": "MoDE", "mean_weights": self.mean_weights(),
                 "weight_std": self.weight_std(), "tokens": self.weight_count}
+
+    def layer_lens(self, model, batches) -> dict:
+        return layer_lens(model, batches)
 
     def summary(self) -> dict:
         state = {f"weight/{t}": w for t, w in zip(self.layers, self.mean_weights())}
