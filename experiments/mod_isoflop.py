@@ -87,12 +87,14 @@ def summarize(out: Path, corpora, models) -> None:
             curves[name] = json.loads((out / corpus / name / "log_history.json").read_text())["log_history"]
             held = m["heldout"]
             causal = held.get("causal", held.get("dense"))
+            topk = held.get("topk-lookahead", held.get("topk"))  # "topk": its name in older runs
             fwd = m.get("forward_flops_heldout") or recount(out / corpus / name, m)
             summary.setdefault(corpus, {})[name] = {
                 "params": m["params"], "train_steps": m["train_steps"], "train_flops": m["train_flops"],
                 "train_seconds": m["train_seconds"], "heldout_loss_causal": heldout_nll(causal),
-                "heldout_loss_topk": heldout_nll(held["topk"]) if "topk" in held else None,
-                "forward_flops_causal": fwd.get("causal", fwd.get("dense")), "forward_flops_topk": fwd.get("topk"),
+                "heldout_loss_topk": heldout_nll(topk) if topk is not None else None,
+                "forward_flops_causal": fwd.get("causal", fwd.get("dense")),
+                "forward_flops_topk": fwd.get("topk-lookahead", fwd.get("topk")),
                 "realized_capacity": causal.get("realized_capacity"),
                 "predictor_accuracy": causal.get("predictor_accuracy"),
             }

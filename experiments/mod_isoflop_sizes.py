@@ -212,12 +212,14 @@ def record(run: Path, family: str, shape, seed: int) -> dict:
     m = json.loads((run / "metrics.json").read_text())
     held = m["heldout"]
     main = held.get("causal", held.get("dense"))
+    topk = held.get("topk-lookahead", held.get("topk"))  # "topk": its name in older runs
     fwd = m.get("forward_flops_heldout", m["forward_flops"])  # runs before the key was dropped wrote both
     wall = run / "wall_seconds.txt"
     return {"arm": family, "seed": seed, "value": heldout_nll(main), "layers": shape[0], "hidden": shape[1],
             "params": m["params"], "params_nonembedding": m["params"] - VOCAB * shape[1],
-            "heldout_loss_topk": heldout_nll(held["topk"]) if "topk" in held else None,
-            "forward_flops": fwd.get("causal", fwd.get("dense")), "forward_flops_topk": fwd.get("topk"),
+            "heldout_loss_topk": heldout_nll(topk) if topk is not None else None,
+            "forward_flops": fwd.get("causal", fwd.get("dense")),
+            "forward_flops_topk": fwd.get("topk-lookahead", fwd.get("topk")),
             "train_steps": m["train_steps"], "train_tokens": m["train_tokens"], "train_flops": m["train_flops"],
             "train_step_flops": m["train_step_flops"], "train_seconds": m["train_seconds"],
             "wall_seconds": float(wall.read_text()) if wall.exists() else None,

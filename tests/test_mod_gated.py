@@ -194,6 +194,6 @@ def test_gated_training_from_the_command_line(model_dir, tmp_path):  # noqa: F81
                  "--output-dir", str(out), "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_steps"] == 2 and math.isfinite(metrics["train_loss"])
-    assert metrics["options"]["retrofit_loss"] == "both" and metrics["routing"] == "causal"
+    assert metrics["options"]["method_config"]["retrofit_loss"] == "both" and metrics["routing"] == "causal"
     saved = json.loads((out / "depthmix_config.json").read_text())
     assert saved["config"]["update"] == "gated" and saved["config"]["skip"] == "sublayers"

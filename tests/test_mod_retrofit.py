@@ -117,7 +117,7 @@ def test_train_retrofit_distill_from_the_command_line(model_dir, tmp_path):
                  "--max-steps", "2", "--output-dir", str(out), "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_steps"] == 2 and math.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
-    assert metrics["options"]["retrofit_loss"] == "distill" and metrics["routing"] == "causal"
+    assert metrics["options"]["method_config"]["retrofit_loss"] == "distill" and metrics["routing"] == "causal"
     trainable, _ = metrics["trainable_params"], metrics["total_params"]
     assert trainable == sum(p.numel() for p in retrofit(0.5, layers=(1, 3)).method.parameters())
 

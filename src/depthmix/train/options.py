@@ -50,9 +50,6 @@ class TrainOptions:
         "learning rate of gates, routers and alpha (default: the method's)."})
     router_weight_decay: float = field(default=0.0, metadata={"help":
         "AdamW weight decay of gates, routers and alpha (the public MoLEx GLUE runs: 0.1)."})
-    retrofit_loss: str | None = field(default=None, metadata={"help":
-        "MoD router tuning (update retrofit or gated): distill (KL from the same model with routing bypassed and "
-        "LoRA off), lm, or both (their sum)."})
     weight_decay: float = field(default=0.0, metadata={"help":
         "AdamW weight decay of the adapter weights (not of biases and norms, as in the HF Trainer)."})
     warmup: float = field(default=0.06, metadata={"help":

@@ -32,18 +32,7 @@ def preflight(opts: TrainOptions) -> tuple[Task, dict]:
             config.check_decoding()
         except ConfigError as e:
             raise ConfigError(f"task {task.name!r} is scored by generating text, and {e}") from None
-    check_retrofit_loss(opts, config)
     return task, config.to_dict() if config is not None else {}
-
-
-def check_retrofit_loss(opts: TrainOptions, config) -> None:
-    from ..tuners.mod.retrofit import LOSSES
-    if opts.retrofit_loss is None:
-        return
-    if opts.retrofit_loss not in LOSSES:
-        raise ConfigError(f"retrofit_loss = {opts.retrofit_loss!r}: expected one of {LOSSES}")
-    if opts.method != "mod" or config.update not in ("retrofit", "gated"):
-        raise ConfigError("retrofit_loss is for router tuning: method 'mod' with update 'retrofit' or 'gated'")
 
 
 def method_config(opts: TrainOptions):

@@ -1,4 +1,5 @@
-"""Training a small causal LM from random initialisation on a text file, with a training-FLOP budget (dense or MoD).
+"""Training a small causal LM from random initialisation on a text file, with a training-FLOP budget: dense, or with
+a registered method applied (MoD is the one made for it).
 
 The budget is spent in whole optimizer steps: the FLOPs of one real training step (forward + backward, counted by
 FlopCounterMode on the model as built, routers and predictors included) set how many steps fit.
@@ -19,6 +20,7 @@ from .. import io
 from ..config import ConfigError, checked_type
 from ..depthmix_model import apply
 from ..evaluation import heldout_nll
+from ..tuners import METHODS
 
 ARCHS = ("llama", "gpt2")
 
@@ -31,7 +33,8 @@ class PretrainOptions:
     layers: int = field(default=4, metadata={"help": "transformer blocks."})
     hidden: int = field(default=128, metadata={"help": "hidden size."})
     heads: int | None = field(default=None, metadata={"help": "attention heads (default: hidden // 32)."})
-    method: str = field(default="dense", metadata={"help": "dense or mod."})
+    method: str = field(default="dense", metadata={"help":
+        "dense, or a registered method applied to the new model (e.g. mod)."})
     corpus: str = field(default="", metadata={"help": "text file to train on."})
     eval_corpus: str | None = field(default=None, metadata={"help":
         "text file for the held-out loss (default: the last 10% of the corpus)."})
@@ -50,15 +53,16 @@ class PretrainOptions:
     output_dir: str = field(default="out/pretrain", metadata={"help": "folder for the model, metrics and loss curve."})
     logging_steps: int = field(default=10, metadata={"help": "steps between logged losses."})
     progress: bool = field(default=True, metadata={"help": "progress bars."})
-    method_config: dict = field(default_factory=dict, metadata={"help": "MoDConfig fields (the mod options below)."})
+    method_config: dict = field(default_factory=dict, metadata={"help":
+        "fields of the method's config (the method options below)."})
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, checked_type(f.name, getattr(self, f.name), f.type, ""))
         if self.arch not in ARCHS:
             raise ConfigError(f"arch = {self.arch!r}: expected one of {ARCHS}")
-        if self.method not in ("dense", "mod"):
-            raise ConfigError(f"method = {self.method!r}: expected 'dense' or 'mod'")
+        if self.method not in ("dense", *METHODS):
+            raise ConfigError(f"method = {self.method!r}: expected one of {('dense', *METHODS)}")
         if not self.corpus or not Path(self.corpus).is_file():
             raise ConfigError(f"corpus = {self.corpus!r}: not a file")
         if self.eval_corpus and not Path(self.eval_corpus).is_file():
@@ -126,10 +130,9 @@ def read_corpus(opts: PretrainOptions, tok) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def build(opts: PretrainOptions, vocab: int):
-    """A randomly initialised causal LM (seeded), with MoD applied for method="mod"; every weight trains."""
+    """A randomly initialised causal LM (seeded), with opts.method applied unless it is "dense"; every weight trains."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from ..tuners import MoDConfig
     torch.manual_seed(opts.seed)
     if opts.arch == "llama":
         inner = 64 * math.ceil(8 * opts.hidden / 3 / 64)
@@ -143,9 +146,10 @@ def build(opts: PretrainOptions, vocab: int):
                          n_positions=opts.seq_len, bos_token_id=None, eos_token_id=None)
         base = GPT2LMHeadModel(cfg)
     base.config.use_cache = False
-    config = MoDConfig.from_dict(opts.method_config, source="method options") if opts.method == "mod" else None
-    if config is None and opts.method_config:
-        raise ConfigError(f"MoD options {sorted(opts.method_config)} given with method 'dense'")
+    if opts.method == "dense" and opts.method_config:
+        raise ConfigError(f"method options {sorted(opts.method_config)} given with method 'dense'")
+    config = None if opts.method == "dense" else METHODS[opts.method][0].from_dict(opts.method_config,
+                                                                                  source="method options")
     model = apply(base, config)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -153,8 +157,10 @@ def build(opts: PretrainOptions, vocab: int):
 
 
 def heldout_forward_flops(model, blocks: torch.Tensor) -> dict:
-    """FLOPs of one forward pass per sequence, averaged over held-out blocks: dense, or MoD top-k and causal."""
-    routings = ("topk", "causal") if model.method is not None else (None,)
+    """FLOPs of one forward pass per sequence, averaged over held-out blocks: dense, or in each of the routing
+    modes the method compares (Method.compared_routings)."""
+    routings = model.method.compared_routings if model.method is not None and model.method.compared_routings \
+        else (None,)
     return {r or "dense": flop_count.forward_flops(model, 0, 0, r, ids=blocks) // len(blocks) for r in routings}
 
 
@@ -199,8 +205,9 @@ def pretrain(opts: PretrainOptions) -> dict:
     # FLOPs of one inference forward pass of the trained model on a held-out block (causal routing decides per
     # token, so the count depends on real text; it is what generation runs)
     fwd = heldout_forward_flops(model, eval_blocks[:8])
-    evals = {"dense": heldout_nll(model, eval_blocks, opts.batch_size)} if model.method is None else {
-        r: heldout_nll(model, eval_blocks, opts.batch_size, r) for r in ("causal", "topk")}
+    routings = model.method.compared_routings if model.method is not None else ()
+    evals = {r: heldout_nll(model, eval_blocks, opts.batch_size, r) for r in routings} or {
+        "dense" if model.method is None else "default": heldout_nll(model, eval_blocks, opts.batch_size)}
     summary = {
         "options": dataclasses.asdict(opts), "params": sum(p.numel() for p in model.parameters()),
         "train_steps": result.global_step, "train_tokens": result.global_step * opts.batch_size * opts.seq_len,
@@ -210,7 +217,7 @@ def pretrain(opts: PretrainOptions) -> dict:
     }
     model.base_model.save_pretrained(out / "model")
     if model.method is not None:
-        model.save_pretrained(out / "mod", info={"pretrain": opts.corpus})
+        model.save_pretrained(out / opts.method, info={"pretrain": opts.corpus})
     io.write_json(out / "metrics.json", summary)
     io.write_json(out / "log_history.json", {"log_history": trainer.state.log_history})
     loss_curve(trainer.state.log_history, out / "loss.png",

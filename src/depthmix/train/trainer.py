@@ -1,6 +1,7 @@
 """Training on the HF Trainer: so `accelerate launch` and `torchrun` (DDP, FSDP, DeepSpeed) work unchanged."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .. import io
 from ..config import ConfigError
@@ -61,24 +63,42 @@ def check_sharded_save(trainer: Trainer) -> None:
 class DepthMixTrainer(Trainer):
     """Trainer that gives routers their own learning rate and checkpoints only the adapter."""
 
-    def __init__(self, *args, router_lr: float | None = None, router_weight_decay: float = 0.0,
-                 retrofit_loss: str | None = None, **kwargs):
+    def __init__(self, *args, router_lr: float | None = None, router_weight_decay: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         check_sharded_save(self)
         self.adapter_info: dict = {}  # recorded beside the adapter's config by save_model
         self.router_lr = router_lr
         self.router_weight_decay = router_weight_decay
-        self.retrofit_loss = retrofit_loss
-        if retrofit_loss:
-            self.loss_is_scaled_for_ga = False  # a mean per batch: the Trainer divides by the accumulation steps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not self.retrofit_loss:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        from ..tuners.mod.retrofit import retrofit_loss
-        progress = self.state.global_step / max(self.state.max_steps, 1)  # anneals a gated router's temperature
-        loss, outputs = retrofit_loss(model, inputs, self.retrofit_loss, progress)
+        """The model's loss, the method's own (Method.training_loss), or the Trainer's (label smoothing, a
+        compute_loss_func); in each, every auxiliary loss the method declares."""
+        method = self.accelerator.unwrap_model(model).method
+        progress = self.state.global_step / max(self.state.max_steps, 1)
+        own = method.training_loss(model, inputs, progress) if method is not None else None
+        self.loss_is_scaled_for_ga = None if own is None else False  # a method's own loss is a mean per batch
+        if own is not None:
+            loss, outputs = own
+        elif "labels" in inputs and (self.label_smoother is not None or self.compute_loss_func is not None):
+            loss, outputs = self.trainer_scored(model, inputs, num_items_in_batch)
+        else:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def trainer_scored(self, model, inputs, num_items_in_batch):
+        """The Trainer scores the logits itself and calls the model without labels. The method still reads them
+        (where a prompt ends, which positions are scored), its auxiliary losses join the loss, and a causal LM's
+        labels are shifted (the Trainer knows a causal LM by its class name, which the wrapper hides)."""
+        wrapper = self.accelerator.unwrap_model(model)
+        method, smoother = wrapper.method, self.label_smoother
+        if smoother is not None and wrapper.base_model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            self.label_smoother = lambda out, labels, shift_labels=False, **kw: smoother(out, labels, True, **kw)
+        try:
+            with method.seeing(labels=inputs["labels"]) if method is not None else contextlib.nullcontext():
+                loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        finally:
+            self.label_smoother = smoother
+        return (loss if method is None else loss + method.aux_loss(loss)), outputs
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -181,8 +201,7 @@ def _train(opts: TrainOptions, task, args: TrainingArguments, resume: str | None
 
     trainer = DepthMixTrainer(model=model, args=args, train_dataset=train_ds, data_collator=task.collator(tokenizer),
                               processing_class=tokenizer, router_lr=opts.router_lr or _default_router_lr(opts.method),
-                              router_weight_decay=opts.router_weight_decay,
-                              retrofit_loss=opts.retrofit_loss)
+                              router_weight_decay=opts.router_weight_decay)
     trainable, total = model.trainable_parameters()  # before training shards them
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume)

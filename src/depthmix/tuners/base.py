@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import torch
 from torch import nn
@@ -42,6 +43,7 @@ class Method(nn.Module):
 
     supports_cache = True  # False: generate() must recompute the whole sequence at each step
     routings: tuple[str, ...] = ()  # routing modes a user may choose between (MoD's), empty for the others
+    compared_routings: tuple[str, ...] = ()  # the modes a study reports side by side (held-out loss, FLOPs)
     draws_routing = False  # True: routing_record() summarises what the routers learned, for a picture
     recording = False  # routing statistics are gathered while True
 
@@ -51,7 +53,9 @@ class Method(nn.Module):
         self.arch = arch  # a plain dataclass: its modules stay registered in the base model only
         self.inputs: dict = {}
         self.aux: list[torch.Tensor] = []
+        self._seen: dict = {}
         self._swapped: list[nn.Module] = []
+        self._reentrant: list[tuple[nn.Module, functools.partial]] = []  # blocks' checkpointing as the user set it
 
     def _apply(self, fn, recurse=True):
         """Moves (.to(device), .cuda(), to_empty) apply; dtype casts of the whole model (.half(), .to(bfloat16))
@@ -79,6 +83,9 @@ class Method(nn.Module):
             restore_class(module)
             del module._depthmix
         self._swapped.clear()
+        for block, fn in self._reentrant:
+            block._gradient_checkpointing_func = fn
+        self._reentrant.clear()
 
     @contextlib.contextmanager
     def bypassed(self):
@@ -94,20 +101,61 @@ class Method(nn.Module):
 
     # -- per forward ----------------------------------------------------------------------------------
     def begin(self, inputs: dict) -> None:
-        """Called before each forward of the base model with its named inputs."""
+        """Called before each forward of the base model with its named inputs (and those of `seeing`)."""
         check_prompt_mask(inputs)
-        self.inputs = inputs
+        self.inputs = {**self._seen, **{k: v for k, v in inputs.items() if v is not None or k not in self._seen}}
         self.aux = []
+        if self.training and torch.is_grad_enabled():
+            self._checkpoint_without_reentry()
 
     def add_aux(self, loss: torch.Tensor) -> None:
         self.aux.append(loss)
 
+    def aux_loss(self, like: torch.Tensor) -> torch.Tensor:
+        """The sum of the auxiliary losses of the last forward (0 without any), in the dtype of `like`."""
+        return sum((a.to(like.dtype) for a in self.aux), torch.zeros((), dtype=like.dtype, device=like.device))
+
     def finish(self, output):
-        """Called after each forward of the base model; may change its output (aux losses go into loss)."""
+        """Called after each forward of the base model; may change its output: the auxiliary losses join the loss
+        where it has one (a ModelOutput's loss, or the first item of a return_dict=False tuple)."""
         if self.aux and getattr(output, "loss", None) is not None:
-            output.loss = output.loss + sum(a.to(output.loss.dtype) for a in self.aux)
+            output.loss = output.loss + self.aux_loss(output.loss)
+        elif self.aux and isinstance(output, tuple) and self.inputs.get("labels") is not None \
+                and self._seen.get("labels") is None and torch.is_tensor(output[0]) and output[0].dim() == 0:
+            output = (output[0] + self.aux_loss(output[0]), *output[1:])  # a tuple starts with the loss
         # self.inputs stays until the next forward: gradient checkpointing re-runs blocks during backward.
         return output
+
+    @contextlib.contextmanager
+    def seeing(self, **inputs):
+        """Forwards inside the block read `inputs` as if they had been given (a Trainer that scores the logits
+        itself, e.g. with label smoothing, keeps the labels from the model; the method still needs them: where
+        a prompt ends, which positions are scored). The model's loss is not computed from them: the caller adds
+        aux_loss() to its own."""
+        old, self._seen = self._seen, inputs
+        try:
+            yield
+        finally:
+            self._seen = old
+
+    def _checkpoint_without_reentry(self) -> None:
+        """Reentrant gradient checkpointing (use_reentrant=True, as PEFT's k-bit preparation asks) runs a block
+        under no_grad in the forward pass: an auxiliary loss computed inside it would get no gradient, and the
+        blocks' recomputation during backward comes after the loss. The blocks checkpoint without reentry
+        instead: the same activations recomputed, and every loss reaches the weights."""
+        for block in self.arch.blocks:
+            fn = getattr(block, "_gradient_checkpointing_func", None)
+            if isinstance(fn, functools.partial) and fn.keywords.get("use_reentrant", True) is not False:
+                self._reentrant.append((block, fn))
+                block._gradient_checkpointing_func = functools.partial(fn.func, *fn.args,
+                                                                       **{**fn.keywords, "use_reentrant": False})
+
+    def training_loss(self, model, inputs: dict, progress: float):
+        """(loss, outputs) of one training batch where the method trains on an objective of its own (e.g. MoD's
+        router tuning, MoDConfig.retrofit_loss), else None: the model's loss. `model` is the DepthMixModel, maybe
+        inside a DDP/FSDP wrapper; progress: the fraction of training done (for what anneals). The Trainer divides
+        the loss by the gradient accumulation steps."""
+        return None
 
     def valid_mask(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, S] bool: True for real tokens of the current call (padding False)."""

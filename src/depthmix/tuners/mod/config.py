@@ -8,6 +8,7 @@ SKIP = ("block", "attention", "mlp", "sublayers")
 UPDATES = ("paper", "retrofit", "gated")
 GATES = ("sigmoid", "gumbel")
 BUDGETS = ("unit", "global")
+RETROFIT_LOSSES = ("distill", "lm", "both")
 
 
 @dataclass
@@ -69,6 +70,10 @@ class MoDConfig(MethodConfig):
         "with zero-initialised routers every score ties, and a retrofit that lets it skip blocks loses the sink "
         "(SmolLM2's held-out NLL doubles). A model trained from scratch with MoD learns its own routing, so the "
         "paper's rule stays unchanged there."})
+    retrofit_loss: str | None = field(default=None, metadata={"help":
+        "what router tuning (update 'retrofit' or 'gated') trains on: 'distill' (the KL from the same model with "
+        "routing bypassed and LoRA off), 'lm', or 'both' (their sum); each plus the method's auxiliary losses. "
+        "null (default): the trainer's loss."})
 
     def __post_init__(self):
         if self.causal is None:  # the default of the update rule, written out (saved configs name it)
@@ -92,6 +97,11 @@ class MoDConfig(MethodConfig):
         self._check(self.budget in BUDGETS, "budget", "'unit' or 'global'")
         check_range(self, "budget_weight", 0, MAX_WEIGHT)
         check_range(self, "aux_weight", 0, MAX_WEIGHT)
+        self._check(self.retrofit_loss in (None, *RETROFIT_LOSSES), "retrofit_loss",
+                    f"null or one of {RETROFIT_LOSSES}")
+        if self.retrofit_loss is not None and self.update not in ("retrofit", "gated"):
+            raise ConfigError(f"MoDConfig.retrofit_loss = {self.retrofit_loss!r}: retrofit_loss is for router tuning, "
+                              f"with update 'retrofit' or 'gated' (update is {self.update!r})")
 
     def check_decoding(self) -> None:
         first = self.layers == "all" or (isinstance(self.layers, (list, tuple)) and 0 in self.layers)

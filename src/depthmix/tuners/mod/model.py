@@ -33,6 +33,7 @@ class MoD(Method):
     generate() always routes causally."""
 
     routings = ROUTING
+    compared_routings = ("causal", "topk-lookahead")
 
     def __init__(self, config, arch, hidden_size: int):
         super().__init__(config, arch)
@@ -134,6 +135,12 @@ class MoD(Method):
                               "handed the cache, tells a decoding step by the 2D attention mask, which a static "
                               "cache replaces with prepared 4D masks); leave cache_implementation unset")
         return self.routing_mode("causal")
+
+    def training_loss(self, model, inputs: dict, progress: float):
+        if self.config.retrofit_loss is None:
+            return None
+        from .retrofit import retrofit_loss
+        return retrofit_loss(model, inputs, self.config.retrofit_loss, progress)
 
     def reset_stats(self) -> None:
         # per routed unit: processed tokens, valid tokens, correct causal decisions, decisions scored

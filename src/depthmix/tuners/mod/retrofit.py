@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ...runtime import device_of
-
-LOSSES = ("distill", "lm", "both")
+from .config import RETROFIT_LOSSES as LOSSES
 
 
 def method_of(model):
