@@ -83,7 +83,7 @@ def run(args) -> dict:
     dense, mod = build_pair(args, tok)
     heldout = text_blocks(args.task, "eval", tok, args.seq_len, args.data_dir, args.eval_blocks)
     quality = {"dense": heldout_nll(dense, heldout), "mod_causal": heldout_nll(mod, heldout, routing="causal"),
-               "mod_topk": heldout_nll(mod, heldout, routing="topk")}
+               "mod_topk": heldout_nll(mod, heldout, routing="topk-lookahead")}
     # the same random batch for both; no padding, so the dense model runs SDPA with is_causal (its fastest path)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, dense.config.vocab_size, (args.batch_size, args.seq_len), generator=g).to(args.device)
@@ -118,8 +118,8 @@ def forward_times(args, dense, mod, ids, heldout) -> dict:
     """Forward FLOPs and times: top-k routing on the random batch, causal routing on held-out rows."""
     dev = args.device
     flop = {"dense": flops.forward_flops(dense, args.batch_size, args.seq_len),
-            "mod": flops.forward_flops(mod, args.batch_size, args.seq_len, "topk")}
-    mod.method.routing = "topk"
+            "mod": flops.forward_flops(mod, args.batch_size, args.seq_len, "topk-lookahead")}
+    mod.method.routing = "topk-lookahead"
     topk = interleaved_times({"dense": forward(dense, ids), "mod": forward(mod, ids)}, args.repeats, device=dev,
                              pairs=[("mod", "dense")], budget_s=args.budget)
     # causal routing (evaluation, scoring, generation) decides per token from the text: real held-out rows, the
