@@ -21,6 +21,7 @@ class MethodConfig:
     method: ClassVar[str] = ""
     router_lr: ClassVar[float] = 1e-3  # the trainer's default learning rate for the method's own parameters
     renamed: ClassVar[dict[str, str]] = {}  # old field name -> its name now: saved adapters and config files load
+    flop_fields: ClassVar[tuple[str, ...]] = ()  # fields a FLOP count depends on: `depthmix flops` offers the method
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # types first (a config file can hold anything), then values

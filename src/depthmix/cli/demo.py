@@ -21,6 +21,7 @@ def register(sub) -> None:
 
 
 def run_demo(args) -> int:
+    from ..tuners import DEMO, METHODS
     from ..data.tasks import get_task
     from ..evaluation import routing
     from ..plots import loss_curve
@@ -31,7 +32,7 @@ def run_demo(args) -> int:
     # a loss every 5 steps, but at least 4 points on a short run (one per step when it has fewer than 8)
     steps = -(-len(get_task("pydoc/topics").load("train", max_samples=args.max_train_samples)) // 16) * args.epochs
     logging_steps = max(1, min(5, int(steps) // 4))
-    for method in ("lora", "molex"):
+    for method in ("lora", DEMO):
         run = out / method
         if run.exists():  # the demo owns this folder: start it afresh (also after a demo that was killed)
             shutil.rmtree(run)
@@ -47,13 +48,14 @@ def run_demo(args) -> int:
     pictures = [loss_curve([], out / "loss.png", title="pydoc/topics training loss", curves=histories)]
     from ..train import load_trained
     task = get_task("pydoc/topics")
-    model, tok, _ = load_trained(str(out / "molex"), None, task.head, task.num_labels)
+    model, tok, _ = load_trained(str(out / DEMO), None, task.head, task.num_labels)
     summary = routing.record(model, tok, task, task.load("eval", max_samples=args.max_eval_samples))
-    pictures.append(routing.draw(model, summary, out / "routing.png", title="MoLEx layer choice, pydoc/topics"))
+    pictures.append(routing.draw(model, summary, out / "routing.png",
+                                 title=f"{model.method.routing_title}, pydoc/topics"))
 
     print("\n" + "method".ljust(14) + "accuracy  trainable params  train s")
     for method, s in summaries.items():
-        name = "LoRA" if method == "lora" else "MoLEx + LoRA"
+        name = "LoRA" if method == "lora" else f"{METHODS[DEMO][1].__name__} + LoRA"
         print(f"{name:<14}{s['metrics']['accuracy']:.4f}    {s['trainable_params']:>12,d}  {s['train_seconds']:>7.1f}")
     print(f"\npictures: {', '.join(str(p) for p in pictures if p is not None)}")
     return 0

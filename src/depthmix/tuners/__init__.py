@@ -4,4 +4,6 @@ from .mod import MoD, MoDConfig
 from .mode import MoDE, MoDEConfig
 from .molex import MoLEx, MoLExConfig
 
-__all__ = ["METHODS", "register", "MoLExConfig", "MoDEConfig", "MoDConfig"]
+DEMO = "molex"  # the method `depthmix demo` trains beside LoRA alone, on an encoder's sentence task
+
+__all__ = ["METHODS", "DEMO", "register", "MoLExConfig", "MoDEConfig", "MoDConfig"]

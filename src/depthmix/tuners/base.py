@@ -199,6 +199,12 @@ class Method(nn.Module):
 
     routing_title = ""  # what the routing picture shows
 
+    def flop_report(self, model, dense_flops: int, batch_size: int, seq_len: int, seed: int, trained: bool):
+        """(JSON-ready dict, one line) for `depthmix flops`: the FLOPs of `model` (the DepthMixModel carrying this
+        method) counted on random tokens against the dense model's `dense_flops`, beside the method's own estimate
+        (methods whose config has flop_fields)."""
+        raise NotImplementedError
+
     def summary(self) -> dict:
         """Method-specific summaries a trainer may log (realized capacity, routing counts...)."""
         return {}

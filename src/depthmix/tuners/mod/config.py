@@ -22,6 +22,7 @@ class MoDConfig(MethodConfig):
     """
 
     method = "mod"
+    flop_fields = ("capacity", "layers", "causal", "skip")  # what `depthmix flops` counts depends on
     capacity: float = field(default=0.125, metadata={"help":
         "fraction of each sequence's tokens that a routed block processes, in (0, 1]."})
     layers: str | list[int] = field(default="every_other", metadata={"help":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from ... import flops
 from .config import SKIP
 from .layer import predictor_hidden
 
@@ -51,3 +52,33 @@ def analytic(config, seq_len: int, layers: list[int], capacity: float, num_layer
     return {"dense": int(dense_blocks + head), "mod": int(mod_blocks + extra + head),
             "block_ratio": round(mod_blocks / dense_blocks, 4),
             "ratio": round((mod_blocks + extra + head) / (dense_blocks + head), 4), "k": k, "skip": skip}
+
+
+def report(model, dense_flops: int, batch_size: int, seq_len: int, seed: int, trained: bool) -> tuple[dict, str]:
+    """`depthmix flops` for MoD: top-k and causal forward FLOPs on random tokens against the dense model's, the
+    realized causal capacity and why it differs from the asked one, and the analytic estimate."""
+    method, config = model.method, model.method_config
+    counted = {"dense": dense_flops}
+    for key, routing in (("mod_topk", "topk-lookahead"), ("mod_causal", "causal")):
+        method.reset_stats()
+        counted[key] = flops.forward_flops(model, batch_size, seq_len, routing, seed=seed)
+    realized = method.summary().get("realized_capacity")
+    why = (f"what this adapter's trained {config.causal} lets through on random tokens" if trained else
+           f"what an untrained {config.causal} (seed {seed}) lets through, not a trained router's share; "
+           "pass --adapter for a trained one")
+    shape = model.base_model.config
+    est = analytic(shape, seq_len, method.layers, config.capacity, model.arch.num_layers, shape.vocab_size,
+                   predictor=config.causal == "predictor", skip=config.skip)
+    result = {
+        "capacity": config.capacity, "skip": config.skip,
+        "layers": method.layers, "seq_len": seq_len, "batch_size": batch_size,
+        "counted": counted, "flop_ratio": round(counted["mod_topk"] / counted["dense"], 4),
+        "flop_ratio_causal": round(counted["mod_causal"] / counted["dense"], 4),
+        "realized_capacity_causal": realized, "realized_capacity_note": why, "seed": seed,
+        "analytic_per_sequence": est,
+    }
+    line = (f"dense {counted['dense']:.4e} FLOPs/forward, MoD top-k {counted['mod_topk']:.4e} "
+            f"({result['flop_ratio']:.3f}x; analytic {est['ratio']:.3f}x, blocks only {est['block_ratio']:.3f}x), "
+            f"MoD causal {counted['mod_causal']:.4e} ({result['flop_ratio_causal']:.3f}x at realized capacity "
+            f"{realized}, asked {config.capacity}: {why})")
+    return result, line

@@ -142,6 +142,10 @@ class MoD(Method):
         from .retrofit import retrofit_loss
         return retrofit_loss(model, inputs, self.config.retrofit_loss, progress)
 
+    def flop_report(self, model, dense_flops, batch_size, seq_len, seed, trained):
+        from .flops import report
+        return report(model, dense_flops, batch_size, seq_len, seed, trained)
+
     def reset_stats(self) -> None:
         # per routed unit: processed tokens, valid tokens, correct causal decisions, decisions scored
         device = self.stats.device if hasattr(self, "stats") else None
