@@ -1,8 +1,9 @@
 """A method's knowledge lives in its folder (src/depthmix/tuners/<method>/); the registry (tuners/__init__.py,
 tuners/base.py) and the package's public names (depthmix/__init__.py) list the methods; everything else reaches
 them through the registry (METHODS) and the Method contract. So no other module imports a method's package,
-names its config or Method class, or spells its name in code (a string such as "mod"). A benchmark of one method
-against its baseline is that method's own: bench/<method>.py may name its method, and no other."""
+names its config or Method class, or spells its name in code (a string such as "mod"). A recipe about one method
+(a benchmark of it against its baseline, a command for its studies) is that method's own: bench/<method>.py, or a
+module of bench/ or cli/ that says so with `METHOD = "<method>"`; it may name that method, and no other."""
 import ast
 from pathlib import Path
 
@@ -20,13 +21,18 @@ OTHER_WORDS = {  # strings that are the word, not the method: (file, string) -> 
 }
 
 
-def own_method(rel: str) -> str | None:
+def own_method(rel: str, tree: ast.Module | None = None) -> str | None:
     """The method whose home `rel` is in, if any."""
     parts = rel.split("/")
     if parts[0] == "tuners" and len(parts) > 2 and parts[1] in NAMES:
         return parts[1]
     if parts[0] == "bench" and Path(parts[-1]).stem in NAMES:
         return Path(parts[-1]).stem
+    if parts[0] in ("bench", "cli") and tree is not None:
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["METHOD"] \
+                    and isinstance(node.value, ast.Constant) and node.value.value in NAMES:
+                return node.value.value
     return None
 
 
@@ -64,8 +70,8 @@ def modules():
 
 @pytest.mark.parametrize("rel", list(modules()))
 def test_only_a_methods_home_names_it(rel):
-    own = own_method(rel)
     tree = ast.parse((SRC / rel).read_text())
+    own = own_method(rel, tree)
     bad = [f"{rel}:{line}: {how}" for line, method, how in named_methods(rel, tree) if method != own]
     assert bad == []
 
@@ -80,3 +86,5 @@ def test_the_rule_sees_what_it_forbids():
     assert len(found) == 6, found
     assert own_method(f"tuners/{method}/model.py") == own_method(f"bench/{method}.py") == method
     assert own_method("bench/common.py") is None
+    declared = ast.parse(f"METHOD = {method!r}\n")
+    assert own_method("cli/x.py", declared) == method and own_method("train/x.py", declared) is None

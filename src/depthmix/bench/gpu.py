@@ -20,6 +20,8 @@ import torch
 
 from .common import DTYPES
 
+METHOD = "mod"  # the method whose benchmarks this runs
+
 
 def add_args(p) -> None:
     p.add_argument("--out", required=True, help="folder the JSON files (and the latency PNGs) are written to")

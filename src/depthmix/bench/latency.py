@@ -25,6 +25,8 @@ from ..tuners import MoDConfig
 from ..tuners.mod.flops import analytic, block_shape
 from .common import DTYPES, add_dtype_arg, add_timing_args, interleaved_times, peak_memory
 from .mod import step_seconds
+
+METHOD = "mod"  # the method this benchmark measures
 MOD_FLAGS = ("capacity", "layers", "skip")  # MoDConfig fields from flags (update is "retrofit": a pretrained model)
 
 

@@ -17,6 +17,8 @@ from ..flags import add_dataclass_flags, pick
 from ..tuners import MoDConfig
 from .latency import MOD_FLAGS
 
+METHOD = "mod"  # the method this benchmark measures
+
 
 def add_args(p) -> None:
     p.add_argument("--hidden", type=int, default=72, help="hidden size of the SmolLM2-shaped model (576 is the "

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from ..flags import at_least
 
+METHOD = "mod"  # the method whose retrofit baseline this command makes (tests/test_method_homes.py)
+
 DESCRIPTION = """Removes whole blocks from a causal LM, chosen by ShortGPT's block influence (the blocks that turn
 their input least, measured on calibration text; block 0 always stays), and saves the result as a plain Hugging
 Face checkpoint with its tokenizer: AutoModelForCausalLM.from_pretrained loads it without depthmix. This is the
