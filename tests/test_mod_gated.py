@@ -197,3 +197,25 @@ def test_gated_training_from_the_command_line(model_dir, tmp_path):  # noqa: F81
     assert metrics["options"]["method_config"]["retrofit_loss"] == "both" and metrics["routing"] == "causal"
     saved = json.loads((out / "depthmix_config.json").read_text())
     assert saved["config"]["update"] == "gated" and saved["config"]["skip"] == "sublayers"
+
+
+def test_cached_generate_equals_full_recompute_with_both_sublayers_routed():
+    from conftest import batch
+    model = gated(capacity=0.5, layers=(1, 2, 3), skip="sublayers").eval()
+    x, mask = batch("llama", b=3, s=8)
+    kw = dict(input_ids=x, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        model.method.reset_stats()
+        cached = model.generate(**kw)
+        realized = model.method.summary()
+        assert torch.equal(cached, model.generate(**kw, use_cache=False))
+    assert 0 < realized["realized_capacity"] < 1 and "realized_capacity/2.mlp" in realized
+
+
+def test_analytic_flops_of_both_sublayers_routed():
+    from depthmix.tuners.mod.flops import analytic
+    cfg = tiny("llama").config
+    kw = dict(seq_len=64, layers=[1, 3], capacity=0.5, num_layers=4, vocab=VOCAB, predictor=False)
+    block, both = analytic(cfg, skip="block", **kw), analytic(cfg, skip="sublayers", **kw)
+    router = 2 * 64 * 32 * 2  # one more Linear(d, 1) per routed block, on every token
+    assert both["mod"] - block["mod"] == router and both["dense"] == block["dense"]
