@@ -54,14 +54,20 @@ def test_batch_vote_gate_trains_from_the_balance_loss_only():
 
 
 @pytest.mark.parametrize("family", CAUSAL)
-def test_batch_vote_cached_generate_equals_recompute(family):
+def test_batch_vote_in_generate_is_the_prompts_cached_or_not(family):
+    """In generate() the batch votes over its prompt (padding included) and the choice holds, so cached decoding
+    and a full recompute agree; a plain forward over prompt and answer votes over every position."""
     dm = public(family, granularity="batch", gate_grad="frozen")
     ids, mask = batch(family, b=3, s=7)
-    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    dm.method.recording = True
     with torch.no_grad():
         cached = dm.generate(input_ids=ids, attention_mask=mask, **kw)
+        prompt_votes = dm.method.counts.clone()
+        dm.method.reset_stats()
         full = dm.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kw)
     assert torch.equal(cached, full)
+    assert torch.equal(dm.method.counts.argmax(1), prompt_votes.argmax(1))  # the same expert at every layer
 
 
 def test_cosine_gate_learns_and_round_trips(family, tmp_path):

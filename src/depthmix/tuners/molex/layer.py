@@ -41,12 +41,12 @@ def route(logits: torch.Tensor, units: torch.Tensor, granularity: str):
     logits: [B, S, T] float32 gate logits; units: [B, S] bool, the tokens that decide (valid, and for causal
     LMs in sequence routing, the prompt). Returns (choice, factor, probs) with choice [B] or [B, S]; factor is
     p_j / stopgrad(p_j): exactly 1 in the forward pass, the gate's gradient path in the backward pass.
-    "batch" (the public code): the most frequent top-1 choice over every position of the batch, `units` ignored
+    "batch" (the public code): the most frequent top-1 choice over the positions `units` marks, of every row
     (padding votes too); choice [B] (all equal), factor None, probs per token.
     """
     if granularity == "batch":
         probs = logits.softmax(-1)
-        vote = torch.mode(probs.argmax(-1).flatten()).values
+        vote = torch.mode(probs.argmax(-1)[units]).values
         return vote.expand(logits.shape[0]), None, probs
     if granularity == "sequence":
         w = units.to(logits.dtype).unsqueeze(-1)

@@ -146,6 +146,9 @@ class MoLEx(Method):
         if self.pairs is not None:
             shape = units.shape if granularity == "token" else units.shape[:1]
             return torch.full(shape, self.pairs[i], dtype=torch.long, device=z.device), None
+        if granularity == "batch":  # every position votes; in generate() the prompt's, whether cached or not
+            marks = self.prompt_marks(z) if self._generate_prompt is not None else None
+            units = torch.ones_like(units) if marks is None else marks.to(units.device)
         choice, factor, probs = route(self.gate(i)(z.float()), units, granularity)
         if self.config.gate_grad != "straight_through":  # the gate learns from the balance loss alone, or not
             factor = None
