@@ -13,24 +13,24 @@ torch.set_num_threads(2)
 VOCAB = 64
 
 
-def tiny(family: str, layers: int = 4, seed: int = 0):
+def tiny(family: str, layers: int = 4, seed: int = 0, vocab: int = VOCAB):
     """A tiny randomly initialised model of a family, in eval mode, built from a config (no download)."""
     torch.manual_seed(seed)
     if family == "llama":
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
         model = LlamaForCausalLM(cfg)
     elif family == "gpt2":
-        cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=128,
+        cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=128,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
         model = GPT2LMHeadModel(cfg)
     elif family == "bert":
-        cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+        cfg = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                          intermediate_size=64, max_position_embeddings=128, num_labels=3)
         model = BertForSequenceClassification(cfg)
     elif family == "roberta":
-        cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+        cfg = RobertaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                             intermediate_size=64, max_position_embeddings=130, num_labels=2, pad_token_id=1)
         model = RobertaForSequenceClassification(cfg)
     else:

@@ -6,6 +6,7 @@ from conftest import tiny
 from depthmix.cli.main import main
 
 
+@pytest.mark.slow
 def test_bench_molex_prints_ratios_last(tmp_path, capsys):
     tiny("llama").save_pretrained(tmp_path / "model")
     assert main(["bench", "molex", "--json", "--model", str(tmp_path / "model"), "--batch-size", "2",
@@ -21,6 +22,7 @@ def test_bench_molex_prints_ratios_last(tmp_path, capsys):
     assert spread["ci95"][0] <= spread["median"] <= spread["ci95"][1] and "rounds" in result["timing"]
 
 
+@pytest.mark.slow
 def test_bench_mode_prints_ratios_last(tmp_path, capsys):
     tiny("llama").save_pretrained(tmp_path / "model")
     assert main(["bench", "mode", "--json", "--model", str(tmp_path / "model"), "--batch-size", "2",
@@ -78,6 +80,7 @@ def test_a_round_whose_timed_difference_is_not_positive_measures_nothing():
                           pairs=[(lambda rnd: -1.0, "a")])
 
 
+@pytest.mark.slow
 def test_bench_mod_prints_ratios_last_with_causal_forward(tmp_path, capsys):
     from depthmix.models import load_tokenizer
     tok = load_tokenizer("smollm2-135m")

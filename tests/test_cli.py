@@ -23,6 +23,7 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_adapter_metrics_and_pictures(trained):
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["method"] == "molex" and metrics["train_steps"] == 4
@@ -34,6 +35,7 @@ def test_train_writes_adapter_metrics_and_pictures(trained):
     assert (trained / "checkpoint-4" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_eval_and_routing_plot(trained, capsys):
     assert run("eval", "--adapter", trained, "--max-eval-samples", 40) == 0
     again = json.loads((trained / "eval-pydoc_topics.json").read_text())["metrics"]
@@ -44,6 +46,7 @@ def test_eval_and_routing_plot(trained, capsys):
     assert (trained / "routing-pydoc_topics.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_last_checkpoint(trained, tmp_path):
     killed = tmp_path / "killed"  # the run as if killed after its last checkpoint (a finished run is not resumed)
     shutil.copytree(trained, killed, ignore=lambda d, names: [] if Path(d) != trained else
@@ -54,6 +57,7 @@ def test_resume_continues_from_the_last_checkpoint(trained, tmp_path):
     assert metrics["train_steps"] == 6 and metrics["options"]["method_config"]["alpha"] == 0.7  # from the record
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_and_names_bad_options(trained, tmp_path, capsys):
     assert run("train", "--output-dir", trained, "--max-steps", 1) == 2
     assert "already holds a trained adapter" in capsys.readouterr().err
@@ -67,6 +71,7 @@ def test_refuses_to_overwrite_and_names_bad_options(trained, tmp_path, capsys):
     assert "unknown option(s) ['learning_rate']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_prints_both_methods_and_draws(tmp_path, capsys):
     assert run("demo", "--output-dir", tmp_path, "--max-train-samples", 32, "--max-eval-samples", 32,
                "--epochs", 1) == 0

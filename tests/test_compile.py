@@ -6,6 +6,8 @@ from peft import LoraConfig
 import depthmix
 from conftest import LORA_TARGETS, batch, method_config, method_names, tiny
 
+pytestmark = pytest.mark.slow
+
 
 def build(name):
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS["llama"])

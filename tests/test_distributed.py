@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 import dist_methods
 from conftest import method_names
 
+pytestmark = pytest.mark.distributed
+
 HERE = Path(__file__).parent
 METHODS = [*method_names(lora=False, variants=True), "molex" + dist_methods.CHECKPOINTED]
 LIMIT = 240

@@ -1,5 +1,6 @@
 """The README and the docs say what is true: their Python snippets run, their links stay in the repository, the
 test command is the one CI runs; and the user-facing messages the README promises."""
+import os
 import re
 import shlex
 import subprocess
@@ -11,6 +12,7 @@ import torch
 from peft import LoraConfig
 
 import depthmix
+from conftest import VOCAB, batch, shared_data, tiny
 from depthmix.cli.main import main
 from depthmix.models import EMBEDDED, is_installed, load_model
 
@@ -38,31 +40,98 @@ def test_readme_has_runnable_python():
 RUNNABLE = [i for i, (marks, _) in enumerate(SNIPPETS) if FRAGMENT not in marks]
 
 
-@pytest.mark.parametrize("i", [i for i in range(len(SNIPPETS)) if i not in RUNNABLE])
-def test_readme_python_fragment_is_valid_python(i):
-    """A fragment needs the reader's own model and data, so it is not run; it must still parse."""
-    compile(SNIPPETS[i][1], f"README.md python fragment {i}", "exec")
+PRINTED = re.compile(r"^print\((.+?)\)\s+# (.+)$", re.M)  # print(expr)   # what it prints
+SAVED = re.compile(r"^(\w+)\.save_pretrained\(", re.M)
+RELOADED = re.compile(r"^(\w+) = depthmix\.DepthMixModel\.from_pretrained\(.*# same outputs, bit for bit", re.M)
 
 
+@pytest.mark.slow
 @needs_minilm
 @pytest.mark.parametrize("i", RUNNABLE)
-def test_readme_python_snippet_runs(i, tmp_path, monkeypatch):
+def test_readme_python_snippet_runs_and_does_what_its_comments_say(i, tmp_path, monkeypatch):
+    """Each `print(x)  # value` prints that value, and a model reloaded "bit for bit" gives the saved model's
+    outputs exactly."""
     code = SNIPPETS[i][1]
     monkeypatch.chdir(tmp_path)  # snippets write under out/
-    namespace: dict = {"__name__": "__readme__"}
-    exec(compile(code, f"README.md python snippet {i}", "exec"), namespace)
-
-
-@needs_minilm
-def test_notebook_snippet_saves_and_reloads_exactly(tmp_path, monkeypatch):
-    """The first runnable snippet is the notebook one: the model it reloads gives the same outputs."""
-    monkeypatch.chdir(tmp_path)
-    code = next(code for marks, code in SNIPPETS if FRAGMENT not in marks)
-    ns: dict = {}
-    exec(compile(code, "README.md notebook snippet", "exec"), ns)
-    batch = ns["tok"](["a fine film", "a dull one"], padding=True, return_tensors="pt")
+    ns: dict = {"__name__": "__readme__"}
+    exec(compile(code, f"README.md python snippet {i}", "exec"), ns)
+    promises = PRINTED.findall(code)
     with torch.no_grad():
-        torch.testing.assert_close(ns["model"](**batch).logits, ns["again"](**batch).logits, rtol=0, atol=0)
+        for expr, want in promises:
+            assert str(eval(expr, ns)) == want, expr
+        for saved, again in zip(SAVED.findall(code), RELOADED.findall(code)):
+            batch = ns["batch"]
+            torch.testing.assert_close(ns[again](**batch).logits, ns[saved](**batch).logits, rtol=0, atol=0)
+            promises.append(again)
+    assert promises, "a runnable snippet promises nothing checkable"
+    assert ("bit for bit" in code) == bool(RELOADED.findall(code))  # the reload promise is the one checked
+
+
+def tiny_lm(ns):
+    ns["model"] = ns["base_lm"] = tiny("llama")
+    ns["ids"] = batch("llama")[0]
+
+
+def _molex_prompt(ns):
+    ns["model"] = depthmix.apply(tiny("llama"), depthmix.MoLExConfig())
+    ns["ids"], ns["attention_mask"] = batch("llama", s=20)
+
+
+def _molex_prompt_decides(ns):
+    """Changing the tokens after the prompt leaves the logits of the prompt's positions (and so the experts) as
+    they were: the prompt decides."""
+    ids, mask, prompt = ns["ids"], ns["attention_mask"], ns["prompt_mask"]
+    assert ns["logits"].shape == (*ids.shape, VOCAB) and (prompt.sum(-1) == 12).all()
+    later = mask.bool() & ~prompt
+    changed = ids.masked_fill(later, 5)
+    with torch.no_grad():
+        again = ns["model"](input_ids=changed, attention_mask=mask, prompt_mask=prompt).logits
+    assert torch.equal(again[prompt], ns["logits"][prompt]) and not torch.equal(again[later], ns["logits"][later])
+
+
+def _mode_weights(ns):
+    weights = ns["model"].method.mean_weights()
+    assert len(weights) == 3 and abs(sum(weights) - 1) < 1e-5 and weights[-1] > 0.9  # init_final_weight 0.98
+
+
+def _mod_causal(ns):
+    mod, ids = ns["mod"], ns["ids"]
+    assert ns["loss"].ndim == 0 and torch.isfinite(ns["loss"])
+    changed = ids.clone()
+    changed[:, -1] = 5
+    with torch.no_grad():
+        assert torch.equal(mod(input_ids=changed).logits[:, :-1], mod(input_ids=ids).logits[:, :-1])
+    assert "realized_capacity" in mod.method.summary()
+
+
+def _task_setup(ns):
+    from depthmix.models import load_tokenizer
+    ns["tokenizer"] = load_tokenizer("smollm2-135m")
+    ns["model"] = tiny("llama", vocab=len(ns["tokenizer"]))
+    os.chdir(shared_data().parent)  # data_dir="data"
+
+
+def _task_metrics(ns):
+    assert ns["task"].scorer == "choice" and len(ns["rows"]) == 200
+    assert {"accuracy", "accuracy_norm"} <= set(ns["metrics"]) and 0 <= ns["metrics"]["accuracy"] <= 1
+
+
+# a fragment needs the reader's own model and data: here tiny stand-ins (setup), then what it promises (check)
+FRAGMENTS = {"prompt_mask": (_molex_prompt, _molex_prompt_decides), "MoDEConfig": (tiny_lm, _mode_weights),
+             "MoDConfig": (tiny_lm, _mod_causal), "get_task": (_task_setup, _task_metrics)}
+
+
+@pytest.mark.parametrize("i", [i for i in range(len(SNIPPETS)) if i not in RUNNABLE])
+def test_readme_python_fragment_does_what_it_says_on_tiny_stand_ins(i, tmp_path, monkeypatch):
+    code = SNIPPETS[i][1]
+    key = next((k for k in FRAGMENTS if k in code), None)
+    assert key is not None, f"README python fragment {i} has no stand-ins and no check in FRAGMENTS:\n{code}"
+    monkeypatch.chdir(tmp_path)
+    setup, check = FRAGMENTS[key]
+    ns: dict = {"depthmix": depthmix, "LoraConfig": LoraConfig, "torch": torch}
+    setup(ns)
+    exec(compile(code, f"README.md python fragment {i}", "exec"), ns)
+    check(ns)
 
 
 def test_readme_starts_with_install_and_test_commands_and_ci_runs_the_same():
@@ -80,6 +149,7 @@ def test_readme_starts_with_install_and_test_commands_and_ci_runs_the_same():
     assert ci[-1] == test_cmd
 
 
+@pytest.mark.slow
 def test_readme_test_command_prints_a_count(tmp_path):
     """pytest's addopts plus the README's flags must leave the pass/fail count line (-qq hides it)."""
     test_cmd = [ln for ln in FENCE.search(README.read_text()).group(3).splitlines()
@@ -176,6 +246,7 @@ def pydoc_adapter(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 @needs_minilm
 def test_loading_an_adapter_hides_the_newly_initialized_report(pydoc_adapter, capfd, caplog):
     from depthmix.train import load_trained
@@ -195,6 +266,7 @@ def test_loading_an_adapter_hides_the_newly_initialized_report(pydoc_adapter, ca
     assert "newly initialized" in shown()
 
 
+@pytest.mark.slow
 @needs_minilm
 def test_eval_prints_where_it_wrote_and_the_example_count(pydoc_adapter, tmp_path, capsys):
     out = tmp_path / "eval.json"

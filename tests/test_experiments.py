@@ -11,6 +11,8 @@ import pytest
 
 from conftest import shared_data
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1] / "experiments"
 
 

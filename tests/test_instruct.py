@@ -59,6 +59,7 @@ def choice_rec(answer="answer2"):
 
 
 # -- masking and padding ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_prompt_is_masked_out_of_the_loss_and_padding_too(tmp_path, tok):
     write(tmp_path, "gsm8k/train.jsonl", GSM)
     task = get_task("gsm8k")
@@ -101,6 +102,7 @@ def test_numeric_tolerance():
     assert metrics.is_correct("C", "C", True) and not metrics.is_correct("A", "C", True)
 
 
+@pytest.mark.slow
 def test_arithmetic_accuracy_from_generated_text(tmp_path, tok, monkeypatch):
     write(tmp_path, "reasoning/SVAMP_test.json", [{"instruction": f"q{i}", "input": "", "output": "",
                                                    "answer": a} for i, a in enumerate(["8.0", "3", "1000"])])
@@ -127,6 +129,7 @@ class Prefers(nn.Module):
         return self.model.get_output_embeddings()
 
 
+@pytest.mark.slow
 def test_loglik_multiple_choice_picks_the_option_the_model_prefers(tmp_path, tok, lm):
     write(tmp_path, "reasoning/ARC-Easy_test.json", [choice_rec("answer3"), choice_rec("answer1")])
     task = get_task("arc-easy")
@@ -141,6 +144,7 @@ def test_loglik_multiple_choice_picks_the_option_the_model_prefers(tmp_path, tok
     assert text["accuracy"] == 0.0  # "fire" is answer2, the right answer of neither row
 
 
+@pytest.mark.slow
 def test_loglik_is_independent_of_padding_and_matches_a_plain_forward(tok, lm):
     long = "### Instruction:\nA long question about several apples and pears?\n\n### Response:\n"
     prompts = [long, "Hi", long]  # the options of the first question share a forward pass: last token differs
@@ -155,6 +159,7 @@ def test_loglik_is_independent_of_padding_and_matches_a_plain_forward(tok, lm):
         assert n == len(ids_c) and total == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_batched_greedy_generation_matches_one_at_a_time(tok, lm):
     prompts = ["Below is a long instruction with many words in it, to pad the other one.", "Short"]
     together = generate(lm, tok, prompts, batch_size=2, max_new_tokens=4, progress=False)
@@ -162,6 +167,7 @@ def test_batched_greedy_generation_matches_one_at_a_time(tok, lm):
     assert together == alone
 
 
+@pytest.mark.slow
 def test_generate_mode_extracts_the_first_label(tmp_path, tok, monkeypatch):
     write(tmp_path, "reasoning/boolq_test.json", [
         {"instruction": f"Please answer the following question with true or false, question: q{i}?\n\n"
@@ -196,6 +202,7 @@ def test_e2e_groups_references_per_meaning_representation(tmp_path):
     assert "### Input:\nname[A], food[Thai]" in rows[0]["prompt"]
 
 
+@pytest.mark.slow
 def test_perplexity_is_exp_of_the_mean_token_nll(tok, lm):
     task = get_task("lm/pydoc")
     rows = task.load("eval", max_samples=2)
@@ -277,6 +284,7 @@ def test_shared_data_loads():
 
 
 # -- command line -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_and_eval_from_the_command_line(tmp_path, tok, lm):
     from depthmix.cli.main import main
     model_dir = tmp_path / "tiny"
@@ -323,6 +331,7 @@ def test_a_max_length_that_drops_every_example_is_refused_before_the_model_loads
     assert not any((tmp_path / "run" / f).exists() for f in ("adapter_model.safetensors", "metrics.json"))
 
 
+@pytest.mark.slow
 def test_mode_routing_weights_are_drawn_from_the_command_line(tmp_path, tok, lm):
     from depthmix.cli.main import main
     model_dir = tmp_path / "tiny"
@@ -342,6 +351,7 @@ def test_mode_routing_weights_are_drawn_from_the_command_line(tmp_path, tok, lm)
     assert (out / "routing-arc-easy.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_response_nll_is_the_mean_over_response_tokens_of_all_batches(tmp_path, tok, lm):
     import torch.nn.functional as F
     write(tmp_path, "gsm8k/train.jsonl", GSM)

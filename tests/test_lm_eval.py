@@ -10,6 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import depthmix
 from depthmix.evaluation.lm_eval import evaluate
 
+pytestmark = pytest.mark.slow
+
 DOCS = [{"question": "The sky is", "choices": ["blue", "green", "made of cheese"], "label": 0, "answer": "blue"},
         {"question": "Two plus two is", "choices": ["four", "five"], "label": 0, "answer": "four"},
         {"question": "Fire is", "choices": ["cold", "hot"], "label": 1, "answer": "hot"}]

@@ -233,6 +233,7 @@ def check_leak_would_show(refs: dict) -> None:
         assert max(abs(a - b) for a, b in zip(refs["context"], refs[other])) > 1e-3, other
 
 
+@pytest.mark.slow
 def test_multiple_choice_loglik_decides_on_the_prompt(tok):
     from depthmix.data.instruct.common import pair_ids
     from depthmix.evaluation.loglik import loglik
@@ -246,6 +247,7 @@ def test_multiple_choice_loglik_decides_on_the_prompt(tok):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_lm_eval_loglikelihood_decides_on_the_context(tok):
     from lm_eval.api.instance import Instance
 

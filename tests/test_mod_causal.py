@@ -142,6 +142,7 @@ def test_one_token_prompt_decodes_through_every_routed_block(family):
     torch.testing.assert_close(out.logits[0], dense, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_depthmix_eval_records_the_routing(family, tmp_path, monkeypatch):
     tok = load_tokenizer("smollm2-135m")
     model = tiny(family)
@@ -157,6 +158,7 @@ def test_depthmix_eval_records_the_routing(family, tmp_path, monkeypatch):
         assert record["routing"] == want and record["metrics"]["tokens"] > 0
 
 
+@pytest.mark.slow
 def test_lm_eval_output_records_the_routing(family, tmp_path, monkeypatch):
     dm = mod(family)
     seen = {}

@@ -109,6 +109,7 @@ def model_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_train_retrofit_distill_from_the_command_line(model_dir, tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--method", "mod", "--update", "retrofit", "--retrofit-loss", "distill", "--no-lora",

@@ -93,6 +93,7 @@ def test_the_new_flags_are_in_train_help_and_the_old_ones_are_refused(capsys, tm
         assert old in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_run_recorded_with_the_old_name_resumes_under_the_new_one(tmp_path):
     old = {"method": "molex", "model": "minilm-l6", "method_config": {"alpha": 0.7, "routing": "token"}}
     (tmp_path / RUN_NAME).write_text(json.dumps({"options": old}))

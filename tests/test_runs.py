@@ -53,6 +53,7 @@ def interrupted(finished, tmp_path):
 
 
 # -- one folder, one run -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_finished_run_holds_no_lock_and_records_its_options(finished):
     assert not (finished / LOCK_NAME).exists()
     options = json.loads((finished / "run_options.json").read_text())["options"]
@@ -111,6 +112,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_and_released_on_error(tmp_
 
 
 # -- resume ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_into_a_finished_run_is_refused_and_changes_nothing(finished, capsys):
     before = snapshot(finished)
     code, err = run(capsys, "train", "--output-dir", finished, "--resume", "--max-steps", 2)
@@ -119,6 +121,7 @@ def test_resume_into_a_finished_run_is_refused_and_changes_nothing(finished, cap
     assert snapshot(finished) == before
 
 
+@pytest.mark.slow
 def test_a_new_run_into_an_unfinished_runs_folder_is_refused(interrupted, capsys):
     before = snapshot(interrupted)
     code, err = run(capsys, "train", *SMALL, "--output-dir", interrupted)
@@ -128,6 +131,7 @@ def test_a_new_run_into_an_unfinished_runs_folder_is_refused(interrupted, capsys
     assert snapshot(interrupted) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, says", [
     (("--alpha", 0.3), "molex option alpha was 0.7, now 0.3"),
     (("--lora-r", 4), "lora_r was 8, now 4"),
@@ -141,6 +145,7 @@ def test_resume_with_another_option_is_refused_naming_both_values(interrupted, c
     assert snapshot(interrupted) == before
 
 
+@pytest.mark.slow
 def test_resume_skips_a_broken_checkpoint_and_resumes_from_the_newest_intact_one(interrupted, capsys):
     weights = interrupted / "checkpoint-2" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])  # a save cut short
@@ -153,6 +158,7 @@ def test_resume_skips_a_broken_checkpoint_and_resumes_from_the_newest_intact_one
     assert metrics["train_steps"] == 2 and metrics["options"]["method_config"]["alpha"] == 0.7
 
 
+@pytest.mark.slow
 def test_what_makes_a_checkpoint_unusable(finished, tmp_path):
     good = finished / "checkpoint-2"
     assert checkpoint_problem(good) is None
@@ -172,6 +178,7 @@ def test_what_makes_a_checkpoint_unusable(finished, tmp_path):
         "depthmix_config.json: file not found"
 
 
+@pytest.mark.slow
 def test_resume_with_no_intact_checkpoint_lists_why(interrupted, capsys):
     for name in ("checkpoint-1", "checkpoint-2"):
         (interrupted / name / "trainer_state.json").unlink()
@@ -309,6 +316,7 @@ with open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".txt"), "w") 
 """
 
 
+@pytest.mark.distributed
 def test_under_torchrun_every_rank_stops_when_the_folder_is_held(tmp_path):
     """Only the main process takes the lock; the others learn its refusal from it instead of training alone
     (and hanging at their first collective)."""
@@ -334,6 +342,7 @@ def test_under_torchrun_every_rank_stops_when_the_folder_is_held(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, says", [
     (("--max-eval-samples", 0), "--max-eval-samples 0: expected an integer >= 1"),
     (("--batch-size", -1), "--batch-size -1: expected an integer >= 1"),
