@@ -143,6 +143,7 @@ def test_bench_latency_refuses_bad_sizes(capsys):
         shapes("2x")
 
 
+@pytest.mark.slow
 def test_bench_gpu_runs_every_bench_on_the_cpu(tmp_path, capsys):
     # the accelerator script with the device as the only difference: tiny sizes on the CPU
     from depthmix.models import load_tokenizer

@@ -113,6 +113,7 @@ def logged():
     logger.removeHandler(handler)
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_interrupted_and_how_to_resume_without_a_traceback(tmp_path, capfd, logged, interrupt_at_step_2):
     from depthmix.train.runs import checkpoint_problem
     out = tmp_path / "run"
@@ -127,6 +128,7 @@ def test_ctrl_c_says_interrupted_and_how_to_resume_without_a_traceback(tmp_path,
     assert not any("LOAD REPORT" in m for m in logged) and "[WARNING]" not in stdout + err
 
 
+@pytest.mark.slow
 def test_with_v_the_libraries_reports_and_the_traceback_show(tmp_path, logged, interrupt_at_step_2):
     with pytest.raises(KeyboardInterrupt):
         main([str(a) for a in ("train", *SMALL, "--max-steps", 4, "--save-steps", 1, "-v",
@@ -134,6 +136,7 @@ def test_with_v_the_libraries_reports_and_the_traceback_show(tmp_path, logged, i
     assert any("LOAD REPORT" in m for m in logged)
 
 
+@pytest.mark.slow
 def test_deepspeed_warnings_only_with_v(tmp_path):
     code = ("import sys\nfrom depthmix.cli.main import quiet_libraries\nimport contextlib\n"
             "with quiet_libraries() if sys.argv[1] == 'quiet' else contextlib.nullcontext():\n"
@@ -146,6 +149,7 @@ def test_deepspeed_warnings_only_with_v(tmp_path):
     assert "Setting accelerator to CPU" not in said["quiet"].stdout + said["quiet"].stderr
 
 
+@pytest.mark.slow
 @needs_unshare
 def test_a_full_disk_names_the_folder_and_keeps_the_saved_checkpoint(tmp_path):
     """A 3 MB tmpfs: checkpoint-1 fits, checkpoint-2 does not (torch.save says only "unexpected pos")."""
@@ -290,6 +294,7 @@ def edited_copy(run_dir: Path, to: Path, name: str, edit) -> Path:
     return moved
 
 
+@pytest.mark.slow
 def test_train_prints_the_examples_evaluated_and_where_the_adapter_went(sst2):
     out, printed = sst2
     assert printed.strip().splitlines()[-1] == f"glue/sst2: 8 examples evaluated; adapter and metrics.json in {out}"
@@ -298,6 +303,7 @@ def test_train_prints_the_examples_evaluated_and_where_the_adapter_went(sst2):
     assert metrics["examples"] == 8 and metrics["routing"] is None  # MoLEx routes no tokens: null, not "n/a"
 
 
+@pytest.mark.slow
 def test_eval_and_plot_routing_read_the_data_folder_the_run_recorded(sst2, capsys, monkeypatch):
     out, _ = sst2
     monkeypatch.delenv("DEPTHMIX_DATA", raising=False)  # a new shell: only the run's record knows the data
@@ -309,6 +315,7 @@ def test_eval_and_plot_routing_read_the_data_folder_the_run_recorded(sst2, capsy
     assert (out / "routing-glue_sst2.png").exists()
 
 
+@pytest.mark.slow
 def test_eval_offline_without_its_data_folder_fails_in_one_line_naming_the_fix(sst2, tmp_path, capsys, monkeypatch):
     moved = edited_copy(sst2[0], tmp_path, "run_options.json",
                         lambda record: record["options"].update(data_dir=str(tmp_path / "gone")))
@@ -326,6 +333,7 @@ def test_eval_offline_without_its_data_folder_fails_in_one_line_naming_the_fix(s
     assert snapshot(moved) == before
 
 
+@pytest.mark.slow
 def test_eval_of_a_classifier_on_gsm8k_names_the_task_model_mismatch(sst2, capsys):
     out, _ = sst2
     before = snapshot(out)
@@ -338,6 +346,7 @@ def test_eval_of_a_classifier_on_gsm8k_names_the_task_model_mismatch(sst2, capsy
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_eval_output_that_is_a_folder_is_refused_before_loading(sst2, tmp_path, capsys):
     out, _ = sst2
     before = snapshot(out)
@@ -347,6 +356,7 @@ def test_eval_output_that_is_a_folder_is_refused_before_loading(sst2, tmp_path, 
     assert list(tmp_path.iterdir()) == [] and snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_eval_of_an_adapter_whose_base_model_folder_is_gone(sst2, tmp_path, capsys):
     moved = edited_copy(sst2[0], tmp_path, "depthmix_config.json",
                         lambda meta: meta["info"].update(base_model=str(tmp_path / "deleted-model")))
@@ -359,6 +369,7 @@ def test_eval_of_an_adapter_whose_base_model_folder_is_gone(sst2, tmp_path, caps
     assert snapshot(moved) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, says", [
     (b"\x8f\x00binary", "not UTF-8 text"),
     (None, "config"),

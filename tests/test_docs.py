@@ -276,6 +276,7 @@ def test_eval_prints_where_it_wrote_and_the_example_count(pydoc_adapter, tmp_pat
     assert f"6 examples evaluated; wrote {out}" in printed
 
 
+@pytest.mark.slow
 def test_results_docs_render_from_their_json():
     """Every generated block of docs/*.md is what its experiment script prints from docs/results/*.json."""
     docs = "\n".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))

@@ -155,6 +155,7 @@ def test_prompt_mask_is_refused_with_the_wrong_shape():
         dm(input_ids=ids, attention_mask=mask, prompt_mask=mask[:2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_and_uncached_generate_give_the_same_tokens(family):
     # seed 3 and these batches: under an all-tokens vote, uncached steps took other tokens in each family
