@@ -99,6 +99,7 @@ def test_training_forward_is_exact_where_the_gate_keeps_every_token():
     assert model.method.summary()["realized_capacity"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", ["unit", "global"])
 def test_budget_is_respected_after_short_training(budget):
     """Realised capacity under causal (threshold) routing on held-out text within 2 points of the target, after
@@ -185,6 +186,7 @@ def test_saved_gated_adapter_with_lora_gives_the_same_logits(tmp_path):
     assert again.method_config.update == "gated" and again.method.units == model.method.units
 
 
+@pytest.mark.slow
 def test_gated_training_from_the_command_line(model_dir, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     assert main(["train", "--method", "mod", "--update", "gated", "--skip", "sublayers", "--budget", "global",
