@@ -37,7 +37,9 @@ def loss_curve(log_history: list[dict], path, title: str = "training loss", curv
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, pts in points.items():
         if pts:  # markers: a short run logs one or two losses, and a lone point draws no line
-            ax.plot(*zip(*pts), marker="o" if len(pts) <= 50 else None, ms=3, label=label)
+            ax.plot(*zip(*pts), marker="o" if len(pts) <= 50 else None, ms=6 if len(pts) < 5 else 3, label=label)
+    last = max(h["step"] for history in curves.values() for h in history if "step" in h)
+    ax.set_xlim(0, last * 1.03 + 0.5)  # the whole run: a lone point is not the middle of a zoomed-in axis
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
