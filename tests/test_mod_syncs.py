@@ -4,7 +4,7 @@ import torch
 from peft import LoraConfig
 
 import depthmix
-from conftest import LORA_TARGETS, batch, tiny
+from conftest import LORA_TARGETS, VOCAB, batch, tiny
 from syncs import count_syncs
 from test_mod import inputs
 
@@ -35,3 +35,31 @@ def test_causal_routing_at_inference_may_sync():
     ids, mask = batch("llama")
     with torch.no_grad():
         assert count_syncs(lambda: dm(**inputs(ids, mask), use_cache=False))["aten._local_scalar_dense"] > 0
+
+
+@pytest.mark.parametrize("skip", ["block", "attention"])
+def test_a_decoding_step_at_batch_3_reads_nothing_but_its_decisions(skip):
+    """Each routed block reads its rows' decisions once (.tolist(): one device->host copy, which this CPU counter
+    does not see); the KV stores' lengths, the mask and the rows are known on the host, so nothing else syncs."""
+    torch.manual_seed(0)
+    prompt = torch.randint(3, VOCAB, (3, 6))
+    config = depthmix.MoDConfig(capacity=0.5, layers=[1, 3], skip=skip, update="retrofit")
+    dense, dm = tiny("llama"), depthmix.apply(tiny("llama"), config).eval()
+    torch.nn.init.normal_(dm.method.predictors[0][-1].bias, 0.0, 1.0)
+
+    def syncs(model, n):
+        with torch.no_grad():
+            return count_syncs(lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                                      max_new_tokens=n, min_new_tokens=n, pad_token_id=0))
+
+    def step(model):  # one more decoding step
+        more = syncs(model, 5)
+        more.subtract(syncs(model, 4))
+        return more
+
+    dm.method.reset_stats()
+    extra = step(dm)
+    extra.subtract(step(dense))
+    assert +extra == {} and -extra == {}
+    processed, seen = dm.method.stats[:, 0].sum(), dm.method.stats[:, 1].sum()
+    assert 0 < processed < seen  # some rows processed their tokens and some did not

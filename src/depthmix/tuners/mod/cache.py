@@ -23,11 +23,13 @@ class BlockStore(KeptState):
     def __init__(self):
         self.keys = self.values = None
         self.length = None  # [B] long
+        self.host = None  # the same lengths as a list on the host, None while only the device knows them
         self.written = False  # known on the host: an empty store may take a packed first call (PackedView)
 
     def start(self, batch: int, device) -> torch.Tensor:
         if self.length is None:
             self.length = torch.zeros(batch, dtype=torch.long, device=device)
+            self.host = [0] * batch
         if self.length.shape[0] != batch:
             raise RuntimeError(f"MoD KV store holds {self.length.shape[0]} sequences, this step has {batch} "
                                "(the batch changed without the KV cache's reorder or select methods)")
@@ -42,6 +44,7 @@ class BlockStore(KeptState):
             return
         rows = rows.to(self.length.device)
         self.length = self.length.index_select(0, rows)
+        self.host = None  # read again when next needed (beam search: rows known on the device)
         if self.keys is not None:
             self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
 
@@ -50,8 +53,16 @@ class BlockStore(KeptState):
         raise RuntimeError("MoD KV stores cannot take tokens back (assisted or prompt-lookup decoding); "
                            "generate with use_cache=False")
 
-    def view(self, count: torch.Tensor, q: int, rows: torch.Tensor | None = None) -> "StoreView":
-        return StoreView(self, count, q, rows)
+    def lengths(self) -> list[int]:
+        """The row lengths on the host: kept there as the rows grow by counts the host knows (a decoding step's one
+        token per processing row), read from the device (a sync) only after a write whose counts it did not know."""
+        if self.host is None:
+            self.host = self.length.tolist()
+        return self.host
+
+    def view(self, count: torch.Tensor, q: int, rows: torch.Tensor | None = None, added: list[int] | None = None,
+             picked: list[int] | None = None) -> "StoreView":
+        return StoreView(self, count, q, rows, added, picked)
 
     def _ensure(self, like: torch.Tensor, need: int) -> None:
         _, h, _, d = like.shape
@@ -67,15 +78,20 @@ class BlockStore(KeptState):
             values[:, :, :have] = self.values
         self.keys, self.values = keys, values
 
-    def write(self, key: torch.Tensor, value: torch.Tensor, count: torch.Tensor, rows: torch.Tensor | None = None):
+    def write(self, key: torch.Tensor, value: torch.Tensor, count: torch.Tensor, rows: torch.Tensor | None = None,
+              added: list[int] | None = None, picked: list[int] | None = None):
         """Append q new slots to each row at its current length (only the first count[b] are kept) and return the
         keys/values up to the longest row, new slots included. rows: the store rows that key/value [r, H, q, D]
-        belong to (None: every row); the others are left as they are."""
+        belong to (None: every row), `picked` the same on the host; the others are left as they are. added: count
+        on the host where the caller knows it (the host lengths then stay current with no sync)."""
         r, _, q, _ = key.shape
         every = rows is None
+        lengths = self.lengths()
+        if not every and picked is None:
+            picked = rows.tolist()
+        end = max(lengths) + q if every else max(lengths[j] for j in picked) + q
         rows = torch.arange(r, device=key.device) if every else rows
-        start = self.length.index_select(0, rows)
-        end = int((start + q).max())
+        start = self.length if every else self.length.index_select(0, rows)
         self._vdim = value.shape[-1]
         self._ensure(key, end)
         pos = (start.unsqueeze(1) + torch.arange(q, device=key.device)).view(r, 1, q)
@@ -83,6 +99,11 @@ class BlockStore(KeptState):
         self.keys[at, torch.arange(key.shape[1], device=key.device).view(1, -1, 1), pos] = key
         self.values[at, torch.arange(value.shape[1], device=key.device).view(1, -1, 1), pos] = value
         self.length = self.length.index_add(0, rows, count)
+        if added is None:
+            self.host = None
+        else:
+            for j, n in zip(range(r) if every else picked, added):
+                lengths[j] += n
         self.written = True
         if every:
             return self.keys[:, :, :end], self.values[:, :, :end]
@@ -92,14 +113,16 @@ class BlockStore(KeptState):
 class StoreView:
     """Stands in for the HF cache inside one routed block call: the block's attention calls update()."""
 
-    def __init__(self, store: BlockStore, count: torch.Tensor, q: int, rows: torch.Tensor | None = None):
+    def __init__(self, store: BlockStore, count: torch.Tensor, q: int, rows: torch.Tensor | None = None,
+                 added: list[int] | None = None, picked: list[int] | None = None):
         self.store, self.count, self.q, self.rows = store, count, q, rows
+        self.added, self.picked = added, picked
 
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        return self.store.write(key_states, value_states, self.count, self.rows)
+        return self.store.write(key_states, value_states, self.count, self.rows, self.added, self.picked)
 
     def get_seq_length(self, layer_idx=0) -> int:
-        return int(self.store.length.max()) if self.store.length is not None else 0
+        return max(self.store.lengths()) if self.store.length is not None else 0
 
 
 class PackedView:
@@ -111,7 +134,8 @@ class PackedView:
         self.store, self.packed, self.batch = store, packed, batch
 
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        self.store.write(self._rows(key_states), self._rows(value_states), self.packed.counts)
+        self.store.write(self._rows(key_states), self._rows(value_states), self.packed.counts,
+                         added=self.packed.host)
         return key_states, value_states
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:

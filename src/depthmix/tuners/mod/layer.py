@@ -90,6 +90,7 @@ class Packed(NamedTuple):
     rank: torch.Tensor
     counts: torch.Tensor  # [B] selected tokens per row, and the largest of them (a Python int)
     most: int
+    host: list[int]  # counts on the host
 
 
 def pack(sel: torch.Tensor) -> Packed | None:
@@ -118,7 +119,7 @@ def pack(sel: torch.Tensor) -> Packed | None:
     slot = (torch.tensor(group, device=dev) * t + torch.tensor(offset, device=dev))[row] + rank
     idx = torch.zeros(len(fill) * t, dtype=torch.long, device=dev).index_copy(0, slot, flat)
     seg = torch.full((len(fill) * t,), -1, dtype=torch.long, device=dev).index_copy(0, slot, row)
-    return Packed(idx.view(-1, t), seg.view(-1, t), flat, slot, row, rank, counts, max(host))
+    return Packed(idx.view(-1, t), seg.view(-1, t), flat, slot, row, rank, counts, max(host), host)
 
 
 def packed_mask(seg: torch.Tensor, impl: str, dtype):
@@ -150,13 +151,17 @@ def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(1, index)
 
 
-def subset_mask(start: torch.Tensor | None, q: int, kv: int, impl: str, dtype, device):
+def subset_mask(start: torch.Tensor | None, q: int, kv: int, impl: str, dtype, device, host: list[int] | None = None):
     """The attention mask of a routed block's subset: query slot j of row b sits at cache position start[b] + j and
     sees the cache positions up to its own (start None: no cache, start 0). Returns None where the attention
     kernel's own causal rule gives exactly that (SDPA's is_causal for a fresh square block; one query seeing
-    every key)."""
-    same = start is None or start.numel() == 1 or bool((start == start[0]).all())
-    first = start is None or (same and int(start[0]) == 0)
+    every key). host: start as a list, where the caller has it (no device read then)."""
+    if host is not None:
+        same = len(set(host)) <= 1
+        first = same and host[0] == 0
+    else:
+        same = start is None or start.numel() == 1 or bool((start == start[0]).all())
+        first = start is None or (same and int(start[0]) == 0)
     if impl != "eager" and ((first and q == kv) or (q == 1 and same)):
         return None
     base = torch.zeros(1, dtype=torch.long, device=device) if start is None else start

@@ -304,18 +304,20 @@ class MoD(Method):
         if self._keeps_kv(kind):
             store = self._store(cache, i)
             start = store.start(b, x.device)
-        rows = sel[:, 0].nonzero().squeeze(1)  # decoding is inference: this sync is allowed
-        n = rows.numel()
+        # the step's one host read: which rows process their token (the store lengths are known on the host)
+        picked = [j for j, on in enumerate(sel[:, 0].tolist()) if on]
+        n = len(picked)
         if n == 0:
             return self._idle(module, kind, forward, x, named)
-        pick = None if n == b else rows
+        pick = rows = None if n == b else torch.tensor(picked).to(x.device, non_blocking=True)
         kw = take_rows_all(named, pick, b)
         kw.pop("cache_position", None)
         xr = x if pick is None else x.index_select(0, rows)
         if self._keeps_kv(kind):
             begin = start if pick is None else start.index_select(0, rows)
-            kw[CACHE_ARG] = store.view(torch.ones_like(begin), 1, pick)
-            kw["attention_mask"] = subset_mask(begin, 1, int(begin.max()) + 1, attn_impl(module), x.dtype, x.device)
+            host = [store.lengths()[j] for j in picked]
+            kw[CACHE_ARG] = store.view(torch.ones_like(begin), 1, pick, added=[1] * n, picked=picked)
+            kw["attention_mask"] = subset_mask(begin, 1, max(host) + 1, attn_impl(module), x.dtype, x.device, host)
         if r is None:
             r = self.router(i, xr)
         elif pick is not None:
@@ -437,9 +439,9 @@ class MoD(Method):
         if cache is not None:
             store = self._store(cache, i)
             start = store.start(idx.shape[0], idx.device)
-            kv = int((start + top).max())
+            host = list(store.lengths())
             kw[CACHE_ARG] = store.view(count, top)
-            kw["attention_mask"] = subset_mask(start, top, kv, impl, xs.dtype, xs.device)
+            kw["attention_mask"] = subset_mask(start, top, max(host) + top, impl, xs.dtype, xs.device, host)
         else:
             kw["attention_mask"] = subset_mask(None, top, top, impl, xs.dtype, xs.device)
         return kw
