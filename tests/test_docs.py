@@ -121,7 +121,8 @@ FRAGMENTS = {"prompt_mask": (_molex_prompt, _molex_prompt_decides), "MoDEConfig"
              "MoDConfig": (tiny_lm, _mod_causal), "get_task": (_task_setup, _task_metrics)}
 
 
-@pytest.mark.parametrize("i", [i for i in range(len(SNIPPETS)) if i not in RUNNABLE])
+@pytest.mark.parametrize("i", [pytest.param(i, marks=pytest.mark.slow) if "get_task" in SNIPPETS[i][1] else i
+                               for i in range(len(SNIPPETS)) if i not in RUNNABLE])  # real data: slow
 def test_readme_python_fragment_does_what_it_says_on_tiny_stand_ins(i, tmp_path, monkeypatch):
     code = SNIPPETS[i][1]
     key = next((k for k in FRAGMENTS if k in code), None)
