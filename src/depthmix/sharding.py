@@ -29,7 +29,7 @@ def must_call(modules) -> bool:
     return distributed() and any(is_sharded(m) for m in modules)
 
 
-class _Keep(torch.autograd.Function):
+class _Attach(torch.autograd.Function):
     """x as it is; in the backward pass a zero gradient for each spare output, so autograd still runs through the
     modules that made them."""
 
@@ -43,8 +43,8 @@ class _Keep(torch.autograd.Function):
         return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.spare))
 
 
-def keep(x: torch.Tensor, spare: list[torch.Tensor]) -> torch.Tensor:
+def attach_spares(x: torch.Tensor, spare: list[torch.Tensor]) -> torch.Tensor:
     """x, with the spare outputs attached to its autograd graph (where there is one)."""
     if not spare or not torch.is_grad_enabled() or not any(s.requires_grad for s in spare):
         return x
-    return _Keep.apply(x, *spare)
+    return _Attach.apply(x, *spare)

@@ -36,10 +36,10 @@ def temperature(config, progress: float) -> float:
     return config.gate_temperature + p * (config.gate_temperature_end - config.gate_temperature)
 
 
-def gate_values(config, r: torch.Tensor, progress: float, keep: torch.Tensor | None):
+def gate_values(config, r: torch.Tensor, progress: float, first: torch.Tensor | None):
     """(z, hard) of router scores r [B, S]: hard [B, S] bool, the kept tokens; z = hard + s - stopgrad(s), equal
     to hard in the forward pass, with the gradient of s = sigmoid(score / T). "sigmoid": score = r; "gumbel":
-    score = r + L, L logistic noise (the binary Gumbel-softmax). Tokens in `keep` (the attention sink) are always
+    score = r + L, L logistic noise (the binary Gumbel-softmax). Tokens in `first` (the attention sink) are always
     kept, and their z carries no gradient."""
     score = r
     if config.hard_gate == "gumbel":
@@ -48,9 +48,9 @@ def gate_values(config, r: torch.Tensor, progress: float, keep: torch.Tensor | N
     hard = score > 0
     s = torch.sigmoid(score / temperature(config, progress))
     z = hard.to(s.dtype) + s - s.detach()
-    if keep is not None:
-        hard = hard | keep
-        z = torch.where(keep, torch.ones_like(z), z)
+    if first is not None:
+        hard = hard | first
+        z = torch.where(first, torch.ones_like(z), z)
     return z, hard
 
 

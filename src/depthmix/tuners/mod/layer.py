@@ -28,23 +28,25 @@ def first_real(valid: torch.Tensor) -> torch.Tensor:
     return valid & (valid.cumsum(1) == 1)
 
 
-def topk_slots(scores: torch.Tensor, valid: torch.Tensor, capacity: float, keep: torch.Tensor | None = None):
+def topk_slots(scores: torch.Tensor, valid: torch.Tensor, capacity: float, first: torch.Tensor | None = None):
     """Top-k routing with static shapes (no device->host sync): K = ceil(capacity * S) slots per row, S the padded
     length (a Python int), whatever the rows' real lengths.
 
-    Returns idx [B, K], count [B] and K, as slots() does: slot j < count[b] holds the j-th selected position of row
-    b in increasing (causal) order, and the remaining slots hold unselected positions, after every selected one.
+    Returns idx [B, K], count [B] and K, as selected_slots() does: slot j < count[b] holds the j-th selected
+    position of row b in increasing (causal) order, and the remaining slots hold unselected positions, after every
+    selected one.
     Row b selects its own k = ceil(capacity * its real length) best tokens, padding never (it scores -inf); tokens
-    in `keep` [B, S] always win one of the k slots; equal scores go to the earlier position (a stable sort:
-    torch.topk leaves ties to the kernel, and on CPU it dropped the earliest ones)."""
+    in `first` [B, S] (the first real tokens, where MoDConfig.keeps_first) always win one of the k slots; equal
+    scores go to the earlier position (a stable sort: torch.topk leaves ties to the kernel, and on CPU it dropped
+    the earliest ones)."""
     b, s = valid.shape
     top = max(1, math.ceil(s * capacity - 1e-9)) if s else 0
     count = capacity_k(valid, capacity)
     if top == 0:
         return None, count, 0
     scores = scores.masked_fill(~valid, float("-inf"))
-    if keep is not None:
-        scores = scores.masked_fill(keep, float("inf"))
+    if first is not None:
+        scores = scores.masked_fill(first, float("inf"))
     best = scores.sort(dim=1, descending=True, stable=True).indices[:, :top]
     chosen = torch.arange(top, device=valid.device) < count.unsqueeze(1)
     order = torch.where(chosen, best, best + s).sort(dim=1).indices  # selected first, each part by position
@@ -52,9 +54,9 @@ def topk_slots(scores: torch.Tensor, valid: torch.Tensor, capacity: float, keep:
 
 
 def topk_membership(scores: torch.Tensor, valid: torch.Tensor, capacity: float,
-                    keep: torch.Tensor | None = None) -> torch.Tensor:
+                    first: torch.Tensor | None = None) -> torch.Tensor:
     """[B, S] bool: the tokens topk_slots selects."""
-    idx, count, top = topk_slots(scores, valid, capacity, keep)
+    idx, count, top = topk_slots(scores, valid, capacity, first)
     return membership(idx, count, top, valid)
 
 
@@ -66,7 +68,7 @@ def membership(idx, count, top, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros(like.shape[:2], dtype=torch.bool, device=like.device).scatter(1, idx, take)
 
 
-def slots(sel: torch.Tensor):
+def selected_slots(sel: torch.Tensor):
     """Selected positions packed to the front of each row, in increasing (causal) order.
 
     Returns idx [B, K] (a prefix of a stable permutation, so positions are distinct), count [B] (slots < count

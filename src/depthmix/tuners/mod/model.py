@@ -3,6 +3,8 @@ block."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -10,17 +12,33 @@ from torch import nn
 
 from ...blocks import CACHE_ARG, take_rows_all
 from ...config import ConfigError, pick_layers
-from ...sharding import keep, must_call
+from ...sharding import attach_spares, must_call
 from ..base import Method, float32_linear
 from .cache import KEY, PackedView, store_for
 from .gate import budget_loss, executed_fraction, gate_values, new_router, router_input
 from .layer import (MoDBlock, attn_impl, first_real, gather_tokens, membership, pack, packed_mask,
-                    predictor_hidden, slots, subset_mask, take_packed, topk_membership, topk_slots)
+                    predictor_hidden, selected_slots, subset_mask, take_packed, topk_membership, topk_slots)
 
 # the sub-layers of a block, by family: each called on the normed hidden state, returning its residual branch
 SUBLAYERS = {"llama": {"attention": "self_attn", "mlp": "mlp"}, "gpt2": {"attention": "attn", "mlp": "mlp"}}
 ROUTING = ("auto", "causal", "topk-lookahead")
 ALIASES = {"topk": "topk-lookahead"}  # the old name: explicit top-k, in training and out of it
+
+
+@dataclass
+class Call:
+    """One routed call of unit i (a block or one of its sub-layers), as route() decided it."""
+    module: nn.Module
+    i: int
+    kind: str  # "block", "attention" or "mlp"
+    forward: Callable  # the module's own forward
+    x: torch.Tensor  # [B, S, d] its hidden-state input
+    named: dict  # its other arguments, by name
+    valid: torch.Tensor  # [B, S] real tokens
+    sel: torch.Tensor  # [B, S] the tokens it processes
+    r: torch.Tensor | None  # [B, S] router logits (None in a decoding step: computed for the rows that process)
+    cache: Any  # the KV cache, or None
+    slots: tuple | None  # top-k routing: (idx [B, K], count [B], K) of the selected tokens; None: causal routing
 
 
 class MoD(Method):
@@ -112,13 +130,13 @@ class MoD(Method):
         self._routing = value
 
     def active_routing(self, training: bool) -> str:
-        """"topk" or "causal": what a forward uses, in training or not."""
+        """"topk-lookahead" or "causal": what a forward uses, in training or not."""
         if self._routing == "auto":
-            return "topk" if training else "causal"
-        return "causal" if self._routing == "causal" else "topk"
+            return "topk-lookahead" if training else "causal"
+        return self._routing
 
     def eval_routing(self) -> str:
-        return "causal" if self.active_routing(False) == "causal" else "topk-lookahead"
+        return self.active_routing(False)
 
     @contextlib.contextmanager
     def routing_mode(self, value: str):
@@ -196,19 +214,20 @@ class MoD(Method):
             r, decide = None, self.predictor(i, x)
         else:
             r, decide = self.scores(i, x)
-        slots_, sel, topk = self._select(i, r, decide, valid, cache, causal, x)
+        slots, sel, topk = self._select(i, r, decide, valid, cache, causal, x)
         self._record(i, sel, valid, decide, topk)
         if self.training and torch.is_grad_enabled() and self.config.aux_weight > 0 and topk is not None \
                 and self.config.causal != "threshold":
-            w = valid.to(decide.dtype)
-            bce = F.binary_cross_entropy_with_logits(decide, topk.to(decide.dtype), reduction="none")
-            self.add_aux(self.config.aux_weight * (bce * w).sum() / w.sum().clamp(min=1))
-
-        if step:
-            out = self._step(module, i, forward, x, named, sel, r, cache)
-        else:
-            out = self._subset(module, i, forward, x, named, sel, valid, r, cache, causal, slots_)
+            self._causal_loss(decide, topk, valid)
+        call = Call(module, i, kind, forward, x, named, valid, sel, r, cache, slots)
+        out = self._step(call) if step else self._subset(call)
         return (out, None) if kind == "attention" else out
+
+    def _causal_loss(self, decide, topk, valid) -> None:
+        """The auxiliary BCE of the causal decisions (predictor, or the router itself) against top-k membership."""
+        w = valid.to(decide.dtype)
+        bce = F.binary_cross_entropy_with_logits(decide, topk.to(decide.dtype), reduction="none")
+        self.add_aux(self.config.aux_weight * (bce * w).sum() / w.sum().clamp(min=1))
 
     def _split(self, module, args, kwargs):
         """The routed module's hidden-state input and its other arguments, by name."""
@@ -242,102 +261,95 @@ class MoD(Method):
         y = forward(x, **kw)
         return y[0] if isinstance(y, tuple) else y  # attention returns (output, weights)
 
-    def _subset(self, module, i, forward, x, named, sel, valid, r, cache, causal, slots_):
+    def _subset(self, c: Call):
         """Gather the selected tokens of each row, run the module on them, scatter the results back."""
-        kind = self.units[i][1]
-        if cache is None and (slots_[2] == x.shape[1] if slots_ is not None else bool((sel == valid).all())):
+        x, kind = c.x, c.kind
+        if c.cache is None and (c.slots[2] == x.shape[1] if c.slots is not None else bool((c.sel == c.valid).all())):
             # every real token is selected (top-k: K = S gives k = n in every row): run the module as it was
-            return self._dense(forward, x, named, sel, self._weight(r), kind)
-        if slots_ is None and x.shape[0] > 1:
-            store = None if cache is None else self._store(cache, i)
+            return self._dense(c.forward, x, c.named, c.sel, self._weight(c.r), kind)
+        if c.slots is None and x.shape[0] > 1:
+            store = None if c.cache is None else self._store(c.cache, c.i)
             if store is None or not store.written:
-                return self._packed(module, kind, forward, x, named, sel, r, store)
-        idx, count, top = slots_ if slots_ is not None else slots(sel)
+                return self._packed(c, store)
+        idx, count, top = c.slots if c.slots is not None else selected_slots(c.sel)
         if top == 0:
-            if cache is not None:
-                self._store(cache, i).start(x.shape[0], x.device)
-            return self._idle(module, kind, forward, x, named)
-        weight = self._weight(r)
+            if c.cache is not None:
+                self._store(c.cache, c.i).start(x.shape[0], x.device)
+            return self._idle(c)
+        weight = self._weight(c.r)
         xs = gather_tokens(x, idx)
-        kw = self._subset_kwargs(module, i, kind, named, idx, count, top, xs)
+        kw = self._subset_kwargs(c.module, c.i, kind, c.named, idx, count, top, xs)
         rest = None if kind != "block" else xs
-        new = self._update(rest, self._run(forward, xs, kw), None if weight is None else gather_tokens(weight, idx))
-        keep = torch.arange(top, device=x.device).unsqueeze(0) < count.unsqueeze(1)
-        new = torch.where(keep.unsqueeze(-1), new, xs if rest is not None else torch.zeros_like(new))
+        new = self._update(rest, self._run(c.forward, xs, kw), None if weight is None else gather_tokens(weight, idx))
+        filled = torch.arange(top, device=x.device).unsqueeze(0) < count.unsqueeze(1)
+        new = torch.where(filled.unsqueeze(-1), new, xs if rest is not None else torch.zeros_like(new))
         return self._rest(x, kind).scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), new)
 
-    def _packed(self, module, kind, forward, x, named, sel, r, store):
+    def _packed(self, c: Call, store):
         """Causal routing at batch > 1 (no cache, or the first call into an empty one, `store`: a prompt): the
         processed tokens of all rows packed together (each row causal and apart from the others), so the module's
         work follows what the rows really route."""
-        b, s, d = x.shape
+        b, s, d = c.x.shape
         if store is not None:
-            store.start(b, x.device)
-        packed = pack(sel)
+            store.start(b, c.x.device)
+        packed = pack(c.sel)
         if packed is None:
-            return self._idle(module, kind, forward, x, named)
+            return self._idle(c)
         idx, seg, flat, slot = packed[:4]
-        xs = take_packed(x, idx, b)
-        kw = dict(named)
-        kw.pop("cache_position", None)
-        pe = kw.get("position_embeddings")
-        if pe is not None:
-            kw["position_embeddings"] = tuple(take_packed(t, idx, b) for t in pe)
-        pos = kw.get("position_ids")
-        if isinstance(pos, torch.Tensor) and pos.dim() == 2:
-            kw["position_ids"] = take_packed(pos, idx, b)
-        if self._keeps_kv(kind):
-            kw["attention_mask"] = packed_mask(seg, attn_impl(module), x.dtype)
+        xs = take_packed(c.x, idx, b)
+        kw = at_positions(c.named, lambda t: take_packed(t, idx, b))
+        if self._keeps_kv(c.kind):
+            kw["attention_mask"] = packed_mask(seg, attn_impl(c.module), c.x.dtype)
             if store is not None:
                 kw[CACHE_ARG] = PackedView(store, packed, b)
-        weight = self._weight(r)
+        weight = self._weight(c.r)
         weight = None if weight is None else take_packed(weight, idx, b)
-        new = self._update(xs if kind == "block" else None, self._run(forward, xs, kw), weight)
-        out = self._rest(x, kind).reshape(b * s, d).index_copy(0, flat, new.reshape(-1, d).index_select(0, slot))
+        new = self._update(xs if c.kind == "block" else None, self._run(c.forward, xs, kw), weight)
+        out = self._rest(c.x, c.kind).reshape(b * s, d).index_copy(0, flat, new.reshape(-1, d).index_select(0, slot))
         return out.view(b, s, d)
 
-    def _step(self, module, i, forward, x, named, sel, r, cache):
+    def _step(self, c: Call):
         """A decoding step (one new token per row): the module runs only on the rows that process their token
         (those rows' KV stores gathered and scattered back); the other rows keep their store and skip it."""
-        b = x.shape[0]
-        kind = self.units[i][1]
+        x, kind, b = c.x, c.kind, c.x.shape[0]
         if self._keeps_kv(kind):
-            store = self._store(cache, i)
+            store = self._store(c.cache, c.i)
             start = store.start(b, x.device)
         # the step's one host read: which rows process their token (the store lengths are known on the host)
-        picked = [j for j, on in enumerate(sel[:, 0].tolist()) if on]
+        picked = [j for j, on in enumerate(c.sel[:, 0].tolist()) if on]
         n = len(picked)
         if n == 0:
-            return self._idle(module, kind, forward, x, named)
+            return self._idle(c)
         pick = rows = None if n == b else torch.tensor(picked).to(x.device, non_blocking=True)
-        kw = take_rows_all(named, pick, b)
+        kw = take_rows_all(c.named, pick, b)
         kw.pop("cache_position", None)
         xr = x if pick is None else x.index_select(0, rows)
         if self._keeps_kv(kind):
             begin = start if pick is None else start.index_select(0, rows)
             host = [store.lengths()[j] for j in picked]
             kw[CACHE_ARG] = store.view(torch.ones_like(begin), 1, pick, added=[1] * n, picked=picked)
-            kw["attention_mask"] = subset_mask(begin, 1, max(host) + 1, attn_impl(module), x.dtype, x.device, host)
+            kw["attention_mask"] = subset_mask(begin, 1, max(host) + 1, attn_impl(c.module), x.dtype, x.device, host)
+        r = c.r
         if r is None:
-            r = self.router(i, xr)
+            r = self.router(c.i, xr)
         elif pick is not None:
             r = r.index_select(0, rows)
         weight = self._weight(r)
-        y = self._update(xr if kind == "block" else None, self._run(forward, xr, kw), weight)
+        y = self._update(xr if kind == "block" else None, self._run(c.forward, xr, kw), weight)
         return y if pick is None else self._rest(x, kind).index_copy(0, rows, y)
 
-    def _idle(self, module, kind, forward, x, named):
+    def _idle(self, c: Call):
         """No token here is processed. Where the module's weights are sharded, every rank must call it all the same
         (gathering them is a collective): on one token, without the KV cache, its output thrown away."""
-        rest = self._rest(x, kind)
-        if not must_call([module]):
+        rest = self._rest(c.x, c.kind)
+        if not must_call([c.module]):
             return rest
-        one = torch.zeros(1, dtype=torch.long, device=x.device)
-        kw = take_rows_all(named, one, x.shape[0])
+        one = torch.zeros(1, dtype=torch.long, device=c.x.device)
+        kw = take_rows_all(c.named, one, c.x.shape[0])
         kw.pop(CACHE_ARG, None)
-        xs = x[:1, :1]
-        kw = self._subset_kwargs(module, None, kind, kw, one.view(1, 1), torch.ones_like(one), 1, xs)
-        return keep(rest, [self._run(forward, xs, kw)])
+        xs = c.x[:1, :1]
+        kw = self._subset_kwargs(c.module, None, c.kind, kw, one.view(1, 1), torch.ones_like(one), 1, xs)
+        return attach_spares(rest, [self._run(c.forward, xs, kw)])
 
     @staticmethod
     def _keeps_kv(kind: str) -> bool:
@@ -360,18 +372,18 @@ class MoD(Method):
             fresh = self._keeps_kv(self.units[i][1]) or not self._continues(valid)
         else:
             fresh = i not in cache.__dict__.get(KEY, {})  # before _first creates the store
-        keep = self._first(i, valid, cache)
+        first = self._first(i, valid, cache)
         if not causal:
-            idx, count, top = topk_slots(r.detach(), valid, self.config.capacity, keep)
+            idx, count, top = topk_slots(r.detach(), valid, self.config.capacity, first)
             topk = membership(idx, count, top, valid)
             return (idx, count, top), topk, topk
         if fresh and r is None:
             r = self.router(i, x)
         # the top-k target scores a predictor's (or aux_loss router's) decisions; a threshold decision has none
         scored = fresh and self.config.causal != "threshold"
-        topk = topk_membership(r.detach(), valid, self.config.capacity, keep) if scored else None
+        topk = topk_membership(r.detach(), valid, self.config.capacity, first) if scored else None
         sel = (decide.detach() > 0) & valid
-        sel = sel if keep is None else sel | keep
+        sel = sel if first is None else sel | first
         return None, sel, topk
 
     def _first(self, i, valid, cache):
@@ -424,14 +436,9 @@ class MoD(Method):
                            self._rest(x, kind))
 
     def _subset_kwargs(self, module, i, kind, named, idx, count, top, xs):
-        kw = dict(named)
-        pe = kw.get("position_embeddings")
-        if pe is not None:
-            kw["position_embeddings"] = tuple(gather_tokens(t, idx) for t in pe)
-        pos = kw.get("position_ids")
-        if isinstance(pos, torch.Tensor) and pos.dim() == 2:
-            kw["position_ids"] = gather_tokens(pos, idx)
-        kw.pop("cache_position", None)
+        """The module's arguments for the gathered tokens at slots idx [B, K]: their positions, and for attention the
+        subset's causal mask and KV store (count [B] of the slots are filled)."""
+        kw = at_positions(named, lambda t: gather_tokens(t, idx))
         cache = kw.get(CACHE_ARG)
         if not self._keeps_kv(kind):  # an MLP: token-wise, no mask, no K/V
             return kw
@@ -456,3 +463,17 @@ class MoD(Method):
                 return
             right = ((decide > 0) == topk) & valid
             self.stats[i].add_(torch.stack([sel, valid, right, valid]).flatten(1).sum(1))
+
+
+def at_positions(named: dict, take) -> dict:
+    """A routed module's arguments for a subset of the tokens: position embeddings and ids taken at the subset's
+    positions (take: t [B or 1, S, ...] -> the subset's), cache_position dropped (the subset's are not a range)."""
+    kw = dict(named)
+    kw.pop("cache_position", None)
+    pe = kw.get("position_embeddings")
+    if pe is not None:
+        kw["position_embeddings"] = tuple(take(t) for t in pe)
+    pos = kw.get("position_ids")
+    if isinstance(pos, torch.Tensor) and pos.dim() == 2:
+        kw["position_ids"] = take(pos)
+    return kw

@@ -128,7 +128,7 @@ def collect_inputs(model, blocks, batches, batch, g, progress) -> dict[int, list
         with_kwargs=True) for i in range(len(method.units))]
     model.eval()
     try:
-        with torch.no_grad(), method.routing_mode("topk"):
+        with torch.no_grad(), method.routing_mode("topk-lookahead"):
             for _ in tqdm(range(batches), desc="collecting hidden states", disable=not progress):
                 model(input_ids=blocks[torch.randint(len(blocks), (batch,), generator=g)].to(device), use_cache=False)
     finally:
@@ -148,8 +148,8 @@ def topk_targets(method, i: int, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         r = method.router(i, x)
         valid = torch.ones_like(r, dtype=torch.bool)
-        keep = first_real(valid) if method.config.keeps_first else None
-        return topk_membership(r, valid, method.config.capacity, keep).float()
+        first = first_real(valid) if method.config.keeps_first else None
+        return topk_membership(r, valid, method.config.capacity, first).float()
 
 
 def fit(predictor, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, g: torch.Generator) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from ...blocks import CACHE_ARG, take_rows_all, unrecorded
 from ...config import ConfigError, pick_layers
-from ...sharding import keep, must_call
+from ...sharding import attach_spares, must_call
 from ..base import Method, float32_linear
 from .cache import experts_for
 from .dist import agree
@@ -172,7 +172,7 @@ class MoLEx(Method):
                 spare.append(self._spare(j, z, named))
                 continue
             expert.index_copy_(0, r, out.index_select(0, r) if j == t else self._expert(j, z, named, r, state, t))
-        return keep(expert, spare)
+        return attach_spares(expert, spare)
 
     def _by_token(self, t, z, out, named, choice):
         valid = self.valid_mask(z)
@@ -190,7 +190,7 @@ class MoLEx(Method):
                 part = self._expert(j, z, named, r if len(r) < len(choice) else None, None)
                 full = part if len(r) == len(choice) else torch.zeros_like(out).index_copy(0, r, part)
             expert = torch.where(sel.unsqueeze(-1), full, expert)
-        return keep(expert, spare)
+        return attach_spares(expert, spare)
 
     def _groups(self, local, z):
         """The experts to call, in order. Sharded blocks (FSDP, ZeRO-3): the union over the ranks, so that every rank
