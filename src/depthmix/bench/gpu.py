@@ -27,7 +27,8 @@ def add_args(p) -> None:
     p.add_argument("--out", required=True, help="folder the JSON files (and the latency PNGs) are written to")
     p.add_argument("--time-limit", type=float, default=540.0, help="seconds for everything (default: %(default)s)")
     p.add_argument("--device", default="cuda", help="where both sides run (default: %(default)s)")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="dtype of the weights and activations")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
+                   help="dtype of the weights and activations: %(choices)s (default: %(default)s)")
     p.add_argument("--model", default="smollm2-135m", help="the causal LM measured: a name, a folder or a Hub id")
     p.add_argument("--shapes", default="2x256,4x512", help="batch x sequence length of the forward and "
                    "training-step ratios (`depthmix bench mod`), comma-separated (default: %(default)s)")

@@ -27,8 +27,10 @@ def register(sub) -> None:
         METHOD_FLAGS[name] = {n: n for n in add_dataclass_flags(p, cfg, skip=[f.name for f in clash], group=group)}
         for f in clash:
             dest = f"{name}_{f.name}"
-            next(g for g in p._action_groups if g.title == group).add_argument(f"--{dest.replace('_', '-')}", dest=dest, type=parse_value, metavar="VALUE",
-                           default=argparse.SUPPRESS, help=f"{cfg.__name__}.{f.name}: {f.metadata.get('help', '')}")
+            section = next(g for g in p._action_groups if g.title == group)
+            section.add_argument(f"--{dest.replace('_', '-')}", dest=dest, type=parse_value, metavar="VALUE",
+                                 default=argparse.SUPPRESS,
+                                 help=f"{cfg.__name__}.{f.name}: {f.metadata.get('help', '')} (default: {f.default})")
             METHOD_FLAGS[name][dest] = f.name
     p.set_defaults(func=run)
 
