@@ -102,3 +102,21 @@ def shared_data():
     if not (root / "glue").is_dir():
         pytest.skip(f"the shared data folder is absent ({root}); set DEPTHMIX_DATA")
     return root
+
+
+SMALL = ("--model", "minilm-l6", "--task", "pydoc/topics", "--max-train-samples", 8, "--max-eval-samples", 8,
+         "--max-length", 32, "--batch-size", 4, "--no-progress")  # a training run of seconds on the embedded MiniLM
+
+
+def run_cli(capsys, *argv):
+    """(exit code, stderr) of `depthmix ...` run in this process."""
+    from depthmix.cli.main import main
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def snapshot(folder) -> dict:
+    """Every file under `folder` and its bytes (None for a folder): to check that a refusal changed nothing."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}

@@ -12,25 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SMALL, snapshot
+from conftest import run_cli as run
 from depthmix.cli.main import main
 from depthmix.data import get_task
 from depthmix.data.tasks import DataError
 from depthmix.train.runs import LOCK_NAME, RunLock, checkpoint_problem
 
-SMALL = ("--model", "minilm-l6", "--task", "pydoc/topics", "--max-train-samples", 8, "--max-eval-samples", 8,
-         "--max-length", 32, "--batch-size", 4, "--no-progress")
-
-
-def run(capsys, *argv):
-    """(exit code, stderr) of `depthmix ...` run in this process."""
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
-def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None
-            for p in sorted(folder.rglob("*"))}
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,7 @@ KEY = "_depthmix_mod"
 
 def store_for(cache, index: int) -> "BlockStore":
     """The store of routed block `index`, kept on the HF cache object (so it lives and dies with the generation)."""
-    stores = kept(cache, KEY)
-    if index not in stores:
-        stores[index] = BlockStore()
-    return stores[index]
+    return kept(cache, KEY).setdefault(index, BlockStore())
 
 
 class BlockStore(KeptState):

@@ -12,10 +12,7 @@ KEY = "_depthmix_molex"
 
 def experts_for(cache, index: int) -> "ExpertCaches":
     """Mixed layer `index`'s state, kept on the HF cache object (so it lives and dies with the generation)."""
-    states = kept(cache, KEY)
-    if index not in states:
-        states[index] = ExpertCaches()
-    return states[index]
+    return kept(cache, KEY).setdefault(index, ExpertCaches())
 
 
 class ExpertCaches(KeptState):
