@@ -120,3 +120,14 @@ def snapshot(folder) -> dict:
     """Every file under `folder` and its bytes (None for a folder): to check that a refusal changed nothing."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None
             for p in sorted(folder.rglob("*"))}
+
+
+def tiny_lm_folder(folder):
+    """A tiny Llama over SmolLM2's tokenizer, saved with it as a local model folder (for the CLI and scripts)."""
+    from depthmix.models import load_tokenizer
+    tok = load_tokenizer("smollm2-135m")
+    model = tiny("llama")
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

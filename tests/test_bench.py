@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import tiny
+from conftest import tiny, tiny_lm_folder
 from depthmix.cli.main import main
 
 
@@ -82,12 +82,7 @@ def test_a_round_whose_timed_difference_is_not_positive_measures_nothing():
 
 @pytest.mark.slow
 def test_bench_mod_prints_ratios_last_with_causal_forward(tmp_path, capsys):
-    from depthmix.models import load_tokenizer
-    tok = load_tokenizer("smollm2-135m")
-    model = tiny("llama")
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+    tiny_lm_folder(tmp_path / "model")
     assert main(["bench", "mod", "--json", "--model", str(tmp_path / "model"), "--task", "lm/pydoc",
                  "--batch-size", "2", "--seq-len", "32", "--repeats", "2", "--budget", "0", "--capacity", "0.5",
                  "--layers", "[1, 3]", "--tune-steps", "1", "--feature-batches", "1", "--eval-blocks", "4",
@@ -146,12 +141,7 @@ def test_bench_latency_refuses_bad_sizes(capsys):
 @pytest.mark.slow
 def test_bench_gpu_runs_every_bench_on_the_cpu(tmp_path, capsys):
     # the accelerator script with the device as the only difference: tiny sizes on the CPU
-    from depthmix.models import load_tokenizer
-    tok = load_tokenizer("smollm2-135m")
-    model = tiny("llama")
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+    tiny_lm_folder(tmp_path / "model")
     out = tmp_path / "gpu"
     assert main(["bench", "gpu", "--out", str(out), "--device", "cpu", "--dtype", "float32", "--model",
                  str(tmp_path / "model"), "--shapes", "2x16", "--time-limit", "900", "--no-compile",

@@ -337,14 +337,9 @@ def test_mod_retrofit_st_smoke_runs_every_arm_once_and_resumes(tmp_path):
     """experiments/mod_retrofit_st.py at a tiny budget on a tiny Llama: the gated MoD arm with LoRA healing, the
     attention-drop arm healed on the same tokens, the oracle with the MoD point's router agreement and the tuning
     curve; the results file has issue 25's keys; a second run finds every point done and runs none again."""
-    from conftest import tiny
-    from depthmix.models import load_tokenizer
+    from conftest import tiny_lm_folder
     data = shared_data()
-    model = tiny("llama")
-    tok = load_tokenizer("smollm2-135m")
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    model.save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
+    tiny_lm_folder(tmp_path / "tiny")
     study = script("mod_retrofit_st")
     argv = ["--model", str(tmp_path / "tiny"), "--data-dir", str(data), "--runs", str(tmp_path / "runs"),
             "--out", str(tmp_path / "out.json"), "--img", str(tmp_path / "map.png"), "--capacities", "0.75",

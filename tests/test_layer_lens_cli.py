@@ -2,26 +2,16 @@
 import json
 
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import shared_data
+from conftest import shared_data, tiny_lm_folder
 from depthmix.cli.main import main
-from depthmix.models import load_tokenizer
 
 pytestmark = pytest.mark.slow  # trains two adapters end to end
 
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-    """A tiny Llama with SmolLM2's tokenizer, saved as a local model folder."""
-    tok = load_tokenizer("smollm2-135m")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    folder = tmp_path_factory.mktemp("lens") / "tiny-llama"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return tiny_lm_folder(tmp_path_factory.mktemp("lens") / "tiny-llama")
 
 
 def train(model, out, *flags):

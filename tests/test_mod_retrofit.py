@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import depthmix
-from conftest import VOCAB, tiny
+from conftest import VOCAB, tiny, tiny_lm_folder
 from depthmix import flops
 from depthmix.cli.main import main
 from depthmix.tuners.mod.importance import block_influence, drop_blocks, influence, least_important
@@ -99,14 +99,7 @@ def test_last_third_is_a_layers_choice():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from depthmix.models import load_tokenizer
-    tok = load_tokenizer("smollm2-135m")
-    model = tiny("llama")
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny_lm_folder(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.mark.slow
