@@ -72,12 +72,31 @@ def test_refuses_to_overwrite_and_names_bad_options(trained, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_prints_both_methods_and_draws(tmp_path, capsys):
-    assert run("demo", "--output-dir", tmp_path, "--max-train-samples", 32, "--max-eval-samples", 32,
+def test_demo_compare_prints_both_methods_and_draws(tmp_path, capsys):
+    assert run("demo", "--compare", "--output-dir", tmp_path, "--max-train-samples", 32, "--max-eval-samples", 32,
                "--epochs", 1) == 0
     out = capsys.readouterr().out
     assert "LoRA " in out and "MoLEx + LoRA" in out
     assert (tmp_path / "loss.png").exists() and (tmp_path / "routing.png").exists()
+
+
+@pytest.mark.slow
+def test_demo_tours_the_three_methods(tmp_path, capsys):
+    """The tour at tiny sizes: MoD against dense and a block drop (measured, side by side), MoLEx's and MoDE's
+    routing pictures, every number in demo.json."""
+    assert run("demo", "--output-dir", tmp_path, "--tune-steps", 1, "--train-steps", 1, "--new-tokens", 3,
+               "--repeats", 1) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "demo.json").read_text())
+    rows = result["mod"]["rows"]
+    assert list(rows) == ["dense", "drop 4 blocks", "MoD"]
+    assert rows["dense"]["flop_ratio"] == 1.0 and 0.8 < rows["drop 4 blocks"]["flop_ratio"] < 0.95
+    assert 0.8 < rows["MoD"]["flop_ratio"] < 1.0 and 0 < rows["MoD"]["realized_capacity"] < 1
+    assert all(r["nll"] > 0 and r["tokens_per_s"] > 0 for r in rows.values())
+    assert "held-out NLL" in out and "than dropping blocks" in out
+    for method in ("molex", "mode"):
+        assert Path(result[method]["picture"]).is_file()
+    assert len(result["mode"]["routing"]["mean_weights"]) == 3
 
 
 def test_every_flag_has_a_help_line_with_its_default(capsys):

@@ -28,7 +28,8 @@ def first_real(valid: torch.Tensor) -> torch.Tensor:
     return valid & (valid.cumsum(1) == 1)
 
 
-def topk_slots(scores: torch.Tensor, valid: torch.Tensor, capacity: float, first: torch.Tensor | None = None):
+def topk_slots(scores: torch.Tensor, valid: torch.Tensor, capacity: float, first: torch.Tensor | None = None,
+               full: bool = False):
     """Top-k routing with static shapes (no device->host sync): K = ceil(capacity * S) slots per row, S the padded
     length (a Python int), whatever the rows' real lengths.
 
@@ -38,16 +39,20 @@ def topk_slots(scores: torch.Tensor, valid: torch.Tensor, capacity: float, first
     Row b selects its own k = ceil(capacity * its real length) best tokens, padding never (it scores -inf); tokens
     in `first` [B, S] (the first real tokens, where MoDConfig.keeps_first) always win one of the k slots; equal
     scores go to the earlier position (a stable sort: torch.topk leaves ties to the kernel, and on CPU it dropped
-    the earliest ones)."""
+    the earliest ones). full: the caller knows that no row has padding, so every row fills all K slots (the same
+    slots, in fewer operations)."""
     b, s = valid.shape
     top = max(1, math.ceil(s * capacity - 1e-9)) if s else 0
-    count = capacity_k(valid, capacity)
     if top == 0:
-        return None, count, 0
-    scores = scores.masked_fill(~valid, float("-inf"))
+        return None, capacity_k(valid, capacity), 0
+    if not full:
+        scores = scores.masked_fill(~valid, float("-inf"))
     if first is not None:
         scores = scores.masked_fill(first, float("inf"))
     best = scores.sort(dim=1, descending=True, stable=True).indices[:, :top]
+    if full:
+        return best.sort(dim=1).values, torch.full((b,), top, device=valid.device), top
+    count = capacity_k(valid, capacity)
     chosen = torch.arange(top, device=valid.device) < count.unsqueeze(1)
     order = torch.where(chosen, best, best + s).sort(dim=1).indices  # selected first, each part by position
     return best.gather(1, order), count, top
@@ -60,12 +65,15 @@ def topk_membership(scores: torch.Tensor, valid: torch.Tensor, capacity: float,
     return membership(idx, count, top, valid)
 
 
-def membership(idx, count, top, like: torch.Tensor) -> torch.Tensor:
-    """[B, S] bool: the selected positions of slots idx [B, K] (those before count [B])."""
+def membership(idx, count, top, like: torch.Tensor, full: bool = False) -> torch.Tensor:
+    """[B, S] bool: the selected positions of slots idx [B, K] (those before count [B]; all of them where full)."""
     if top == 0:
         return torch.zeros_like(like, dtype=torch.bool)
+    zeros = torch.zeros(like.shape[:2], dtype=torch.bool, device=like.device)
+    if full:
+        return zeros.scatter_(1, idx, True)
     take = torch.arange(top, device=like.device) < count.unsqueeze(1)
-    return torch.zeros(like.shape[:2], dtype=torch.bool, device=like.device).scatter(1, idx, take)
+    return zeros.scatter(1, idx, take)
 
 
 def selected_slots(sel: torch.Tensor):
@@ -139,18 +147,23 @@ def packed_mask(seg: torch.Tensor, impl: str, dtype):
 
 
 def take_packed(t: torch.Tensor, idx: torch.Tensor, batch: int) -> torch.Tensor:
-    """t [B or 1, S, ...] -> [G, T, ...] at the flattened positions idx [G, T]."""
-    t = t.expand(batch, *t.shape[1:])
+    """t [B or 1, S, ...] -> [G, T, ...] at the flattened positions idx [G, T] of [batch * S]."""
+    if t.shape[0] == 1 and batch > 1:  # shared by the rows: index it, rather than copy it out to every row first
+        return t[0][idx % t.shape[1]]
     return t.reshape(-1, *t.shape[2:])[idx]
 
 
-def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t [B or 1, S, ...] -> [B, K, ...] at positions idx [B, K]."""
-    b = idx.shape[0]
-    if t.shape[0] != b:
-        t = t.expand(b, *t.shape[1:])
-    index = idx.reshape(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:])
-    return t.gather(1, index)
+def flat_positions(idx: torch.Tensor, s: int) -> torch.Tensor:
+    """Positions idx [B, K] in rows of length s -> [B * K] positions in the flattened [B * s]."""
+    return (idx + torch.arange(0, idx.shape[0] * s, s, device=idx.device).unsqueeze(1)).view(-1)
+
+
+def take_slots(t: torch.Tensor, idx: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """t [B or 1, S, ...] -> [B, K, ...] at positions idx [B, K] (flat: flat_positions(idx, S)), in one
+    index_select (a gather needs its index expanded over every feature first)."""
+    if t.shape[0] == 1:  # shared by the rows (position embeddings)
+        return t[0].index_select(0, idx.view(-1)).view(*idx.shape, *t.shape[2:])
+    return t.reshape(-1, *t.shape[2:]).index_select(0, flat).view(*idx.shape, *t.shape[2:])
 
 
 def subset_mask(start: torch.Tensor | None, q: int, kv: int, impl: str, dtype, device, host: list[int] | None = None):

@@ -16,8 +16,8 @@ from ...sharding import attach_spares, must_call
 from ..base import Method, float32_linear
 from .cache import KEY, PackedView, store_for
 from .gate import budget_loss, executed_fraction, gate_values, new_router, router_input
-from .layer import (MoDBlock, attn_impl, first_real, gather_tokens, membership, pack, packed_mask,
-                    predictor_hidden, selected_slots, subset_mask, take_packed, topk_membership, topk_slots)
+from .layer import (MoDBlock, attn_impl, first_real, flat_positions, membership, pack, packed_mask, predictor_hidden,
+                    selected_slots, subset_mask, take_packed, take_slots, topk_membership, topk_slots)
 
 # the sub-layers of a block, by family: each called on the normed hidden state, returning its residual branch
 SUBLAYERS = {"llama": {"attention": "self_attn", "mlp": "mlp"}, "gpt2": {"attention": "attn", "mlp": "mlp"}}
@@ -68,6 +68,7 @@ class MoD(Method):
                 nn.Sequential(float32_linear(hidden_size, h), nn.SiLU(), float32_linear(h, 1)) for _ in self.units)
         self._routing = "auto"
         self._valid = None
+        self._full = False  # this forward has no padding (begin)
         self.progress = 0.0  # fraction of training done: anneals the gate's temperature (update="gated")
         self._executed = []  # (executed fraction, unit) of this forward's gated units, for the budget loss
         self.reset_stats()
@@ -104,6 +105,11 @@ class MoD(Method):
         super().begin(inputs)
         self._valid = None
         self._executed = []
+        # no row has padding, where knowing it costs no device read (no mask, or one in host memory, read through
+        # numpy): top-k routing then takes fewer operations to pick the same slots
+        mask = self.inputs.get("attention_mask")
+        self._full = mask is None or (torch.is_tensor(mask) and mask.dim() == 2 and mask.device.type == "cpu"
+                                      and bool(mask.detach().numpy().all()))
 
     def finish(self, output):
         if self._executed:
@@ -276,14 +282,17 @@ class MoD(Method):
             if c.cache is not None:
                 self._store(c.cache, c.i).start(x.shape[0], x.device)
             return self._idle(c)
+        b, s, d = x.shape
+        flat = flat_positions(idx, s)
         weight = self._weight(c.r)
-        xs = gather_tokens(x, idx)
-        kw = self._subset_kwargs(c.module, c.i, kind, c.named, idx, count, top, xs)
+        xs = take_slots(x, idx, flat)
+        kw = self._subset_kwargs(c.module, c.i, kind, c.named, idx, flat, count, top, xs)
         rest = None if kind != "block" else xs
-        new = self._update(rest, self._run(c.forward, xs, kw), None if weight is None else gather_tokens(weight, idx))
-        filled = torch.arange(top, device=x.device).unsqueeze(0) < count.unsqueeze(1)
-        new = torch.where(filled.unsqueeze(-1), new, xs if rest is not None else torch.zeros_like(new))
-        return self._rest(x, kind).scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), new)
+        new = self._update(rest, self._run(c.forward, xs, kw), None if weight is None else take_slots(weight, idx, flat))
+        if c.slots is None or not self._full:  # rows may fill fewer slots than K: the unfilled write back what they hold
+            filled = torch.arange(top, device=x.device).unsqueeze(0) < count.unsqueeze(1)
+            new = torch.where(filled.unsqueeze(-1), new, xs if rest is not None else torch.zeros_like(new))
+        return self._rest(x, kind).reshape(b * s, d).index_copy(0, flat, new.reshape(-1, d)).view(b, s, d)
 
     def _packed(self, c: Call, store):
         """Causal routing at batch > 1 (no cache, or the first call into an empty one, `store`: a prompt): the
@@ -348,7 +357,7 @@ class MoD(Method):
         kw = take_rows_all(c.named, one, c.x.shape[0])
         kw.pop(CACHE_ARG, None)
         xs = c.x[:1, :1]
-        kw = self._subset_kwargs(c.module, None, c.kind, kw, one.view(1, 1), torch.ones_like(one), 1, xs)
+        kw = self._subset_kwargs(c.module, None, c.kind, kw, one.view(1, 1), one, torch.ones_like(one), 1, xs)
         return attach_spares(rest, [self._run(c.forward, xs, kw)])
 
     @staticmethod
@@ -374,8 +383,8 @@ class MoD(Method):
             fresh = i not in cache.__dict__.get(KEY, {})  # before _first creates the store
         first = self._first(i, valid, cache)
         if not causal:
-            idx, count, top = topk_slots(r.detach(), valid, self.config.capacity, first)
-            topk = membership(idx, count, top, valid)
+            idx, count, top = topk_slots(r.detach(), valid, self.config.capacity, first, self._full)
+            topk = membership(idx, count, top, valid, self._full)
             return (idx, count, top), topk, topk
         if fresh and r is None:
             r = self.router(i, x)
@@ -426,8 +435,8 @@ class MoD(Method):
         w = weight.to(y.dtype)
         f = y if x is None else y - x
         if self.config.update == "retrofit":
-            return y + w * f
-        return w * f if x is None else x + w * f
+            return torch.addcmul(y, w, f)
+        return w * f if x is None else torch.addcmul(x, w, f)
 
     def _dense(self, forward, x, named, sel, weight, kind):
         """Every real token is selected (capacity 1.0): the module runs as it was, bit for bit."""
@@ -435,10 +444,10 @@ class MoD(Method):
         return torch.where(sel.unsqueeze(-1), self._update(x if kind == "block" else None, y, weight),
                            self._rest(x, kind))
 
-    def _subset_kwargs(self, module, i, kind, named, idx, count, top, xs):
-        """The module's arguments for the gathered tokens at slots idx [B, K]: their positions, and for attention the
-        subset's causal mask and KV store (count [B] of the slots are filled)."""
-        kw = at_positions(named, lambda t: gather_tokens(t, idx))
+    def _subset_kwargs(self, module, i, kind, named, idx, flat, count, top, xs):
+        """The module's arguments for the gathered tokens at slots idx [B, K] (flat: flat_positions(idx, S)): their
+        positions, and for attention the subset's causal mask and KV store (count [B] of the slots are filled)."""
+        kw = at_positions(named, lambda t: take_slots(t, idx, flat))
         cache = kw.get(CACHE_ARG)
         if not self._keeps_kv(kind):  # an MLP: token-wise, no mask, no K/V
             return kw
