@@ -155,14 +155,16 @@ def take_packed(t: torch.Tensor, idx: torch.Tensor, batch: int) -> torch.Tensor:
 
 def flat_positions(idx: torch.Tensor, s: int) -> torch.Tensor:
     """Positions idx [B, K] in rows of length s -> [B * K] positions in the flattened [B * s]."""
+    if idx.shape[0] == 1:
+        return idx.view(-1)
     return (idx + torch.arange(0, idx.shape[0] * s, s, device=idx.device).unsqueeze(1)).view(-1)
 
 
 def take_slots(t: torch.Tensor, idx: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """t [B or 1, S, ...] -> [B, K, ...] at positions idx [B, K] (flat: flat_positions(idx, S)), in one
     index_select (a gather needs its index expanded over every feature first)."""
-    if t.shape[0] == 1:  # shared by the rows (position embeddings)
-        return t[0].index_select(0, idx.view(-1)).view(*idx.shape, *t.shape[2:])
+    if t.shape[0] == 1 and idx.shape[0] > 1:  # shared by the rows (position embeddings)
+        return t[0].index_select(0, flat.remainder(t.shape[1])).view(*idx.shape, *t.shape[2:])
     return t.reshape(-1, *t.shape[2:]).index_select(0, flat).view(*idx.shape, *t.shape[2:])
 
 
