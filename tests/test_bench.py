@@ -119,6 +119,21 @@ def test_bench_latency_table_json_and_picture(tmp_path, capsys):
         assert 0 < c["realized_capacity"]["prefill"] < 1
 
 
+def test_bench_latency_measures_memory_only_after_every_timing(tmp_path, monkeypatch):
+    """On the CPU, measuring peak memory fixes glibc's mmap threshold for the rest of the process, which slows the
+    side that allocates more in every later timing: no cell is timed after a memory measurement."""
+    from depthmix.bench import common, latency
+    calls = []
+    timed, measured = common.interleaved_times, common.peak_memory
+    monkeypatch.setattr(latency, "interleaved_times", lambda *a, **k: calls.append("time") or timed(*a, **k))
+    monkeypatch.setattr(latency, "peak_memory", lambda *a, **k: calls.append("memory") or measured(*a, **k))
+    tiny("llama").save_pretrained(tmp_path / "model")
+    assert main(["bench", "latency", "--model", str(tmp_path / "model"), "--prompt-lens", "8", "--batch-sizes",
+                 "1,2", "--new-tokens", "3", "--repeats", "1", "--budget", "0", "--capacity", "0.5", "--layers",
+                 "[1, 3]", "--device", "cpu", "--out", str(tmp_path / "latency")]) == 0
+    assert calls == ["time", "time"] + ["memory"] * 4
+
+
 def test_bench_latency_time_limit_skips_what_does_not_fit(tmp_path, capsys):
     tiny("llama").save_pretrained(tmp_path / "model")
     assert main(["bench", "latency", "--json", "--model", str(tmp_path / "model"), "--prompt-lens", "8,16",

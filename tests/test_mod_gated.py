@@ -197,6 +197,7 @@ def test_gated_training_from_the_command_line(model_dir, tmp_path):  # noqa: F81
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_steps"] == 2 and math.isfinite(metrics["train_loss"])
     assert metrics["options"]["method_config"]["retrofit_loss"] == "both" and metrics["routing"] == "causal"
+    assert 0 < metrics["calibration"]["realized_capacity"] <= 1  # the gates set on training rows once it ended
     saved = json.loads((out / "depthmix_config.json").read_text())
     assert saved["config"]["update"] == "gated" and saved["config"]["skip"] == "sublayers"
 
@@ -221,3 +222,18 @@ def test_analytic_flops_of_both_sublayers_routed():
     block, both = analytic(cfg, skip="block", **kw), analytic(cfg, skip="sublayers", **kw)
     router = 2 * 64 * 32 * 2  # one more Linear(d, 1) per routed block, on every token
     assert both["mod"] - block["mod"] == router and both["dense"] == block["dense"]
+
+
+def test_after_training_sets_the_gates_to_the_budget_on_training_rows():
+    """What `train` calls once training ends: threshold gates calibrated on the first training rows (cut to the
+    shortest), each unit then executing its target on them; other MoD settings are left as trained."""
+    import datasets
+    model = gated(capacity=0.3)
+    rows = datasets.Dataset.from_dict({"input_ids": [r[:n].tolist() for r, n in zip(ids(8, 24, seed=5),
+                                                                                   (24, 20, 24, 22, 24, 24, 21, 24))]})
+    state = model.method.after_training(model, rows)
+    assert abs(state["realized_capacity"] - 0.3) <= 0.02, state
+    other = depthmix.apply(tiny("llama"), depthmix.MoDConfig(capacity=0.3, layers=[1, 2]))
+    before = [p.clone() for p in other.method.parameters()]
+    assert other.method.after_training(other, rows) is None
+    assert all(torch.equal(a, b) for a, b in zip(before, other.method.parameters()))

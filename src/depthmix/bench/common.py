@@ -132,7 +132,9 @@ def _rss(field: str) -> int:
 
 def peak_memory(step, device="cpu") -> int:
     """Peak bytes one call of `step` adds on top of what is already allocated: the CUDA allocator's peak on a
-    GPU; on the CPU the process's resident-set high-water mark (Linux), reset just before the call."""
+    GPU; on the CPU the process's resident-set high-water mark (Linux), reset just before the call. On the CPU
+    it fixes glibc's mmap threshold for the rest of the process (below), which slows every later large
+    allocation: measure it after the timings, never before."""
     # a first call allocates what any call allocates (optimizer state, caches)
     if torch.device(device).type == "cuda":
         step()

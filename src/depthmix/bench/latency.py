@@ -3,8 +3,8 @@
 For each cell (prompt length P, batch B) both models run greedy `generate` on the same random prompt [B, P],
 interleaved round by round in one process: time to the first token (the prefill) and the decoding steps alone
 (generate(N tokens) - generate(1 token)), each as a ratio to dense with its spread; peak memory of the whole
-generate; FLOPs counted on what really ran (prefill, and the N - 1 decoding steps); and the analytic ceilings:
-prefill, the FLOP ratio of a forward at P tokens; decoding, the bytes a step must read (weights of the blocks a
+generate (measured after every timing); FLOPs counted on what really ran (prefill, and the N - 1 decoding steps); and the analytic ceilings:
+prefill, the FLOP ratio of generate's prefill at P tokens (the LM head on the last token only); decoding, the bytes a step must read (weights of the blocks a
 step runs, plus the KV cache of the tokens it attends to), memory-bound as a GPU decodes.
 
 MoD routes causally here (what inference runs). Without --adapter its routers and predictors are untrained, so
@@ -117,6 +117,13 @@ def compile_forward(model, device: str, backend: str) -> None:
     base.forward = torch.compile(base.forward, mode=mode, backend=backend)
 
 
+def prefill_ceiling(est: dict, config, prompt_len: int) -> float:
+    """1 / the analytic FLOP ratio of generate's prefill, which computes the LM head on the last prompt token only
+    (analytic() counts it on every token, as a training forward does)."""
+    head = 2 * (prompt_len - 1) * block_shape(config)["d"] * config.vocab_size
+    return round((est["dense"] - head) / (est["mod"] - head), 4)
+
+
 def kv_bytes_per_token(config, dtype) -> int:
     """K and V of one token in one attention layer."""
     s = block_shape(config)
@@ -156,16 +163,13 @@ def weight_bytes(model, skip=()) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in left)
 
 
-def cell(dense, mod, args, prompt_len: int, batch: int, budget: float) -> dict:
-    """Both models side by side on one random prompt [batch, prompt_len]: see the module's doc."""
-    from .. import flops
+def calls(dense, mod, args, prompt_len: int, batch: int) -> dict:
+    """Greedy generate of n and of 1 new token, for each model, on one random prompt [batch, prompt_len]."""
     g = torch.Generator().manual_seed(args.seed + prompt_len * 1000 + batch)
     prompt = torch.randint(3, dense.config.vocab_size, (batch, prompt_len), generator=g).to(args.device)
     pad = dense.generation_config.pad_token_id
     pad = pad if pad is not None else (dense.config.eos_token_id or 0)
-    n = args.new_tokens
     kw = dict(do_sample=False, pad_token_id=pad, attention_mask=torch.ones_like(prompt))
-    models = {"dense": dense, "mod": mod}
 
     def generate(model, tokens):
         def fn():
@@ -174,16 +178,24 @@ def cell(dense, mod, args, prompt_len: int, batch: int, budget: float) -> dict:
         return fn
 
     fns = {}
-    for name, model in models.items():
-        fns[name] = generate(model, n)
+    for name, model in (("dense", dense), ("mod", mod)):
+        fns[name] = generate(model, args.new_tokens)
         fns[f"{name}_first"] = generate(model, 1)
-    counted, memory, snap = {}, {}, {}
+    return fns
+
+
+def cell(dense, mod, args, prompt_len: int, batch: int, budget: float) -> dict:
+    """Both models side by side on one random prompt [batch, prompt_len]: see the module's doc. Peak memory is
+    measured later (memory()): measuring it changes the CPU allocator for the rest of the process."""
+    from .. import flops
+    n = args.new_tokens
+    models = {"dense": dense, "mod": mod}
+    fns = calls(dense, mod, args, prompt_len, batch)
+    counted, snap = {}, {}
     for name, fn in fns.items():  # a first call of each, FLOPs counted (it also warms up)
         mod.method.reset_stats()
         counted[name] = flops.count(fn)
         snap[name] = mod.method.stats[:, :2].clone()  # tokens processed and tokens seen, per routed block
-    for name in models:
-        memory[name] = peak_memory(fns[name], args.device)
 
     def step(name):
         return step_seconds(name, n)
@@ -205,19 +217,25 @@ def cell(dense, mod, args, prompt_len: int, batch: int, budget: float) -> dict:
         "prefill_time_ratio": prefill["median"],
         "prefill_speedup": round(1 / prefill["median"], 4) if prefill["median"] else None,
         "prefill_flop_ratio": round(counted["mod_first"] / counted["dense_first"], 4),
-        "prefill_ceiling": round(1 / est["ratio"], 4),
+        "prefill_ceiling": prefill_ceiling(est, dense.config, prompt_len),
         "decode_tokens_per_s_ratio": decode["median"],
         "decode_flop_ratio": round(steps["mod"] / steps["dense"], 4) if steps["dense"] else None,
         "decode_ceiling": decode_ceiling(mod, dense.config, batch, prompt_len + n // 2, realized_decode,
                                          DTYPES[args.dtype]),
         "realized_capacity": {"prefill": round(realized_prefill, 4), "decode": round(realized_decode, 4)},
-        "peak_memory_bytes": memory,
-        "peak_memory_ratio": round(memory["mod"] / memory["dense"], 4) if memory["dense"] > 0 else None,
         "decode_tokens_per_s": {k: round(batch / v, 2) if v > 0 else None for k, v in seconds.items()},
         "prefill_seconds": {k: round(rounds.median(f"{k}_first"), 5) for k in models},
         "spreads": {"prefill_time_ratio": prefill, "decode_tokens_per_s_ratio": decode},
         "timing": rounds.stopped,
     }
+
+
+def memory(dense, mod, args, c: dict) -> None:
+    """Cell c's peak memory of one generate (prompt and decoding), each model, added to c."""
+    fns = calls(dense, mod, args, c["prompt_len"], c["batch"])
+    used = {name: peak_memory(fns[name], args.device) for name in ("dense", "mod")}
+    c["peak_memory_bytes"] = used
+    c["peak_memory_ratio"] = round(used["mod"] / used["dense"], 4) if used["dense"] > 0 else None
 
 
 def run(args) -> dict:
@@ -258,6 +276,8 @@ def run(args) -> dict:
         result["cells"].append(cell(dense, mod, args, p, b, min(args.budget, share)))
         last = (p * b, time.perf_counter() - t)
         write_json(out / "latency.json", result)
+    for c in tqdm(result["cells"], desc="peak memory", unit="cell"):  # after every timing: see cell()
+        memory(dense, mod, args, c)
     result["seconds"] = round(time.perf_counter() - start, 1)
     write_json(out / "latency.json", result)
     if result["cells"]:

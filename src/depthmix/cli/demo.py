@@ -29,10 +29,11 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every run")
     p.add_argument("--mod-adapter", help="a trained MoD adapter of smollm2-135m to show instead of the briefly "
                    "tuned one")
-    p.add_argument("--tune-steps", type=at_least(0), default=8, help="MoD router-tuning steps (batch 4 x 128)")
+    p.add_argument("--tune-steps", type=at_least(0), default=6, help="MoD router-tuning steps (batch 2 x 128)")
     p.add_argument("--new-tokens", type=at_least(2), default=32, help="MoD: tokens each timed generate decodes")
     p.add_argument("--repeats", type=at_least(1), default=3, help="MoD: timing rounds (dense, drop and MoD in turn)")
-    p.add_argument("--train-steps", type=at_least(1), default=16, help="MoLEx and MoDE training steps")
+    p.add_argument("--train-steps", type=at_least(1), default=12, help="MoLEx and MoDE training steps (batch 16 x "
+                   "64 and 2 x 128)")
     p.add_argument("--compare", action="store_true", help="instead of the tour: LoRA against MoLEx + LoRA on "
                    "pydoc/topics, trained for --epochs each (several minutes)")
     p.add_argument("--model", default="minilm-l6", help="--compare: base model (an embedded name, a folder or a "
@@ -102,7 +103,7 @@ def mod_tour(args, out: Path) -> dict:
         config = MoDConfig(layers=layers, capacity=0.5, update="gated", causal="threshold")
         mod = apply(copy.deepcopy(dense), config)
         step(f"MoD: tuning the routers of blocks {layers} ({args.tune_steps} steps, distilled from the dense model)")
-        tune(mod, train, args.tune_steps, batch=4, loss="distill", seed=args.seed)
+        tune(mod, train, args.tune_steps, batch=2, loss="distill", seed=args.seed)
         calibrate_gates(mod, train[:8])
         how = f"blocks {layers} at capacity 0.5, routers tuned {args.tune_steps} steps"
     mod.eval()
@@ -160,7 +161,7 @@ def routing_tour(method: str, model: str, task_name: str, args, out: Path) -> di
     # a quick run: the routers' rate is raised so that they move within it (MoDE starts its ensemble even)
     extra = {"init_final_weight": 1 / 3} if method == "mode" else {}
     opts = TrainOptions(method=method, model=model, task=task_name, output_dir=str(run), max_steps=args.train_steps,
-                        batch_size=4 if lm else 16, lr=1e-3, router_lr=1e-2, max_length=128 if lm else 64,
+                        batch_size=2 if lm else 16, lr=1e-3, router_lr=1e-2, max_length=128 if lm else 64,
                         seed=args.seed, max_eval_samples=8 if lm else 64, save_steps=10_000, logging_steps=6,
                         method_config=extra)
     summary = train(opts)

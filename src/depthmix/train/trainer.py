@@ -206,6 +206,10 @@ def _train(opts: TrainOptions, task, args: TrainingArguments, resume: str | None
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     train_time = time.time() - start
+    # e.g. MoD's gate thresholds, set on training text; where the weights are sharded they stay as trained (a
+    # forward that rewrites parameters is not one every rank can join)
+    calibration = model.method.after_training(model, train_ds) if model.method is not None and \
+        not sharded(trainer) else None
     trainer.adapter_info = {"base_model": opts.model, "task": opts.task, "method": opts.method}
     trainer.save_model(str(out))  # on every rank: FSDP and ZeRO-3 gather the weights here
     # Release the engine on every rank while the process group is up: ZeRO-3 keeps handles of asynchronous gathers,
@@ -230,6 +234,7 @@ def _train(opts: TrainOptions, task, args: TrainingArguments, resume: str | None
         "train_steps": result.global_step,
         "train_seconds": round(train_time, 1), "trainable_params": trainable, "total_params": total,
         "method_state": model.method.summary() if model.method is not None else {},
+        **({"calibration": calibration} if calibration is not None else {}),
         "routing": model.method.eval_routing() if model.method is not None else None,  # of the evaluation
         "options": vars(opts),
     }

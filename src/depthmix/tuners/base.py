@@ -150,6 +150,12 @@ class Method(nn.Module):
                 block._gradient_checkpointing_func = functools.partial(fn.func, *fn.args,
                                                                        **{**fn.keywords, "use_reentrant": False})
 
+    def after_training(self, model, dataset) -> dict | None:
+        """Called by `train` once training ends, before the adapter is saved, with the tokenized training set (rows
+        with input_ids); a method that sets something from the trained model (MoD: its gates' thresholds) does it
+        here and returns what it measured (in metrics.json), else None."""
+        return None
+
     def training_loss(self, model, inputs: dict, progress: float):
         """(loss, outputs) of one training batch where the method trains on an objective of its own (e.g. MoD's
         router tuning, MoDConfig.retrofit_loss), else None: the model's loss. `model` is the DepthMixModel, maybe

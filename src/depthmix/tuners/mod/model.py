@@ -166,6 +166,17 @@ class MoD(Method):
         from .retrofit import retrofit_loss
         return retrofit_loss(model, inputs, self.config.retrofit_loss, progress)
 
+    def after_training(self, model, dataset):
+        """update="gated" with threshold decisions: the budget loss pulls the executed fraction toward the target
+        only as hard as its weight, so the gates' thresholds are set on (up to) 8 training sequences, cut to the
+        shortest of them, as retrofit.calibrate_gates does."""
+        if self.config.update != "gated" or self.config.causal != "threshold" or len(dataset) == 0:
+            return None
+        from .retrofit import calibrate_gates
+        rows = dataset[:8]["input_ids"]
+        n = min(len(r) for r in rows)
+        return calibrate_gates(model, torch.tensor([list(r[:n]) for r in rows]))
+
     def flop_report(self, model, dense_flops, batch_size, seq_len, seed, trained):
         from .flops import report
         return report(model, dense_flops, batch_size, seq_len, seed, trained)
