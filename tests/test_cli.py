@@ -89,7 +89,7 @@ def test_demo_tours_the_three_methods(tmp_path, capsys):
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "demo.json").read_text())
     rows = result["mod"]["rows"]
-    assert list(rows) == ["dense", "drop 4 blocks", "MoD"]
+    assert set(rows) == {"dense", "drop 4 blocks", "MoD"}
     assert rows["dense"]["flop_ratio"] == 1.0 and 0.8 < rows["drop 4 blocks"]["flop_ratio"] < 0.95
     assert 0.8 < rows["MoD"]["flop_ratio"] < 1.0 and 0 < rows["MoD"]["realized_capacity"] < 1
     assert all(r["nll"] > 0 and r["tokens_per_s"] > 0 for r in rows.values())

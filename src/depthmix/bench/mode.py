@@ -100,3 +100,14 @@ def run(args) -> dict:
           f"peak step memory {result['peak_mem_ratio']:.3f}x, trainable params {result['trainable_params_ratio']:.3f}x "
           f"(MoDE alone: {params['alone']:,d} vs LoRA {params['lora']:,d})")
     return result
+
+
+def tour(args, out):
+    """`depthmix demo`'s part (bench/tour.py): smollm2-135m + LoRA on lm/pydoc, briefly; the ensemble's mixing weights, from an even start."""
+    from .tour import routing_tour
+    return routing_tour("mode", "smollm2-135m", "lm/pydoc", args, out, {"init_final_weight": 1 / 3})
+
+
+def summary(result: dict) -> str:
+    from .tour import routing_summary
+    return routing_summary(result)

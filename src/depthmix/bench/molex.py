@@ -65,3 +65,14 @@ def run(args) -> dict:
           f"step time {result['step_time_ratio']:.3f}x (95% CI {result['step_time_ratio_spread']['ci95']}), FLOPs {result['flop_ratio']:.3f}x, "
           f"peak step memory {result['peak_mem_ratio']:.3f}x")
     return result
+
+
+def tour(args, out):
+    """`depthmix demo`'s part (bench/tour.py): minilm-l6 + LoRA on pydoc/topics, briefly; which layer its gate chose at each layer."""
+    from .tour import routing_tour
+    return routing_tour("molex", "minilm-l6", "pydoc/topics", args, out)
+
+
+def summary(result: dict) -> str:
+    from .tour import routing_summary
+    return routing_summary(result)
