@@ -114,7 +114,8 @@ def test_bench_latency_table_json_and_picture(tmp_path, capsys):
         assert c["spreads"]["decode_tokens_per_s_ratio"]["n"] >= 1
         # counted on what ran: routed blocks at capacity 0.5 cost less than dense, and the ceilings say > 1
         assert 0 < c["prefill_flop_ratio"] < 1 and c["prefill_ceiling"] > 1 and c["decode_ceiling"] > 1
-        assert c["peak_memory_bytes"]["dense"] > 0 and c["peak_memory_bytes"]["mod"] > 0
+        # measured after the timings (see below): a tiny model's generate may then fit in pages the process holds
+        assert all(isinstance(v, int) and v >= 0 for v in c["peak_memory_bytes"].values())
         # the untrained predictors' bias is calibrated: some tokens run the routed blocks, not all
         assert 0 < c["realized_capacity"]["prefill"] < 1
 
