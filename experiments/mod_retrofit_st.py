@@ -14,8 +14,8 @@ point, committed with --commit:
 - "blockdrop" / "attndrop": the n least influential blocks (ShortGPT influence; attention influence for attndrop)
   removed, n matched to each capacity's FLOP ratio; healing "lora": LoRA alone on the same tokens, same loss.
 - "oracle" (item 6): for --oracle-blocks blocks, each token's cost of skipping each sub-layer alone (the KL it
-  adds over the sequence), and the NLL of skipping, in every such unit, the cheapest tokens at each capacity
-  (non-causal: a bound, not a model); with --oracle-router, how well that point's routers order the same tokens.
+  adds over the sequence; skipped as MoD skips: no update, and no key or value for later tokens), and the NLL of
+  skipping, in every such unit, the cheapest tokens at each capacity (non-causal: a bound, not a model); with --oracle-router, how well that point's routers order the same tokens.
 - "curve": held-out NLL against tuning tokens for the first mod-st point (item 4).
 Quality: held-out NLL with causal routing on wikitext-2 test and on tinyshakespeare (never tuned or chosen on);
 speed: counted FLOP ratio and decode tokens/s over dense at batch 1 and 4, measured side by side in one process.
@@ -158,14 +158,40 @@ def unit_module(model, t, kind):
     return block.self_attn if kind == "attention" else block.mlp
 
 
-def skipping(module, mask):
-    """A forward hook on a sub-layer: the tokens where mask [B, S] is true get no update from it (their own update
-    only: their keys and values stay visible to later tokens, an approximation of MoD's skip)."""
-    def hook(m, a, out):
+def hidden_keys(mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, S] bool, True where a query may attend: causal, with the keys of the tokens in mask [B, S] hidden
+    from every query but their own (whose output is dropped anyway)."""
+    s = mask.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=mask.device).tril()
+    own = torch.eye(s, dtype=torch.bool, device=mask.device)
+    return (causal & (~mask[:, None, :] | own)).unsqueeze(1)
+
+
+def skipping(module, mask, kind):
+    """Hooks on a sub-layer that make the tokens where mask [B, S] is true skip it as MoD skips them: no update
+    from it, and for attention no key or value either, so later tokens do not see them there. Returns the hooks."""
+    def drop_update(m, a, out):
         y = out[0] if isinstance(out, tuple) else out
         y = y.masked_fill(mask.unsqueeze(-1), 0.0)
         return (y, *out[1:]) if isinstance(out, tuple) else y
-    return module.register_forward_hook(hook)
+
+    hooks = [module.register_forward_hook(drop_update)]
+    if kind == "attention":
+        allowed = hidden_keys(mask)
+
+        def hide_keys(m, args, kwargs):
+            if "attention_mask" not in kwargs:
+                raise RuntimeError(f"{type(m).__name__} got its attention mask positionally: the oracle cannot hide keys")
+            given = kwargs["attention_mask"]
+            if given is None:
+                new = allowed
+            elif given.dtype == torch.bool:
+                new = given & allowed
+            else:  # an additive float mask (eager attention)
+                new = given.masked_fill(~allowed, torch.finfo(given.dtype).min)
+            return args, {**kwargs, "attention_mask": new}
+        hooks.append(module.register_forward_pre_hook(hide_keys, with_kwargs=True))
+    return hooks
 
 
 @torch.no_grad()
@@ -178,11 +204,12 @@ def token_costs(dense, seqs, t, kind, chunk):
             js = torch.arange(lo, min(lo + chunk, seq.numel()))
             mask = torch.zeros(len(js), seq.numel(), dtype=torch.bool)
             mask[torch.arange(len(js)), js] = True
-            h = skipping(unit_module(dense, t, kind), mask)
+            hooks = skipping(unit_module(dense, t, kind), mask, kind)
             try:
                 logits = dense(input_ids=seq.expand(len(js), -1), use_cache=False).logits
             finally:
-                h.remove()
+                for h in hooks:
+                    h.remove()
             t_log = torch.log_softmax(ref.float(), -1).expand_as(logits)
             kl = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1), t_log, log_target=True,
                                             reduction="none").sum((-1, -2))
@@ -200,7 +227,7 @@ def oracle_nll(dense, seqs, costs, capacity):
         if skip:
             order = cost[:, 1:].argsort(dim=1)[:, :skip] + 1
             mask.scatter_(1, order, True)
-        hooks.append(skipping(unit_module(dense, t, kind), mask))
+        hooks.extend(skipping(unit_module(dense, t, kind), mask, kind))
     try:
         logits = dense(input_ids=seqs, use_cache=False).logits[:, :-1]
     finally:

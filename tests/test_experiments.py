@@ -363,3 +363,40 @@ def test_mod_retrofit_st_smoke_runs_every_arm_once_and_resumes(tmp_path):
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
     study.main(argv)  # resumed: nothing left to run
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")} == stamps
+
+
+def test_the_oracle_skips_a_token_as_mod_does():
+    """The oracle's hooks on a dense model give what MoD computes when a routed unit skips exactly that token: for
+    attention, no update and no key/value for later tokens (MoD's subset never computes them)."""
+    import torch
+
+    import depthmix
+    from conftest import VOCAB, tiny
+    study = script("mod_retrofit_st")
+    ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(0))
+    skip = torch.zeros(1, 10, dtype=torch.bool)
+    skip[0, 4] = True
+    for kind in ("attention", "mlp"):
+        dense = tiny("llama").eval()
+        hooks = study.skipping(study.unit_module(dense, 1, kind), skip, kind)
+        with torch.no_grad():
+            oracle = dense(input_ids=ids, use_cache=False).logits
+        for h in hooks:
+            h.remove()
+        mod = depthmix.apply(tiny("llama"), depthmix.MoDConfig(capacity=0.5, layers=[1], skip=kind, update="gated",
+                                                               causal="threshold")).eval()
+        # route every token through block 1's unit but token 4 (threshold decisions: processed where r > 0)
+        mod.method.router = lambda i, x: torch.where(skip.to(x.device), -1.0, 1.0).expand(x.shape[:2])
+        with torch.no_grad():
+            routed = mod(input_ids=ids, use_cache=False).logits
+        assert mod.method.summary()["realized_capacity"] == 0.9
+        torch.testing.assert_close(oracle, routed, rtol=1e-4, atol=1e-4)
+        if kind == "attention":  # the hidden key matters: without it the later tokens differ
+            dense = tiny("llama").eval()
+            update_only = study.unit_module(dense, 1, kind).register_forward_hook(
+                lambda m, a, out: (out[0].masked_fill(skip.unsqueeze(-1), 0.0), *out[1:]))
+            with torch.no_grad():
+                approx = dense(input_ids=ids, use_cache=False).logits
+            update_only.remove()
+            assert not torch.allclose(approx[:, 5:], routed[:, 5:], atol=1e-4)
+            torch.testing.assert_close(approx[:, :5], routed[:, :5], rtol=1e-4, atol=1e-4)
