@@ -358,6 +358,7 @@ def parse(argv=None):
     p.add_argument("--oracle-len", type=int, default=128)
     p.add_argument("--oracle-chunk", type=int, default=32, help="copies of a sequence per oracle forward")
     p.add_argument("--oracle-router", help="a finished mod-st point whose routers are compared with the oracle")
+    p.add_argument("--oracle-only", action="store_true", help="only the dense reference and the oracle (no points)")
     p.add_argument("--reverse", action="store_true", help="a second lane: take the points from the other end")
     p.add_argument("--commit", action="store_true", help="git commit --out and --img after every point")
     args = p.parse_args(argv)
@@ -373,7 +374,7 @@ def main(argv=None):
     data = prepare(args, tok)
     dense = load_model(args.model).eval()
     base_rec = dense_point(runs, dense, data, args)
-    items = plan(args)
+    items = [] if args.oracle_only else plan(args)
     for name, spec in sweeps.ordered(args, items):
         folder = runs.root / name
         if runs.get(name) is not None or sweeps.busy(folder):
