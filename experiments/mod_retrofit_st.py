@@ -39,6 +39,7 @@ from depthmix import lora as lora_layers
 from depthmix.bench.mod import text_blocks
 from depthmix.models import load_model, load_tokenizer
 from depthmix.tuners.mod import retrofit
+from depthmix.tuners.mod import importance
 from depthmix.tuners.mod.importance import drop_attention, drop_blocks, least_important
 from depthmix.tuners.mod.retrofit import token_kl
 
@@ -270,6 +271,13 @@ def oracle_points(runs, dense, data, base_rec, args):
             rec = runs.put(key, {"unit": f"{t}.{kind}", "cost": cost.tolist()})
         costs[(t, kind)] = torch.tensor(rec["cost"])
     dense_nll = oracle_nll(dense, seqs, {}, 1.0)
+    drop = runs.get("oracle-blockdrop")
+    if drop is None:  # the simplest alternative on the same text: the least influential whole block dropped
+        t = importance.least_important(importance.block_influence(dense, data["calib"]), 1)
+        drop = runs.put("oracle-blockdrop", {"blocks": t, "nll": round(oracle_nll(
+            importance.drop_blocks(copy.deepcopy(dense), t), seqs, {}, 1.0), 4),
+            "flop_ratio": round(base_rec["flops_one_block_dropped"] / base_rec["flops"], 4)})
+    unit_cost = {f"{t}.{kind}": cost_summary(c[:, 1:]) for (t, kind), c in costs.items()}
     params = {u: sum(p.numel() for p in unit_module(dense, *u).parameters()) for u in units}
     per_token = 2 * seqs.shape[1] * data["flop_ids"].shape[0] / data["flop_ids"].numel()  # FLOPs per param-token
     agreement = router_agreement(runs, args.oracle_router, seqs, costs, args) if args.oracle_router else None
@@ -283,7 +291,53 @@ def oracle_points(runs, dense, data, base_rec, args):
                         "flop_ratio": round(1 - saved / base_rec["flops"], 4), "nll": round(oracle_nll(
                             dense, seqs, costs, capacity), 4), "nll_dense_same_text": round(dense_nll, 4),
                         "oracle_text": f"{seqs.shape[0]} x {seqs.shape[1]} tokens of wikitext-2 test",
-                        "router_agreement": agreement, "oracle_router": args.oracle_router})
+                        "router_agreement": agreement, "oracle_router": args.oracle_router,
+                        "unit_cost": unit_cost, "skipped_cost_share": {f"{t}.{kind}": skipped_share(c[:, 1:], capacity)
+                                                                       for (t, kind), c in costs.items()},
+                        "blockdrop_same_text": drop})
+
+
+def cost_summary(cost: torch.Tensor) -> dict:
+    """Mean, median, 90th percentile and max over tokens of the KL a token adds by skipping a unit alone."""
+    c = cost.flatten().double()
+    return {"mean": round(float(c.mean()), 5), "median": round(float(c.median()), 5),
+            "p90": round(float(c.quantile(0.9)), 5), "max": round(float(c.max()), 5)}
+
+
+def skipped_share(cost: torch.Tensor, capacity: float) -> float:
+    """The share of a unit's summed skip costs that its cheapest (1 - capacity) tokens of each sequence carry:
+    small where a few tokens carry the unit's value (what per-token routing can exploit), 1 - capacity where the
+    cost is even."""
+    skip = int(round((1 - capacity) * cost.shape[1]))
+    cheapest = cost.sort(dim=1).values[:, :skip]
+    return round(float(cheapest.sum() / cost.sum().clamp(min=1e-12)), 4)
+
+
+def oracle_table(path) -> str:
+    """The oracle's numbers from its results file: NLL against the dense model and a one-block drop on the same
+    text, and how unevenly each unit's skip cost is spread over tokens."""
+    rec = json.loads(Path(path).read_text())
+    rows = [d for d in rec["details"] if d["name"].startswith("oracle-c")]
+    if not rows:
+        return "(no oracle point yet)"
+    points = {p["capacity"]: p for p in rec["points"] if p["arm"] == "oracle"}
+    first = rows[0]
+    drop = first["blockdrop_same_text"]
+    units = list(first["unit_cost"])
+    out = [f"Oracle text: {first['oracle_text']}; units: {', '.join(units)}; dense NLL on it "
+           f"{first['nll_dense_same_text']:.4f}; block {drop['blocks']} dropped (least influential): NLL "
+           f"{drop['nll']:.4f} at FLOP ratio {drop['flop_ratio']:.4f}.", "",
+           "| capacity | FLOP ratio | oracle NLL | - dense | " + " | ".join(f"{u}: cost share skipped" for u in units)
+           + " |", "| --- " * (4 + len(units)) + "|"]
+    for d in sorted(rows, key=lambda d: -points[float(d["name"][len("oracle-c"):])]["capacity"]):
+        p = points[float(d["name"][len("oracle-c"):])]
+        out.append(f"| {p['capacity']} | {p['flop_ratio']:.4f} | {p['nll']:.4f} | "
+                   f"{p['nll'] - d['nll_dense_same_text']:+.4f} | "
+                   + " | ".join(f"{d['skipped_cost_share'][u]:.3f}" for u in units) + " |")
+    out += ["", "| unit | mean KL | median | 90th pct. | max |", "| --- | --- | --- | --- | --- |"]
+    for u, c in first["unit_cost"].items():
+        out.append(f"| {u} | {c['mean']:.5f} | {c['median']:.5f} | {c['p90']:.5f} | {c['max']:.5f} |")
+    return "\n".join(out)
 
 
 # -- the study ----------------------------------------------------------------------------------------------------
@@ -359,6 +413,7 @@ def parse(argv=None):
     p.add_argument("--oracle-chunk", type=int, default=32, help="copies of a sequence per oracle forward")
     p.add_argument("--oracle-router", help="a finished mod-st point whose routers are compared with the oracle")
     p.add_argument("--oracle-only", action="store_true", help="only the dense reference and the oracle (no points)")
+    p.add_argument("--oracle-table", action="store_true", help="print the oracle's Markdown from --out and stop")
     p.add_argument("--reverse", action="store_true", help="a second lane: take the points from the other end")
     p.add_argument("--commit", action="store_true", help="git commit --out and --img after every point")
     args = p.parse_args(argv)
@@ -368,6 +423,9 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
+    if args.oracle_table:
+        print(oracle_table(args.out))
+        return 0
     torch.manual_seed(0)
     runs = base.Runs(args.runs)
     tok = load_tokenizer(args.model)

@@ -359,6 +359,13 @@ def test_mod_retrofit_st_smoke_runs_every_arm_once_and_resumes(tmp_path):
     assert st["realized_capacity_calibration"] == pytest.approx(0.75, abs=0.05)
     oracle = next(d for d in rec["details"] if d["name"] == "oracle-c0.75")
     assert set(oracle["router_agreement"]) == {"1.attention", "1.mlp"}
+    # how unevenly the skip cost is spread: the cheapest quarter of the tokens carries at most a quarter of it
+    assert set(oracle["skipped_cost_share"]) == set(oracle["unit_cost"]) == {"1.attention", "1.mlp"}
+    assert all(0 <= v <= 0.25 + 1e-6 for v in oracle["skipped_cost_share"].values())
+    drop = oracle["blockdrop_same_text"]
+    assert len(drop["blocks"]) == 1 and math.isfinite(drop["nll"]) and 0 < drop["flop_ratio"] < 1
+    table = study.oracle_table(tmp_path / "out.json")
+    assert "| 0.75 |" in table and f"{drop['nll']:.4f}" in table
     assert (tmp_path / "runs" / "mod-st-c0.75-lora" / "depthmix_config.json").exists() and (tmp_path / "map.png").exists()
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
     study.main(argv)  # resumed: nothing left to run
