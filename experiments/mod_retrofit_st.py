@@ -15,7 +15,8 @@ point, committed with --commit:
   removed, n matched to each capacity's FLOP ratio; healing "lora": LoRA alone on the same tokens, same loss.
 - "oracle" (item 6): for --oracle-blocks blocks, each token's cost of skipping each sub-layer alone (the KL it
   adds over the sequence; skipped as MoD skips: no update, and no key or value for later tokens), and the NLL of
-  skipping, in every such unit, the cheapest tokens at each capacity (non-causal: a bound, not a model); with --oracle-router, how well that point's routers order the same tokens.
+  skipping, in every such unit, the cheapest tokens at each capacity (non-causal: a bound, not a model); with
+  --oracle-router, how well that point's routers order the same tokens.
 - "curve": held-out NLL against tuning tokens for the first mod-st point (item 4).
 Quality: held-out NLL with causal routing on wikitext-2 test and on tinyshakespeare (never tuned or chosen on);
 speed: counted FLOP ratio and decode tokens/s over dense at batch 1 and 4, measured side by side in one process.
@@ -182,7 +183,8 @@ def skipping(module, mask, kind):
 
         def hide_keys(m, args, kwargs):
             if "attention_mask" not in kwargs:
-                raise RuntimeError(f"{type(m).__name__} got its attention mask positionally: the oracle cannot hide keys")
+                raise RuntimeError(f"{type(m).__name__} got its attention mask positionally: the oracle cannot hide "
+                                   "the skipped keys")
             given = kwargs["attention_mask"]
             if given is None:
                 new = allowed

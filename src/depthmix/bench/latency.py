@@ -3,9 +3,10 @@
 For each cell (prompt length P, batch B) both models run greedy `generate` on the same random prompt [B, P],
 interleaved round by round in one process: time to the first token (the prefill) and the decoding steps alone
 (generate(N tokens) - generate(1 token)), each as a ratio to dense with its spread; peak memory of the whole
-generate (measured after every timing); FLOPs counted on what really ran (prefill, and the N - 1 decoding steps); and the analytic ceilings:
-prefill, the FLOP ratio of generate's prefill at P tokens (the LM head on the last token only); decoding, the bytes a step must read (weights of the blocks a
-step runs, plus the KV cache of the tokens it attends to), memory-bound as a GPU decodes.
+generate (measured after every timing); FLOPs counted on what really ran (prefill, and the N - 1 decoding
+steps); and the analytic ceilings: prefill, the FLOP ratio of generate's prefill at P tokens (the LM head on the
+last token only); decoding, the bytes a step must read (weights of the blocks a step runs, plus the KV cache of
+the tokens it attends to), memory-bound as a GPU decodes.
 
 MoD routes causally here (what inference runs). Without --adapter its routers and predictors are untrained, so
 before timing each predictor's output bias is set so that it routes the --capacity share of the tokens of a

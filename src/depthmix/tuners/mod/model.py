@@ -299,8 +299,9 @@ class MoD(Method):
         xs = take_slots(x, idx, flat)
         kw = self._subset_kwargs(c.module, c.i, kind, c.named, idx, flat, count, top, xs)
         rest = None if kind != "block" else xs
-        new = self._update(rest, self._run(c.forward, xs, kw), None if weight is None else take_slots(weight, idx, flat))
-        if c.slots is None or not self._full:  # rows may fill fewer slots than K: the unfilled write back what they hold
+        weight = None if weight is None else take_slots(weight, idx, flat)
+        new = self._update(rest, self._run(c.forward, xs, kw), weight)
+        if c.slots is None or not self._full:  # rows may fill fewer slots than K: unfilled slots change nothing
             filled = torch.arange(top, device=x.device).unsqueeze(0) < count.unsqueeze(1)
             new = torch.where(filled.unsqueeze(-1), new, xs if rest is not None else torch.zeros_like(new))
         return self._rest(x, kind).reshape(b * s, d).index_copy(0, flat, new.reshape(-1, d)).view(b, s, d)
