@@ -389,7 +389,8 @@ def parse(argv=None):
     p.add_argument("--data-dir")
     p.add_argument("--model", default=base.MODEL, help="a smaller model (folder) for a smoke test")
     p.add_argument("--runs", default="runs/mod_retrofit", help="one JSON per finished point (resumable)")
-    p.add_argument("--out", default="docs/results/mod-retrofit.json")
+    p.add_argument("--out", default="docs/results/mod-retrofit-st.json", help="the results file (the schema of "
+                   "mod-retrofit.json), rewritten from --runs after every point")
     p.add_argument("--img", default="docs/img/mod-retrofit.png")
     p.add_argument("--capacities", type=float, nargs="+", default=[0.95, 0.9, 0.85, 0.75])
     p.add_argument("--healing", nargs="+", default=["none", "lora"], choices=["none", "lora"])
@@ -423,6 +424,20 @@ def parse(argv=None):
     return args
 
 
+def keeps_recorded(args, runs) -> None:
+    """The results file is rewritten from --runs: refuse where it records points that --runs lacks (an earlier
+    study's, or one from another machine), which the rewrite would lose."""
+    out = Path(args.out)
+    if not out.exists():
+        return
+    recorded = {d["name"] for d in json.loads(out.read_text()).get("details", [])}
+    lost = sorted(recorded - set(runs.all()))
+    if lost:
+        raise SystemExit(f"--out {out}: records {len(lost)} points that {runs.root} lacks ({', '.join(lost[:4])}"
+                         f"{', ...' if len(lost) > 4 else ''}); rewriting it from {runs.root} would lose them. "
+                         "Give a new --out.")
+
+
 def main(argv=None):
     args = parse(argv)
     if args.oracle_table:
@@ -430,6 +445,7 @@ def main(argv=None):
         return 0
     torch.manual_seed(0)
     runs = base.Runs(args.runs)
+    keeps_recorded(args, runs)
     tok = load_tokenizer(args.model)
     data = prepare(args, tok)
     dense = load_model(args.model).eval()

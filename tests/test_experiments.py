@@ -370,6 +370,10 @@ def test_mod_retrofit_st_smoke_runs_every_arm_once_and_resumes(tmp_path):
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
     study.main(argv)  # resumed: nothing left to run
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")} == stamps
+    before = (tmp_path / "out.json").read_bytes()
+    with pytest.raises(SystemExit, match="rewriting it from .* would lose them"):  # a results file it cannot rebuild
+        study.main([*argv[:argv.index("--runs") + 1], str(tmp_path / "other-runs"), *argv[argv.index("--runs") + 2:]])
+    assert (tmp_path / "out.json").read_bytes() == before
 
 
 def test_the_oracle_skips_a_token_as_mod_does():
