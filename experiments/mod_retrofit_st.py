@@ -281,13 +281,13 @@ def oracle_points(runs, dense, data, base_rec, args):
             "flop_ratio": round(base_rec["flops_one_block_dropped"] / base_rec["flops"], 4)})
     unit_cost = {f"{t}.{kind}": cost_summary(c[:, 1:]) for (t, kind), c in costs.items()}
     params = {u: sum(p.numel() for p in unit_module(dense, *u).parameters()) for u in units}
-    per_token = 2 * seqs.shape[1] * data["flop_ids"].shape[0] / data["flop_ids"].numel()  # FLOPs per param-token
     agreement = router_agreement(runs, args.oracle_router, seqs, costs, args) if args.oracle_router else None
     for capacity in args.capacities:
         name = f"oracle-c{capacity}"
         if runs.get(name) is not None:
             continue
-        saved = per_token * (1 - capacity) * sum(params.values()) * data["flop_ids"].numel() / seqs.shape[1]
+        # 2 FLOPs per parameter per skipped token, on the tokens base_rec["flops"] was counted on
+        saved = 2 * (1 - capacity) * sum(params.values()) * data["flop_ids"].numel()
         runs.put(name, {"arm": "oracle", "what": "sublayers", "layers": args.oracle_blocks, "capacity": capacity,
                         "tuning_steps": 0, "tuning_tokens": 0, "healing": "none",
                         "flop_ratio": round(1 - saved / base_rec["flops"], 4), "nll": round(oracle_nll(
