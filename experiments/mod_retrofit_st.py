@@ -40,7 +40,6 @@ from depthmix import lora as lora_layers
 from depthmix.bench.mod import text_blocks
 from depthmix.models import load_model, load_tokenizer
 from depthmix.tuners.mod import retrofit
-from depthmix.tuners.mod import importance
 from depthmix.tuners.mod.importance import drop_attention, drop_blocks, least_important
 from depthmix.tuners.mod.retrofit import token_kl
 
@@ -275,9 +274,9 @@ def oracle_points(runs, dense, data, base_rec, args):
     dense_nll = oracle_nll(dense, seqs, {}, 1.0)
     drop = runs.get("oracle-blockdrop")
     if drop is None:  # the simplest alternative on the same text: the least influential whole block dropped
-        t = importance.least_important(importance.block_influence(dense, data["calib"]), 1)
+        t = least_important(base_rec["influence"]["block"], 1)
         drop = runs.put("oracle-blockdrop", {"blocks": t, "nll": round(oracle_nll(
-            importance.drop_blocks(copy.deepcopy(dense), t), seqs, {}, 1.0), 4),
+            drop_blocks(copy.deepcopy(dense), t), seqs, {}, 1.0), 4),
             "flop_ratio": round(base_rec["flops_one_block_dropped"] / base_rec["flops"], 4)})
     unit_cost = {f"{t}.{kind}": cost_summary(c[:, 1:]) for (t, kind), c in costs.items()}
     params = {u: sum(p.numel() for p in unit_module(dense, *u).parameters()) for u in units}
@@ -319,11 +318,11 @@ def oracle_table(path) -> str:
     """The oracle's numbers from its results file: NLL against the dense model and a one-block drop on the same
     text, and how unevenly each unit's skip cost is spread over tokens."""
     rec = json.loads(Path(path).read_text())
-    rows = [d for d in rec["details"] if d["name"].startswith("oracle-c")]
+    # record() lists points and details in the same order: by arm, then by falling FLOP ratio (capacity)
+    rows = [(p, d) for p, d in zip(rec["points"], rec["details"]) if p["arm"] == "oracle"]
     if not rows:
         return "(no oracle point yet)"
-    points = {p["capacity"]: p for p in rec["points"] if p["arm"] == "oracle"}
-    first = rows[0]
+    first = rows[0][1]
     drop = first["blockdrop_same_text"]
     units = list(first["unit_cost"])
     out = [f"Oracle text: {first['oracle_text']}; units: {', '.join(units)}; dense NLL on it "
@@ -331,8 +330,7 @@ def oracle_table(path) -> str:
            f"{drop['nll']:.4f} at FLOP ratio {drop['flop_ratio']:.4f}.", "",
            "| capacity | FLOP ratio | oracle NLL | - dense | " + " | ".join(f"{u}: cost share skipped" for u in units)
            + " |", "| --- " * (4 + len(units)) + "|"]
-    for d in sorted(rows, key=lambda d: -points[float(d["name"][len("oracle-c"):])]["capacity"]):
-        p = points[float(d["name"][len("oracle-c"):])]
+    for p, d in rows:
         out.append(f"| {p['capacity']} | {p['flop_ratio']:.4f} | {p['nll']:.4f} | "
                    f"{p['nll'] - d['nll_dense_same_text']:+.4f} | "
                    + " | ".join(f"{d['skipped_cost_share'][u]:.3f}" for u in units) + " |")

@@ -8,6 +8,8 @@ from ..lora import config as lora_config
 from ..models import load_model
 from ..tuners import MoDEConfig
 from .common import add_timing_args, training_ratios, training_step
+from .tour import routing_tour
+from .tour import routing_summary as summary  # noqa: F401  (what `depthmix demo` prints of the tour)
 
 
 def add_args(p) -> None:
@@ -103,11 +105,6 @@ def run(args) -> dict:
 
 
 def tour(args, out):
-    """`depthmix demo`'s part (bench/tour.py): smollm2-135m + LoRA on lm/pydoc, briefly; the ensemble's mixing weights, from an even start."""
-    from .tour import routing_tour
+    """`depthmix demo`'s part (bench/tour.py): smollm2-135m + LoRA on lm/pydoc, briefly; the ensemble's mixing
+    weights, from an even start."""
     return routing_tour("mode", "smollm2-135m", "lm/pydoc", args, out, {"init_final_weight": 1 / 3})
-
-
-def summary(result: dict) -> str:
-    from .tour import routing_summary
-    return routing_summary(result)

@@ -9,6 +9,8 @@ from ..models import load_model
 from ..architectures import resolve
 from ..tuners import MoLExConfig
 from .common import add_timing_args, training_ratios
+from .tour import routing_tour
+from .tour import routing_summary as summary  # noqa: F401  (what `depthmix demo` prints of the tour)
 
 
 def add_args(p) -> None:
@@ -68,11 +70,6 @@ def run(args) -> dict:
 
 
 def tour(args, out):
-    """`depthmix demo`'s part (bench/tour.py): minilm-l6 + LoRA on pydoc/topics, briefly; which layer its gate chose at each layer."""
-    from .tour import routing_tour
+    """`depthmix demo`'s part (bench/tour.py): minilm-l6 + LoRA on pydoc/topics, briefly; which layer its gate
+    chose at each layer."""
     return routing_tour("molex", "minilm-l6", "pydoc/topics", args, out)
-
-
-def summary(result: dict) -> str:
-    from .tour import routing_summary
-    return routing_summary(result)
