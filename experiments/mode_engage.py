@@ -77,7 +77,7 @@ def main() -> None:
             continue
         record = mode_math.run(args, folder, seed, best["flags"], splits, "heldout", args.eval_samples)
         runs.append({"arm": "mode+lora-engaged", "seed": seed, "value": record["gold_nll"],
-                     "mixing": mixing(folder, splits)})
+                     "mixing": mixing(folder, splits["heldout"])})
         if seed == 0:
             premise["after_mode_lora"] = lens_of(folder, splits)
             write_premise(args, premise)
@@ -106,15 +106,15 @@ def lens_of(folder: Path | None, splits: dict) -> dict:
     return layer_lens(model, batches)
 
 
-def mixing(folder: Path, splits: dict) -> dict:
-    """The learned mixing weights of a MoDE run on the held-out problems: mean and spread over tokens per layer."""
+def mixing(folder: Path, problems: Path) -> dict:
+    """The learned mixing weights of a MoDE run on a split's problems: mean and spread over tokens per layer."""
     from depthmix.data.tasks import get_task
     from depthmix.evaluation import response_nll
     from depthmix.train import load_trained
     model, tok, _ = load_trained(str(folder))
     model.method.reset_stats()
     task = get_task("singleeq")
-    response_nll(task, model, tok, task.load("train", str(splits["heldout"])), 256)
+    response_nll(task, model, tok, task.load("train", str(problems)), 256)
     return model.method.routing_record()
 
 
@@ -134,8 +134,10 @@ def sweep(args, out: Path, splits: dict, base: dict) -> dict:
         if name not in done:
             value = mode_math.run(args, out / "sweep" / name, sweeps.PHASE1_SEED, flags(lora_lr, router_lr, init),
                                   splits, "validation", 8)["gold_nll"]
+            # the weights each run learnt (on the validation problems): did the ensemble engage at this rate?
             done[name] = {"run": name, "arm": "mode+lora", "seed": sweeps.PHASE1_SEED, "value": value,
-                          "flags": flags(lora_lr, router_lr, init)}
+                          "flags": flags(lora_lr, router_lr, init),
+                          "mixing": mixing(out / "sweep" / name, splits["validation"])}
             sweeps.publish(file, {"experiment": "mode-engage-sweep", "metric": "gold_nll", "lr": lr,
                                   "distill": options, "runs": sorted(done.values(), key=sweeps.name_of)})
         return name, done[name]["value"]
@@ -208,6 +210,15 @@ def tables(results: Path) -> str:
             lines.append(f"| {label} | any of them (oracle) | | {lens['oracle_accuracy']:.4f} | |")
         parts.append(f"**The premise** ({rec['model']}; {rec['data']}; {rec['base']['tokens']} tokens; logit lens "
                      "through each layer's MoDE norm and the shared head):\n\n" + "\n".join(lines))
+    file = results / "mode-engage-sweep.json"
+    if file.exists():
+        runs = json.loads(file.read_text())["runs"]
+        lines = ["| phase-1 run (seed 0) | validation gold NLL | mixing weights, blocks in order (mean over tokens) |",
+                 "|" + " --- |" * 3]
+        for r in runs:
+            weights = " / ".join(f"{w:.3f}" for w in r["mixing"]["mean_weights"]) if "mixing" in r else ""
+            lines.append(f"| {r['run']} | {r['value']:.4f} | {weights} |")
+        parts.append("**Phase 1** (router rate and start, then LoRA's rate; validation split):\n\n" + "\n".join(lines))
     file = results / "mode-engage.json"
     if file.exists():
         rec = json.loads(file.read_text())
