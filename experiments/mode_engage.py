@@ -142,7 +142,8 @@ def sweep(args, out: Path, splits: dict, base: dict) -> dict:
                                   "distill": options, "runs": sorted(done.values(), key=sweeps.name_of)})
         return name, done[name]["value"]
 
-    grid = {(lr, rlr, init): scored(lr, rlr, init) for init in INITS for rlr in args.router_lrs}
+    # fastest router first: a stopped sweep has first tried the rate most likely to move the weights
+    grid = {(lr, rlr, init): scored(lr, rlr, init) for rlr in reversed(args.router_lrs) for init in INITS}
     _, router_lr, init = min(grid, key=lambda key: grid[key][1])
     retuned = {(l, router_lr, init): scored(l, router_lr, init) for l in sweeps.around(lr)}
     lora_lr = min(retuned, key=lambda key: retuned[key][1])[0]
