@@ -2,6 +2,10 @@
 
     OMP_NUM_THREADS=1 nice -n 10 python experiments/mod_retrofit_st.py --data-dir ../shared/data [--commit]
     ... --reverse     # a second lane: the same points from the other end (each point is run by one lane)
+    ... --device cuda # routers and healing LoRA train on a GPU; every measurement still runs on the CPU
+
+Cost on the 2-core CPU: a tuning step at 2 x 256 (teacher forward, then every unit computed and gated, backward to
+the routers) takes several seconds, so the default 2048 steps (1.05M tokens) are hours per point.
 
 Arms, all on SmolLM2-135M, each point written to --runs as one JSON (a point whose JSON exists is not run again;
 a point another lane holds is skipped) and the results file (--out, the schema of experiments/mod_retrofit.py:
@@ -81,20 +85,22 @@ def lora_config(model, args):
 
 
 def heal(model, teacher, blocks, args):
-    """LoRA on a static (dropped) model: the same tokens and loss (KL from the dense model) as the MoD arm's."""
-    model = depthmix.apply(model, None, lora=lora_config(model, args)).train()
+    """LoRA on a static (dropped) model: the same tokens and loss (KL from the dense model) as the MoD arm's, on
+    --device; the healed model comes back to the CPU."""
+    model = depthmix.apply(model, None, lora=lora_config(model, args)).to(args.device).train()
+    teacher = teacher if args.device == "cpu" else copy.deepcopy(teacher).to(args.device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lora_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     for _ in range(args.steps):
-        ids = blocks[torch.randint(len(blocks), (args.batch,), generator=g)]
+        ids = blocks[torch.randint(len(blocks), (args.batch,), generator=g)].to(args.device)
         with torch.no_grad():
             target = teacher(input_ids=ids, use_cache=False).logits
         loss = token_kl(target, model(input_ids=ids, use_cache=False).logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return model.eval()
+    return model.to("cpu").eval()
 
 
 # -- the arms ---------------------------------------------------------------------------------------------------
@@ -109,6 +115,7 @@ def st_point(runs, dense, data, base_rec, capacity, healing, args, curve=False):
     model = load_model(args.model)
     config = st_config(capacity, model.config.num_hidden_layers)
     model = depthmix.apply(model, config, lora=lora_config(model, args) if healing == "lora" else None)
+    model.to(args.device)
     points = []
 
     def held_out(step):
@@ -120,12 +127,14 @@ def st_point(runs, dense, data, base_rec, capacity, healing, args, curve=False):
                            callback=held_out if curve else None)
     calibrated = retrofit.calibrate_gates(model, data["calib"])
     seconds = time.time() - start
+    model.to("cpu")
     model.save_pretrained(runs.root / name)
     rec = {"arm": "mod-st", "what": "sublayers", "layers": model.method.layers, "capacity": capacity,
            "tuning_steps": args.steps, "tuning_tokens": tokens(args), "healing": healing,
            "tuning": f"{args.steps} x {args.batch} x {args.train_len} tokens, KL from dense, lr {args.lr}"
            + (f", LoRA r {args.lora_r} lr {args.lora_lr}" if healing == "lora" else "") + ", gates calibrated",
            "tuning_loss": [round(v, 4) for v in losses[::max(1, len(losses) // 50)]], "tuning_seconds": round(seconds),
+           "tuning_device": args.device,
            "realized_capacity_calibration": calibrated.get("realized_capacity"),
            **measure(dense, model, data, base_rec, args)}
     if curve:
@@ -149,7 +158,8 @@ def static_point(runs, dense, data, base_rec, arm, n, healing, args):
         model = heal(model, dense, data["train"], args)
     rec = {"arm": arm, "what": what, "layers": layers, "capacity": None, "tuning_steps": args.steps if healing
            == "lora" else 0, "tuning_tokens": tokens(args) if healing == "lora" else 0, "healing": healing,
-           "tuning_seconds": round(time.time() - start), **measure(dense, model, data, base_rec, args)}
+           "tuning_seconds": round(time.time() - start), "tuning_device": args.device,
+           **measure(dense, model, data, base_rec, args)}
     return rec
 
 
@@ -398,6 +408,8 @@ def parse(argv=None):
     p.add_argument("--train-len", type=int, default=256, help="tokens per tuning/calibration block")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per held-out block")
     p.add_argument("--lr", type=float, default=1e-2, help="router learning rate")
+    p.add_argument("--device", default="cpu", help="where routers and healing LoRA train (e.g. cuda: minutes a point "
+                   "instead of hours); every measurement (NLL, FLOPs, decode speed) runs on the CPU")
     p.add_argument("--lora-lr", type=float, default=2e-4)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--curve-every", type=int, default=256, help="held-out NLL every this many steps of the first "

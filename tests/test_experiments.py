@@ -357,6 +357,7 @@ def test_mod_retrofit_st_smoke_runs_every_arm_once_and_resumes(tmp_path):
     st = next(d for d in rec["details"] if d["name"] == "mod-st-c0.75-lora")
     assert [c["tuning_tokens"] for c in st["curve"]] == [32, 64]
     assert st["realized_capacity_calibration"] == pytest.approx(0.75, abs=0.05)
+    assert st["tuning_device"] == "cpu"  # --device (where routers train) is recorded with tuning_seconds
     oracle = next(d for d in rec["details"] if d["name"] == "oracle-c0.75")
     assert set(oracle["router_agreement"]) == {"1.attention", "1.mlp"}
     # how unevenly the skip cost is spread: the cheapest quarter of the tokens carries at most a quarter of it
