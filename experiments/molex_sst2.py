@@ -10,9 +10,11 @@ of the earlier study — same data, steps and batches):
                    loss alone (weight 0.01), alpha fixed at 0.5, gate lr 0.1 and weight decay 0.1: the authors'
                    gate training, not their routing
   molex-frozen     control: the published arm with the gates frozen at their random start (no balance loss)
-  molex-public     the authors' SST-2 script as issue 27 read it: one expert per batch (the most frequent top-1
-                   over every position, padding included), one cosine gate shared by all layers, trained by the
-                   balance loss alone, alpha fixed at 0.5, gate lr 0.1 and weight decay 0.1
+  molex-public     the authors' SST-2 script (design.md §4 pins each setting): one expert per batch (the most
+                   frequent top-1 over every position, padding included), one cosine gate shared by all layers
+                   (projection to 128, temperature from 0.5, normalised over the sequence as theirs is), trained by
+                   the balance loss alone (T * P of the voted layer), alpha fixed at 0.5, gate lr 0.1 and weight
+                   decay 0.1; unlike theirs, inputs are padded to the batch's longest, not to 512
   molex-pair       control for it: each layer mixed with a fixed other layer (t + 1), no gate, alpha fixed at 0.5
 Sequence routing for the first three MoLEx arms (one expert per sentence), batch routing for molex-public.
 
@@ -73,6 +75,7 @@ ARMS = {
                         "--alpha", "0.5", "--router-lr", "0.1", "--router-weight-decay", "0.1"],
     "molex-frozen": [*MOLEX, "--gate-grad", "frozen", "--no-learn-alpha", "--alpha", "0.5"],
     "molex-public": ["--method", "molex", "--granularity", "batch", "--gate", "cosine", "--shared-gate",
+                     "--gate-dim", "128", "--gate-temperature", "0.5", "--gate-norm", "sequence",
                      "--gate-grad", "balance", "--balance-weight", "0.01", "--no-learn-alpha", "--alpha", "0.5",
                      "--router-lr", "0.1", "--router-weight-decay", "0.1"],
     "molex-pair": [*MOLEX, "--gate", "pair", "--pairs", "next", "--no-learn-alpha", "--alpha", "0.5"],
@@ -83,7 +86,7 @@ SPLIT_SEED = 1234
 
 
 def main() -> None:
-    if sys.argv[1:2] in (["train"], ["eval"]):  # in its own process: `depthmix train|eval` knowing the carved tasks
+    if sys.argv[1:2] in (["train"], ["eval"], ["plot"]):  # in its own process: `depthmix ...` knowing the carved tasks
         register_carved()
         from depthmix.cli.main import main as cli
         sys.exit(cli(sys.argv[1:]))
@@ -247,27 +250,31 @@ def accuracy(metrics: dict) -> float:
 
 # -- results ----------------------------------------------------------------------------------------------------
 def sweep_record(args, name: str, folders: dict) -> dict[str, dict]:
-    """The phase-1 runs docs/results/molex-<task>-sweep.json records with this process's arms and data
-    (sweeps.recorded; a file without "settings" was written at the defaults)."""
+    """The phase-1 runs docs/results/molex-<task>-sweep.json records with this process's data and, for each run,
+    its arm's flags as they are now (sweeps.recorded; a file without "settings" was written at the defaults)."""
     settings = run_settings(args, name, folders)
     defaults = args.train_size is args.validation_size is args.epochs is None
-    return sweeps.recorded(Path(args.results) / f"molex-{name}-sweep.json", lambda rec: same_arms(rec["arms"]) and (
-        rec["settings"] == settings if "settings" in rec else defaults))
+    file = Path(args.results) / f"molex-{name}-sweep.json"
+    kept = sweeps.recorded(file, lambda rec: rec["settings"] == settings if "settings" in rec else defaults)
+    return current_arms(kept, json.loads(file.read_text())["arms"] if kept else {})
 
 
-def same_arms(recorded: dict) -> bool:
-    """Every arm a file records was run with the flags it has now (an arm added since does not void the others)."""
-    return all(ARMS.get(arm) == flags for arm, flags in recorded.items())
+def current_arms(kept: dict[str, dict], recorded: dict) -> dict[str, dict]:
+    """The recorded runs whose arm was run with the flags it has now: an arm whose flags changed since is run
+    again, the others' runs stay."""
+    return {n: r for n, r in kept.items() if recorded.get(r["arm"]) == ARMS.get(r["arm"])}
 
 
 def final_record(args, name: str, folders: dict, best: dict) -> dict[str, dict]:
     """The phase-2 runs docs/results/molex-<task>.json records with this process's flags, data and rates."""
     def same(rec):
         s = rec["setup"]
-        return (s["common_flags"] == COMMON and same_arms(s["arms"])
-                and s["epochs"] == (args.epochs or TASKS[name]["epochs"]) and s["rows"] == rows(folders)
-                and all(best.get(arm) == lr for arm, lr in s["phase1"]["best_lr"].items()))
-    return sweeps.recorded(Path(args.results) / f"molex-{name}.json", same)
+        return (s["common_flags"] == COMMON and s["epochs"] == (args.epochs or TASKS[name]["epochs"])
+                and s["rows"] == rows(folders)
+                and all(best.get(arm) == lr for arm, lr in s["phase1"]["best_lr"].items() if arm in ARMS))
+    file = Path(args.results) / f"molex-{name}.json"
+    kept = sweeps.recorded(file, same)
+    return current_arms(kept, json.loads(file.read_text())["setup"]["arms"] if kept else {})
 
 
 def run_settings(args, name: str, folders: dict) -> dict:
@@ -291,6 +298,8 @@ def write_sweep(args, name: str, out: Path, folders: dict) -> None:
         m = json.loads(file.read_text())
         runs.append({"run": file.parent.name, "arm": arm, "lr": lr, "seed": 0, "value": accuracy(m),
                      "train_seconds": m["train_seconds"], "train_steps": m["train_steps"]})
+        if arm != "lora" and "pair" not in ARMS[arm]:
+            runs[-1]["choice"] = choices(name, file.parent, folders["validation"])
     runs = sweeps.merged(runs, sweep_record(args, name, folders))
     sweeps.publish(Path(args.results) / f"molex-{name}-sweep.json", {
         "experiment": f"molex-{name}-sweep", "task": TASKS[name]["task"], "metric": "accuracy",
@@ -298,6 +307,25 @@ def write_sweep(args, name: str, out: Path, folders: dict) -> None:
         "settings": run_settings(args, name, folders),
         "planned": len(ARMS) * len(args.lrs), "lrs": args.lrs, "arms": ARMS,
         "edge_extension": sweeps.RULE})
+
+
+def choices(name: str, folder: Path, data: Path) -> dict:
+    """How a MoLEx run's gates chose on the validation rows (`depthmix plot routing`, drawn beside the run): per
+    mixed layer, the share of the choices that went to its most chosen layer, and to t + 1 (molex-pair's fixed
+    choice); near 1 both, and the gate is a fixed pairing."""
+    record = folder / "routing.json"
+    if not record.exists():
+        subprocess.run([sys.executable, __file__, "plot", "routing", str(folder), "--task", CARVED + TASKS[name]["task"],
+                        "--data-dir", str(data), "--max-samples", "500", "--output", str(folder / "routing.png")],
+                       check=True)
+    rec = json.loads(record.read_text())
+    top, nxt = [], []
+    for t, row in zip(rec["layers"], rec["counts"]):
+        total = max(sum(row), 1)
+        top.append(max(row) / total)
+        nxt.append(row[t + 1 if t + 1 < len(row) else t - 1] / total)
+    return {"top_share": round(sum(top) / len(top), 4), "next_share": round(sum(nxt) / len(nxt), 4),
+            "most_chosen": [row.index(max(row)) for row in rec["counts"]], "rows": 500}
 
 
 def tables(results: Path) -> str:
@@ -308,7 +336,9 @@ def tables(results: Path) -> str:
             rec = json.loads(file.read_text())
             parts.append(sweeps.phase1_table(rec, f"{rec['task']}, phase 1", rec["split"], {
                 "arm": lambda r: r["arm"], "lr": lambda r: r["lr"],
-                "validation accuracy": lambda r: f"{r['value']:.4f}"}))
+                "validation accuracy": lambda r: f"{r['value']:.4f}",
+                "gate: most chosen layer's share (t + 1's)": lambda r: (
+                    f"{r['choice']['top_share']:.2f} ({r['choice']['next_share']:.2f})" if "choice" in r else "")}))
         file = results / f"molex-{name}.json"
         if file.exists():
             parts.append(sweeps.report(json.loads(file.read_text()), " on dev", picture=True))

@@ -107,6 +107,12 @@ def test_phase_two_seed_zero_is_phase_one_run_scored_on_dev(tmp_path):
     weights = [load_file(folder / "adapter_model.safetensors") for folder in (phase1, tmp_path / "fresh")]
     assert weights[0].keys() == weights[1].keys()
     assert all(weights[0][k].equal(weights[1][k]) for k in weights[0])
+    # how the gates chose on the validation rows (depthmix plot routing beside the run), as the sweep records it
+    choice = molex.choices("pydoc", phase1, folders["validation"])
+    counts = json.loads((phase1 / "routing.json").read_text())["counts"]
+    assert len(choice["most_chosen"]) == len(counts) == 6 and (phase1 / "routing.png").exists()
+    assert 1 / 6 <= choice["top_share"] <= 1 and 0 <= choice["next_share"] <= choice["top_share"]
+    assert choice["most_chosen"][0] == counts[0].index(max(counts[0]))
 
 
 @pytest.mark.parametrize("norms_win", [True, False])
@@ -188,6 +194,7 @@ def test_runs_an_earlier_session_recorded_are_not_trained_again(tmp_path, monkey
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text('{"metrics": {"accuracy": 0.5}, "train_seconds": 1, "train_steps": 2}')
     monkeypatch.setattr(molex.subprocess, "run", train)
+    monkeypatch.setattr(molex, "choices", lambda name, folder, data: {"top_share": 0.5})
     record = Path(args.results) / "molex-pydoc-sweep.json"
     record.parent.mkdir()
     earlier = [{"run": f"lora-lr{lr}", "arm": "lora", "lr": lr, "seed": 0, "value": v, "train_seconds": 60,
@@ -198,6 +205,15 @@ def test_runs_an_earlier_session_recorded_are_not_trained_again(tmp_path, monkey
     assert best["lora"] == "1e-3" and trained and not any(name.startswith("lora") for name in trained)
     rewritten = json.loads(record.read_text())["runs"]
     assert [r for r in rewritten if r["arm"] == "lora"] == sorted(earlier, key=lambda r: r["run"])
+    assert all(r["choice"] == {"top_share": 0.5} for r in rewritten if r["arm"] == "molex-ours")  # a gate's choices
+    # an arm whose flags changed since it was recorded is run again; the other arms' runs stay
+    stale = json.loads(record.read_text())
+    stale["arms"]["molex-ours"] = ["--method", "molex", "--an-old-flag"]
+    record.write_text(json.dumps(stale))
+    trained.clear()
+    assert molex.sweep(args, "pydoc", tmp_path / "again", folders)["lora"] == "1e-3"
+    assert {"molex-ours-lr1e-3", "molex-ours-lr2e-3"} <= set(trained)
+    assert all(name.startswith("molex-ours-") for name in trained)
     assert sorted(r["run"] for r in rewritten if r["arm"] != "lora") == sorted(trained)
     assert molex.sweep_record(SimpleNamespace(**{**vars(args), "epochs": 2}), "pydoc", folders) == {}  # other settings
 

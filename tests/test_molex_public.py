@@ -114,3 +114,46 @@ def test_bad_pairs_are_named():
         depthmix.MoLExConfig(gate="pair", balance_weight=0.01)
     with pytest.raises(depthmix.ConfigError, match="gate"):
         depthmix.MoLExConfig(gate="softmax")
+
+
+def test_public_cosine_gate_settings_and_its_sequence_normalisation():
+    """The public SST-2 gate (proj_dim 128, temperature from 0.5) normalises each projected feature over the
+    positions of its sequence, so a token's gate logits move when a later token changes; the default cosine gate
+    (a per-token cosine similarity) does not."""
+    config = dict(granularity="batch", gate_grad="balance", balance_weight=0.01, gate="cosine", shared_gate=True,
+                  gate_dim=128, gate_temperature=0.5, gate_norm="sequence")
+    fresh = depthmix.apply(tiny("bert"), depthmix.MoLExConfig(**config)).method.gates[0]
+    assert fresh.log_temperature.exp().item() == pytest.approx(0.5)
+    dm = public("bert", **config)
+    gate = dm.method.gates[0]
+    assert gate.proj.out_features == 128 and gate.embeddings.shape[1] == 128
+    z = torch.randn(2, 6, dm.config.hidden_size)
+    later = z.clone()
+    later[:, -1] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(gate(z)[:, 0], gate(later)[:, 0])
+        token = public("bert", gate="cosine").method.gates[0]
+        torch.testing.assert_close(token(z)[:, 0], token(later)[:, 0])
+    with pytest.raises(depthmix.ConfigError, match="gate_norm.*batch"):
+        depthmix.MoLExConfig(gate="cosine", gate_norm="sequence")
+    with pytest.raises(depthmix.ConfigError, match="gate_dim"):
+        depthmix.MoLExConfig(gate="cosine", gate_dim=0)
+
+
+def test_batch_vote_balance_loss_is_the_public_codes():
+    """The public code's balance loss: T * P_j of the voted expert j, P the gate's softmax averaged over every
+    position of the batch (padding included), summed over layers and scaled by the balance weight."""
+    dm = public("bert", granularity="batch", gate_grad="balance", balance_weight=0.01, gate="linear",
+                shared_gate=True).train()
+    ids, mask = batch("bert")
+    logits = []
+    hook = dm.method.gates[0].register_forward_hook(lambda m, a, out: logits.append(out.detach()))
+    dm(**inputs("bert", ids, mask))
+    hook.remove()
+    want = 0.0
+    for out in logits:
+        probs = out.softmax(-1).flatten(0, 1)
+        vote = torch.mode(probs.argmax(-1)).values
+        want += 0.01 * probs.shape[-1] * probs.mean(0)[vote]
+    assert len(logits) == len(dm.method.layers)
+    assert dm.method.aux_loss(torch.zeros(())).item() == pytest.approx(float(want), rel=1e-5)

@@ -7,6 +7,7 @@ from ...config import MAX_WEIGHT, MethodConfig, check_layers, check_range
 
 GATE_GRADS = ("straight_through", "balance", "frozen")
 GATES = ("linear", "cosine", "pair")
+GATE_NORMS = ("token", "sequence")
 GRANULARITIES = ("sequence", "token", "batch")
 
 
@@ -36,6 +37,16 @@ class MoLExConfig(MethodConfig):
         "'linear' (logits = Linear(d, T)), 'cosine' (the public code's cosine gate: a projection to a small "
         "space, cosine similarity with one learned embedding per layer, divided by a learned temperature) or "
         "'pair' (a control without a gate: layer t always mixes in the fixed layer `pairs` gives it)."})
+    gate_dim: int = field(default=16, metadata={"help":
+        "with gate 'cosine': the size of the space it projects to (X-MoE's 16; the public GLUE scripts' proj_dim is "
+        "128 on SST-2, 96 on QNLI, 384 on QQP, 416 on MNLI)."})
+    gate_temperature: float = field(default=0.07, metadata={"help":
+        "with gate 'cosine': the learned temperature's start (X-MoE's 0.07; the public code's 0.5)."})
+    gate_norm: str = field(default="token", metadata={"help":
+        "with gate 'cosine': what the projection is normalised over: 'token' (each token's vector: a cosine "
+        "similarity) or 'sequence' (the public code, for reproduction only, with granularity 'batch': each feature "
+        "over the positions of its sequence, padding included, so a token's logits depend on the rest of its "
+        "sequence and on its padding)."})
     pairs: str | list[int] = field(default="next", metadata={"help":
         "with gate 'pair', the expert of each mixed layer: 'next' (layer t + 1; the last layer takes t - 1) or a "
         "list with one layer index per mixed layer, fixed before training."})
@@ -56,6 +67,13 @@ class MoLExConfig(MethodConfig):
                     "gate_grad 'balance' or 'frozen' with it (the public code's batch vote gives the gate no "
                     "gradient from the task loss)")
         self._check(self.gate in GATES, "gate", f"one of {GATES}")
+        self._check(isinstance(self.gate_dim, int) and not isinstance(self.gate_dim, bool) and self.gate_dim >= 1,
+                    "gate_dim", "an integer >= 1")
+        check_range(self, "gate_temperature", 0.01, 100)
+        self._check(self.gate_norm in GATE_NORMS, "gate_norm", f"one of {GATE_NORMS}")
+        self._check(self.gate_norm == "token" or self.granularity == "batch", "gate_norm",
+                    "'token' unless granularity is 'batch' (normalising over the sequence lets every token see the "
+                    "tokens after it: reproduction only, beside the public code's batch vote)")
         self._check(self.pairs == "next" or (isinstance(self.pairs, (list, tuple)) and len(self.pairs) > 0 and all(
             isinstance(j, int) and not isinstance(j, bool) and j >= 0 for j in self.pairs)), "pairs",
             "'next' or a non-empty list of layer indices")

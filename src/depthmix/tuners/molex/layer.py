@@ -19,19 +19,21 @@ class MoLExBlock:
 
 
 class CosineGate(nn.Module):
-    """The public code's cosine gate: logit_j = cos(W z, e_j) / tau, with the projection W, one embedding e_j per
-    layer and the temperature tau all learned. The projection size and starting temperature are X-MoE's (16, 0.07),
-    whose gate the public code follows."""
+    """The public code's cosine gate: logit_j = <W z / |W z|, e_j / |e_j|> / tau, with the projection W, one
+    embedding e_j per layer and the temperature tau all learned. dim and temperature start at X-MoE's (16, 0.07)
+    unless given (the public GLUE scripts: proj_dim per task, tau from 0.5). norm "sequence" is the public code's
+    normalisation: over dim 1 of [B, S, dim], i.e. each feature over the positions of its sequence, not a cosine."""
 
-    def __init__(self, hidden_size: int, num: int, dim: int = 16, temperature: float = 0.07):
+    def __init__(self, hidden_size: int, num: int, dim: int = 16, temperature: float = 0.07, norm: str = "token"):
         super().__init__()
         self.proj = nn.Linear(hidden_size, dim, bias=False, dtype=torch.float32)
         self.embeddings = nn.Parameter(torch.empty(num, dim, dtype=torch.float32))
         nn.init.orthogonal_(self.embeddings)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature), dtype=torch.float32))
+        self.norm_dim = -1 if norm == "token" else 1
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        cos = F.normalize(self.proj(z), dim=-1) @ F.normalize(self.embeddings, dim=-1).t()
+        cos = F.normalize(self.proj(z), dim=self.norm_dim) @ F.normalize(self.embeddings, dim=-1).t()
         return cos / self.log_temperature.exp().clamp(min=0.01)  # a floor, so the logits stay finite
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -24,7 +25,8 @@ class MoLEx(Method):
         num = arch.num_layers
         self.layers = pick_layers(config.layers, num, "MoLExConfig.layers")
         self.pairs = self._pairs(config.pairs, num) if config.gate == "pair" else None
-        gate = CosineGate if config.gate == "cosine" else float32_linear
+        gate = functools.partial(CosineGate, dim=config.gate_dim, temperature=config.gate_temperature,
+                                 norm=config.gate_norm) if config.gate == "cosine" else float32_linear
         count = 0 if config.gate == "pair" else 1 if config.shared_gate else len(self.layers)
         self.gates = nn.ModuleList(gate(hidden_size, num) for _ in range(count))
         if config.gate_grad == "frozen":  # the control: random gates, kept as they start (and saved with the adapter)
@@ -153,8 +155,8 @@ class MoLEx(Method):
         if self.config.gate_grad != "straight_through":  # the gate learns from the balance loss alone, or not
             factor = None
         if self.training and self.config.balance_weight > 0:
-            if granularity == "batch":  # as the public code: every position's own top-1, padding included
-                loss = balance_loss(probs, probs.argmax(-1), None)
+            if granularity == "batch":  # as the public code: T * P_j of the voted j, P over every position
+                loss = balance_loss(probs, choice, None)
             else:
                 loss = balance_loss(probs, choice, units if granularity == "token" else None)
             self.add_aux(self.config.balance_weight * loss)
