@@ -298,7 +298,7 @@ def write_sweep(args, name: str, out: Path, folders: dict) -> None:
         m = json.loads(file.read_text())
         runs.append({"run": file.parent.name, "arm": arm, "lr": lr, "seed": 0, "value": accuracy(m),
                      "train_seconds": m["train_seconds"], "train_steps": m["train_steps"]})
-        if arm != "lora" and "pair" not in ARMS[arm]:
+        if arm != "lora" and "pair" not in ARMS.get(arm, ["pair"]):
             runs[-1]["choice"] = choices(name, file.parent, folders["validation"])
     runs = sweeps.merged(runs, sweep_record(args, name, folders))
     sweeps.publish(Path(args.results) / f"molex-{name}-sweep.json", {
@@ -325,7 +325,7 @@ def choices(name: str, folder: Path, data: Path) -> dict:
         top.append(max(row) / total)
         nxt.append(row[t + 1 if t + 1 < len(row) else t - 1] / total)
     return {"top_share": round(sum(top) / len(top), 4), "next_share": round(sum(nxt) / len(nxt), 4),
-            "most_chosen": [row.index(max(row)) for row in rec["counts"]], "rows": 500}
+            "most_chosen": [row.index(max(row)) for row in rec["counts"]], "rows": sum(rec["counts"][0])}
 
 
 def tables(results: Path) -> str:
