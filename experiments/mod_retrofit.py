@@ -326,10 +326,10 @@ def record(runs, args, todo):
     }
 
 
-DETAIL_KEYS = ("choice", "tuning", "tuning_seconds", "tuning_device", "decode_spread", "timing", "realized_capacity_decode", "tokens",
-               "nll_topk_lookahead", "nll_untrained_topk_lookahead", "decode_profile",
-               "decode_spread_b4", "realized_capacity_units", "realized_capacity_calibration", "curve",
-               "router_agreement", "oracle_router", "oracle_text", "nll_dense_same_text", "unit_cost",
+DETAIL_KEYS = ("choice", "tuning", "tuning_seconds", "tuning_device", "decode_spread", "timing",
+               "realized_capacity_decode", "tokens", "nll_topk_lookahead", "nll_untrained_topk_lookahead",
+               "decode_profile", "decode_spread_b4", "realized_capacity_units", "realized_capacity_calibration",
+               "curve", "router_agreement", "oracle_router", "oracle_text", "nll_dense_same_text", "unit_cost",
                "skipped_cost_share", "blockdrop_same_text")
 
 

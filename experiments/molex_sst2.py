@@ -298,7 +298,7 @@ def write_sweep(args, name: str, out: Path, folders: dict) -> None:
         m = json.loads(file.read_text())
         runs.append({"run": file.parent.name, "arm": arm, "lr": lr, "seed": 0, "value": accuracy(m),
                      "train_seconds": m["train_seconds"], "train_steps": m["train_steps"]})
-        if arm != "lora" and "pair" not in ARMS.get(arm, ["pair"]):
+        if "--gate-grad" in ARMS.get(arm, []):  # an arm with a gate (each says how it learns) chose its experts
             runs[-1]["choice"] = choices(name, file.parent, folders["validation"])
     runs = sweeps.merged(runs, sweep_record(args, name, folders))
     sweeps.publish(Path(args.results) / f"molex-{name}-sweep.json", {
@@ -315,9 +315,9 @@ def choices(name: str, folder: Path, data: Path) -> dict:
     choice); near 1 both, and the gate is a fixed pairing."""
     record = folder / "routing.json"
     if not record.exists():
-        subprocess.run([sys.executable, __file__, "plot", "routing", str(folder), "--task", CARVED + TASKS[name]["task"],
-                        "--data-dir", str(data), "--max-samples", "500", "--output", str(folder / "routing.png")],
-                       check=True)
+        subprocess.run([sys.executable, __file__, "plot", "routing", str(folder), "--task",
+                        CARVED + TASKS[name]["task"], "--data-dir", str(data), "--max-samples", "500",
+                        "--output", str(folder / "routing.png")], check=True)
     rec = json.loads(record.read_text())
     top, nxt = [], []
     for t, row in zip(rec["layers"], rec["counts"]):
